@@ -1,0 +1,306 @@
+"""Curvature factors per tracked layer: EK-FAC and its baselines (DESIGN.md §2).
+
+For a layer with inputs ``a`` and output gradients ``s``:
+
+- ``A = mean_tokens a aᵀ``, ``S = mean_tokens s sᵀ`` (non-pad tokens; ``s`` from sampled or
+  real next tokens), eigendecomposed in float64: ``A = Q_A D_A Q_Aᵀ``, ``S = Q_S D_S Q_Sᵀ``;
+- ``ekfac``: ``Λ = mean_sequences (Q_Sᵀ G_z Q_A)^∘2`` (same label choice as ``S``);
+- ``kfac``: ``Λ = D_S ⊗ D_A`` (outer product);
+- ``diagonal``: ``Λ = mean_sequences G_z^∘2`` in the standard basis (``Q`` = identity);
+- ``identity``: no curvature (``Λ = 0``) and damping 1 by default: a plain dot product.
+
+A preconditioned gradient is ``P = Q_S [(Q_Sᵀ G Q_A) ⊘ (Λ + λ)] Q_Aᵀ`` with damping ``λ``
+defaulting to ``0.1 × mean(Λ)`` per layer.
+
+Example:
+    >>> factors = fit_factors(model, train, modules="mlp")          # doctest: +SKIP
+    >>> factors.save("run/factors.h5"); Factors.load("run/factors.h5")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import TextDataset, example_batches
+from .errors import FileFormatError, ModelError
+from .h5io import atomic_h5, open_h5, read_array
+from .hooks import capture_batches, per_sequence_grads
+from .models import (
+    TrackedLayer,
+    check_finite_weights,
+    model_fingerprint,
+    resolve_device,
+    select_modules,
+)
+
+STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
+FISHERS = ("sampled", "empirical")
+FORMAT = "influencekit.factors"
+VERSION = 1
+ARRAYS = ("q_a", "d_a", "q_s", "d_s", "lam")
+
+
+@dataclass
+class LayerFactors:
+    """The factors of one layer, float64 on the CPU. Absent pieces are ``None``.
+
+    ``q_a``/``q_s`` are ``None`` for ``diagonal`` and ``identity`` (the standard basis);
+    ``lam`` is ``None`` for ``identity``.
+    """
+
+    name: str
+    shape: tuple[int, int]  # canonical gradient shape (d_out, d_in [+1])
+    q_a: torch.Tensor | None = None
+    d_a: torch.Tensor | None = None
+    q_s: torch.Tensor | None = None
+    d_s: torch.Tensor | None = None
+    lam: torch.Tensor | None = None
+
+    def default_damping(self) -> float:
+        """``0.1 × mean(Λ)``; 1 for ``identity`` (no curvature, plain dot product)."""
+        return 1.0 if self.lam is None else 0.1 * float(self.lam.mean())
+
+    def precondition(self, grads: torch.Tensor, damping: float) -> torch.Tensor:
+        """``(Ĝ + λI)⁻¹`` applied to gradients ``(..., d_out, d_in)`` in their own dtype/device."""
+        like = {"dtype": grads.dtype, "device": grads.device}
+        denom = (0.0 if self.lam is None else self.lam.to(**like)) + damping
+        if self.q_a is None:
+            return grads / denom
+        q_a, q_s = self.q_a.to(**like), self.q_s.to(**like)
+        rotated = q_s.T @ grads @ q_a
+        return q_s @ (rotated / denom) @ q_a.T
+
+
+@dataclass
+class Factors:
+    """Fitted curvature for a set of layers of one model (identified by its fingerprint).
+
+    Example:
+        >>> factors.modules                      # doctest: +SKIP
+        ['transformer.h.0.mlp.c_fc', 'transformer.h.0.mlp.c_proj']
+    """
+
+    strategy: str
+    fisher: str
+    layers: dict[str, LayerFactors]
+    fingerprint: str
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.layers)
+
+    def damping_for(self, damping: float | dict[str, float] | None = None) -> dict[str, float]:
+        """Per-layer damping: defaults, one float for all, or a ``{layer: float}`` mapping."""
+        resolved = {}
+        for name, layer in self.layers.items():
+            if isinstance(damping, dict):
+                if name not in damping:
+                    raise ValueError(f"damping mapping has no entry for layer {name}")
+                value = damping[name]
+            else:
+                value = layer.default_damping() if damping is None else damping
+            value = float(value)
+            if not np.isfinite(value) or value <= 0:
+                reason = "the default 0.1 × mean(Λ) is zero" if damping is None else "given"
+                raise ValueError(f"layer {name}: damping must be > 0, got {value} ({reason})")
+            resolved[name] = value
+        return resolved
+
+    def tracked_layers(self, model: nn.Module) -> list[TrackedLayer]:
+        """This model's layers for these factors; refuses a model with another fingerprint."""
+        found = model_fingerprint(model)
+        if found != self.fingerprint:
+            raise ModelError(
+                f"these factors were fitted on model {self.fingerprint}, but this model is "
+                f"{found}: refit the factors for this model"
+            )
+        layers = select_modules(model, self.modules)
+        for layer in layers:
+            if layer.grad_shape != self.layers[layer.name].shape:
+                raise ModelError(f"layer {layer.name}: shape {layer.grad_shape} differs from "
+                                 f"the factors' {self.layers[layer.name].shape}")  # fmt: skip
+        return layers
+
+    def save(self, path: str | Path) -> Path:
+        """Write an HDF5 file (atomically: a crash never leaves a half-written file)."""
+        attrs = {
+            "format": FORMAT,
+            "version": VERSION,
+            "strategy": self.strategy,
+            "fisher": self.fisher,
+            "model_fingerprint": self.fingerprint,
+            "modules": json.dumps(self.modules),
+            "meta": json.dumps(self.meta),
+        }
+        with atomic_h5(path) as f:
+            f.attrs.update(attrs)
+            for i, (name, layer) in enumerate(self.layers.items()):
+                group = f.create_group(f"layers/{i:04d}")
+                group.attrs["name"] = name
+                group.attrs["shape"] = list(layer.shape)
+                for key in ARRAYS:
+                    value = getattr(layer, key)
+                    if value is not None:
+                        group.create_dataset(key, data=value.numpy(), fletcher32=True)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Factors:
+        """Read factors written by :meth:`save`, with clear errors for any other file."""
+        with open_h5(path, FORMAT, VERSION) as f:
+            modules = json.loads(f.attrs["modules"])
+            layers = {}
+            for i, name in enumerate(modules):
+                group_path = f"layers/{i:04d}"
+                if group_path not in f:
+                    raise FileFormatError(f"{path}: group {group_path} ({name}) is missing")
+                group = f[group_path]
+                arrays = {
+                    k: torch.from_numpy(read_array(group, k, path)) for k in ARRAYS if k in group
+                }
+                layers[name] = LayerFactors(name, tuple(group.attrs["shape"]), **arrays)
+            return cls(
+                strategy=str(f.attrs["strategy"]),
+                fisher=str(f.attrs["fisher"]),
+                layers=layers,
+                fingerprint=str(f.attrs["model_fingerprint"]),
+                meta=json.loads(f.attrs["meta"]),
+            )
+
+
+def fit_factors(
+    model: nn.Module,
+    train: TextDataset,
+    modules: str | list[str] = "mlp",
+    *,
+    strategy: str = "ekfac",
+    fisher: str = "sampled",
+    seed: int = 0,
+    max_examples: int | None = None,
+    batch_size: int = 8,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> Factors:
+    """Fit curvature factors for the selected layers on ``train``.
+
+    ``fisher="sampled"`` draws labels from the model's own predictive distribution (the true
+    Fisher, equal to the Gauss-Newton matrix for softmax cross-entropy), reproducible with
+    ``seed``; ``"empirical"`` uses the real next tokens. ``max_examples`` fits on a seeded
+    random subset. ``dtype`` is the accumulation dtype (float32 or float64); ``amp_dtype`` runs
+    the forward in bf16/fp16 with accumulators in ``dtype``.
+
+    Example:
+        >>> factors = fit_factors(model, train, "mlp", strategy="ekfac", fisher="sampled")  # doctest: +SKIP
+    """
+    _check_choice("strategy", strategy, STRATEGIES)
+    _check_choice("fisher", fisher, FISHERS)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    layers = select_modules(model, modules)
+    check_finite_weights(layers)
+    device = resolve_device(model, device)
+    indices = _choose_examples(len(train), max_examples, seed)
+    run = {
+        "model": model,
+        "layers": layers,
+        "train": train,
+        "indices": indices,
+        "batch_size": batch_size,
+        "device": device,
+        "progress": progress,
+        "targets": "sampled" if fisher == "sampled" else "real",
+        "seed": seed,
+        "dtype": dtype,
+        "amp_dtype": amp_dtype,
+    }
+    fitted = {layer.name: LayerFactors(layer.name, layer.grad_shape) for layer in layers}
+    if strategy in ("ekfac", "kfac"):
+        _fit_eigenbases(fitted, run)
+    if strategy == "kfac":
+        for lf in fitted.values():
+            lf.lam = torch.outer(lf.d_s, lf.d_a)
+    if strategy in ("ekfac", "diagonal"):
+        _fit_lambda(fitted, run)
+    meta = {"n_examples": len(indices), "seed": seed, "dataset": train.fingerprint()}
+    return Factors(strategy, fisher, fitted, model_fingerprint(model), meta)
+
+
+def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _choose_examples(n: int, max_examples: int | None, seed: int) -> list[int]:
+    if n == 0:
+        raise ValueError("the training dataset is empty")
+    if max_examples is None or max_examples >= n:
+        return list(range(n))
+    if max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1, got {max_examples}")
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(n, size=max_examples, replace=False))
+
+
+def _captures(run: dict, desc: str):
+    batches = example_batches(run["train"], run["batch_size"], run["indices"])
+    return capture_batches(
+        run["model"],
+        run["layers"],
+        batches,
+        device=run["device"],
+        total=-(-len(run["indices"]) // run["batch_size"]),
+        desc=desc,
+        progress=run["progress"],
+        example_ids=run["train"].ids,
+        targets=run["targets"],
+        seed=run["seed"],
+        dtype=run["dtype"],
+        amp_dtype=run["amp_dtype"],
+    )
+
+
+def _fit_eigenbases(fitted: dict[str, LayerFactors], run: dict) -> None:
+    """Pass 1: token-mean covariances A and S, then their float64 eigendecompositions."""
+    a_sum = {name: 0.0 for name in fitted}
+    s_sum = {name: 0.0 for name in fitted}
+    n_tokens = 0
+    for batch, io in _captures(run, "covariances"):
+        n_tokens += int(batch.attention_mask.sum())
+        for name, x in io.items():  # padded rows are zero, so they add nothing
+            a = x.a.reshape(-1, x.a.shape[-1])
+            s = x.s.reshape(-1, x.s.shape[-1])
+            a_sum[name] = a_sum[name] + (a.T @ a).double().cpu()
+            s_sum[name] = s_sum[name] + (s.T @ s).double().cpu()
+    for name, lf in fitted.items():
+        lf.d_a, lf.q_a = torch.linalg.eigh(a_sum[name] / n_tokens)
+        lf.d_s, lf.q_s = torch.linalg.eigh(s_sum[name] / n_tokens)
+
+
+def _fit_lambda(fitted: dict[str, LayerFactors], run: dict) -> None:
+    """Pass 2: mean over sequences of squared gradients in the eigenbasis (or standard basis)."""
+    lam_sum = {name: 0.0 for name in fitted}
+    like = {"dtype": run["dtype"], "device": run["device"]}
+    bases = {
+        name: (lf.q_s.to(**like), lf.q_a.to(**like))
+        for name, lf in fitted.items()
+        if lf.q_a is not None
+    }
+    for _, io in _captures(run, "eigenvalue correction"):
+        for name, x in io.items():
+            if name in bases:  # rotate per token first: cheaper than rotating each G_z
+                q_s, q_a = bases[name]
+                g = torch.einsum("bto,bti->boi", x.s @ q_s, x.a @ q_a)
+            else:
+                g = per_sequence_grads(x)
+            lam_sum[name] = lam_sum[name] + g.square().sum(0).double().cpu()
+    for name, lf in fitted.items():
+        lf.lam = lam_sum[name] / len(run["indices"])

@@ -1,0 +1,247 @@
+"""Loading a local Hugging Face causal LM and choosing which of its linear layers to track.
+
+A tracked layer is an ``nn.Linear`` (weight ``(d_out, d_in)``) or a ``transformers`` ``Conv1D``
+(weight stored transposed, ``(d_in, d_out)``). Whatever the storage, the kit works with the
+canonical gradient matrix ``G`` of shape ``(d_out, d_in + has_bias)``: the bias is the last
+column, reached through a homogeneous coordinate (a constant 1 appended to the input).
+
+Example:
+    >>> import influencekit as ik
+    >>> model, tok = ik.load_model("path/to/hf-dir")          # doctest: +SKIP
+    >>> [layer.name for layer in ik.select_modules(model, "mlp")][:2]   # doctest: +SKIP
+    ['transformer.h.0.mlp.c_fc', 'transformer.h.0.mlp.c_proj']
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ModelError, NonFiniteError
+
+try:  # transformers keeps GPT-2's transposed linear here
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - very old transformers
+    Conv1D = None
+
+# Path components that mark a layer as attention or feed-forward across GPT-2, Llama/Mistral/
+# Qwen2, GPT-NeoX/Pythia, OPT and Phi naming. Attention words win: "attn.c_proj" is attention.
+ATTENTION_WORDS = {"attn", "attention", "self_attn", "self_attention", "crossattention"}
+MLP_WORDS = {"mlp", "feed_forward", "ffn"}
+MLP_LEAVES = {"fc1", "fc2", "c_fc", "dense_h_to_4h", "dense_4h_to_h", "gate_proj", "up_proj",
+              "down_proj", "w1", "w2", "w3"}  # fmt: skip
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+
+
+@dataclass(frozen=True)
+class TrackedLayer:
+    """One linear map whose gradient the kit captures.
+
+    Example:
+        >>> layer = TrackedLayer("fc", nn.Linear(3, 2), transposed=False)
+        >>> layer.d_in, layer.d_out, layer.has_bias, layer.grad_shape
+        (3, 2, True, (2, 4))
+    """
+
+    name: str
+    module: nn.Module
+    transposed: bool  # True for Conv1D: y = x @ W + b with W of shape (d_in, d_out)
+
+    @property
+    def d_in(self) -> int:
+        return self.module.weight.shape[0 if self.transposed else 1]
+
+    @property
+    def d_out(self) -> int:
+        return self.module.weight.shape[1 if self.transposed else 0]
+
+    @property
+    def has_bias(self) -> bool:
+        return getattr(self.module, "bias", None) is not None
+
+    @property
+    def grad_shape(self) -> tuple[int, int]:
+        return (self.d_out, self.d_in + int(self.has_bias))
+
+    def weight_matrix(self) -> torch.Tensor:
+        """The canonical ``(d_out, d_in [+1])`` matrix: weight, then bias as the last column."""
+        w = self.module.weight.detach()
+        w = w.T if self.transposed else w
+        if self.has_bias:
+            w = torch.cat([w, self.module.bias.detach()[:, None]], dim=1)
+        return w
+
+    def add_to_weights(self, delta: torch.Tensor) -> None:
+        """Add a canonical-shape ``delta`` to the stored weight (and bias), in place."""
+        with torch.no_grad():
+            dw = delta[:, : self.d_in].to(self.module.weight.dtype)
+            self.module.weight.add_(dw.T if self.transposed else dw)
+            if self.has_bias:
+                self.module.bias.add_(delta[:, self.d_in].to(self.module.bias.dtype))
+
+
+def is_trackable(module: nn.Module) -> bool:
+    """True for ``nn.Linear`` and ``transformers`` ``Conv1D``."""
+    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
+
+
+def layer_role(name: str) -> str:
+    """``"attention"``, ``"mlp"`` or ``"other"`` from a module's dotted name.
+
+    Example:
+        >>> layer_role("model.layers.0.self_attn.q_proj"), layer_role("model.decoder.layers.1.fc2")
+        ('attention', 'mlp')
+    """
+    parts = name.split(".")
+    if any(p in ATTENTION_WORDS for p in parts):
+        return "attention"
+    if any(p in MLP_WORDS for p in parts) or parts[-1] in MLP_LEAVES:
+        return "mlp"
+    return "other"
+
+
+def candidate_layers(model: nn.Module) -> list[TrackedLayer]:
+    """Every trackable linear except the LM head, in the model's module order."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found = []
+    for name, module in model.named_modules():
+        if module is head or not is_trackable(module):
+            continue
+        found.append(TrackedLayer(name, module, transposed=not isinstance(module, nn.Linear)))
+    return found
+
+
+def select_modules(model: nn.Module, modules: str | list[str] = "mlp") -> list[TrackedLayer]:
+    """Resolve a module selection to tracked layers.
+
+    ``modules`` is ``"mlp"`` (each block's feed-forward linears), ``"attention"``, ``"all"``
+    (every linear except embeddings and the LM head) or an explicit list of module names.
+    A selection that matches nothing raises :class:`ModelError` listing the candidates.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20))
+        >>> [layer.name for layer in select_modules(m, "attention")]
+        ['transformer.h.0.attn.c_attn', 'transformer.h.0.attn.c_proj']
+    """
+    candidates = candidate_layers(model)
+    by_name = {layer.name: layer for layer in candidates}
+    if isinstance(modules, str):
+        if modules not in ("mlp", "attention", "all"):
+            if modules in by_name:  # a single module name is a one-element list
+                return [by_name[modules]]
+            raise _no_match(f"unknown module selection {modules!r}", candidates)
+        chosen = [c for c in candidates if modules == "all" or layer_role(c.name) == modules]
+        if not chosen:
+            raise _no_match(f"modules={modules!r} matches no layer of this model", candidates)
+        return chosen
+    names = list(modules)
+    if not names:
+        raise _no_match("modules=[] selects nothing", candidates)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise _no_match(f"unknown module name(s) {unknown}", candidates)
+    if len(set(names)) != len(names):
+        raise ModelError(f"modules lists a name twice: {names}")
+    return [by_name[n] for n in names]
+
+
+def _no_match(message: str, candidates: list[TrackedLayer]) -> ModelError:
+    listing = ", ".join(c.name for c in candidates) or "(none: the model has no Linear/Conv1D)"
+    return ModelError(f"{message}. Trackable layers: {listing}")
+
+
+def check_finite_weights(layers: list[TrackedLayer]) -> None:
+    """Raise :class:`NonFiniteError` naming the first tracked layer with NaN/inf weights."""
+    for layer in layers:
+        if not torch.isfinite(layer.weight_matrix()).all():
+            raise NonFiniteError(f"layer {layer.name}: weight or bias holds NaN or inf")
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash identifying the model's weights, kept with factors and results.
+
+    It hashes every parameter's name and shape and a strided sample of at most 4096 of its
+    values rounded to bfloat16, so the same weights in fp32 or bf16 agree while any real
+    change (a fine-tune, another checkpoint) does not.
+
+    Example:
+        >>> m = torch.nn.Linear(2, 2)
+        >>> len(model_fingerprint(m))
+        16
+    """
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
+        step = max(1, math.ceil(flat.numel() / 4096))
+        sample = flat[::step].to("cpu", torch.bfloat16).view(torch.int16).numpy()
+        digest.update(f"{name}:{tuple(param.shape)};".encode())
+        digest.update(sample.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter."""
+    return next(model.parameters()).device
+
+
+def load_model(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, object]:
+    """Load a local Hugging Face causal LM directory and its tokenizer (safetensors only).
+
+    Pickled weights (``.bin``, ``.pt``) are refused: loading them can run arbitrary code.
+    The model is put in eval mode (no dropout), as influence is computed at fixed weights.
+
+    Example:
+        >>> model, tokenizer = load_model("runs/tiny-model")   # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = _check_model_dir(Path(path))
+    model = AutoModelForCausalLM.from_pretrained(root, use_safetensors=True, local_files_only=True)
+    model = model.to(device=device, dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
+    return model, tokenizer
+
+
+def _check_model_dir(root: Path) -> Path:
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: no such model directory")
+    if not root.is_dir():
+        raise ModelError(f"{root}: expected a Hugging Face model directory, found a file")
+    if not (root / "config.json").is_file():
+        raise ModelError(f"{root}: no config.json, so this is not a Hugging Face model directory")
+    if not list(root.glob("*.safetensors")):
+        pickled = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            raise ModelError(
+                f"{root}: holds only pickled weights ({', '.join(pickled)}); influencekit loads "
+                "safetensors only, since unpickling can run arbitrary code. Convert once with "
+                "model.save_pretrained(dir, safe_serialization=True) in a trusted environment."
+            )
+        raise ModelError(f"{root}: no *.safetensors weight file found")
+    return root
+
+
+def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """``None`` keeps the model where it is; a device moves the model there first.
+
+    Example:
+        >>> resolve_device(torch.nn.Linear(2, 2), None)
+        device(type='cpu')
+    """
+    if device is None:
+        return model_device(model)
+    device = torch.device(device)
+    if model_device(model) != device:
+        model.to(device)
+    return device

@@ -1,0 +1,99 @@
+"""``InfluenceResult``: scores of queries against training sequences, per layer.
+
+``layer_scores[q, i, l]`` is ``I_l(q, z_i)``; ``scores`` is their sum over layers. A positive
+score means up-weighting training sequence ``i`` raises ``log p(completion | prompt)``.
+Results refuse NaN/inf on construction, naming the query, training id and layer.
+
+Example:
+    >>> import numpy as np
+    >>> r = InfluenceResult(np.arange(6.0).reshape(1, 3, 2), ["l0", "l1"], ["a", "b", "c"], ["q"])
+    >>> r.scores
+    array([[ 1.,  5.,  9.]])
+    >>> r.top(0, k=2)
+    [(2, 9.0), (1, 5.0)]
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FileFormatError, NonFiniteError
+from .h5io import atomic_h5, open_h5, read_array
+
+FORMAT = "influencekit.result"
+VERSION = 1
+
+
+@dataclass
+class InfluenceResult:
+    """Influence of every training sequence on every query, kept per layer."""
+
+    layer_scores: np.ndarray  # (n_queries, n_train, n_layers), float64
+    layers: list[str]
+    train_ids: list[str]
+    query_ids: list[str]
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.layer_scores = np.asarray(self.layer_scores, dtype=np.float64)
+        expected = (len(self.query_ids), len(self.train_ids), len(self.layers))
+        if self.layer_scores.shape != expected:
+            raise ValueError(f"layer_scores has shape {self.layer_scores.shape}, expected "
+                             f"(queries, train, layers) = {expected}")  # fmt: skip
+        bad = ~np.isfinite(self.layer_scores)
+        if bad.any():
+            q, i, layer = (int(x) for x in np.argwhere(bad)[0])
+            raise NonFiniteError(
+                f"{int(bad.sum())} non-finite score(s), first: query {self.query_ids[q]!r}, "
+                f"training id {self.train_ids[i]!r}, layer {self.layers[layer]}"
+            )
+
+    @property
+    def scores(self) -> np.ndarray:
+        """``(n_queries, n_train)``: total influence, the sum of ``layer_scores`` over layers."""
+        return self.layer_scores.sum(axis=-1)
+
+    def top(self, q: int, k: int = 10, *, largest: bool = True) -> list[tuple[int, float]]:
+        """The ``k`` most (or least, ``largest=False``) influential ``(train_index, score)``."""
+        row = self.scores[q]
+        order = np.argsort(-row if largest else row, kind="stable")[:k]
+        return [(int(i), float(row[i])) for i in order]
+
+    def save(self, path: str | Path) -> Path:
+        """Write an HDF5 file any HDF5 tool can read (atomically)."""
+        with atomic_h5(path) as f:
+            f.attrs.update(
+                {"format": FORMAT, "version": VERSION, "meta": json.dumps(self.meta),
+                 "layers": json.dumps(self.layers)}  # fmt: skip
+            )
+            f.create_dataset("layer_scores", data=self.layer_scores, fletcher32=True)
+            f.create_dataset("scores", data=self.scores, fletcher32=True)
+            f.create_dataset("train_ids", data=np.array(self.train_ids, dtype=object),
+                             dtype=h5_str())  # fmt: skip
+            f.create_dataset("query_ids", data=np.array(self.query_ids, dtype=object),
+                             dtype=h5_str())  # fmt: skip
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> InfluenceResult:
+        """Read a result written by :meth:`save`."""
+        with open_h5(path, FORMAT, VERSION) as f:
+            layer_scores = read_array(f, "layer_scores", path)
+            train_ids = [s.decode() for s in read_array(f, "train_ids", path)]
+            query_ids = [s.decode() for s in read_array(f, "query_ids", path)]
+            layers = json.loads(f.attrs["layers"])
+            meta = json.loads(f.attrs["meta"])
+        if layer_scores.ndim != 3:
+            raise FileFormatError(f"{path}: layer_scores must be 3-D, found {layer_scores.shape}")
+        return cls(layer_scores, layers, train_ids, query_ids, meta)
+
+
+def h5_str():
+    """The HDF5 variable-length UTF-8 string type (no pickled objects)."""
+    import h5py
+
+    return h5py.string_dtype("utf-8")
