@@ -4,11 +4,11 @@ EK-FAC influence functions (Grosse et al. 2023) for Hugging Face causal LMs.
 
 Example:
     >>> import influencekit as ik
-    >>> model, tokenizer = ik.load_model("path/to/hf-dir")                    # doctest: +SKIP
-    >>> train = ik.TextDataset.from_jsonl("train.jsonl", tokenizer, max_length=128)  # doctest: +SKIP
-    >>> factors = ik.fit_factors(model, train, modules="mlp")                  # doctest: +SKIP
-    >>> result = ik.score(model, factors, [("The sky is", " blue")], train)   # doctest: +SKIP
-    >>> result.top(0, k=5)                                                     # doctest: +SKIP
+    >>> model, tokenizer = ik.load_model("path/to/hf-dir")  # doctest: +SKIP
+    >>> train = ik.TextDataset.from_jsonl("train.jsonl", tokenizer)  # doctest: +SKIP
+    >>> factors = ik.fit_factors(model, train, modules="mlp")  # doctest: +SKIP
+    >>> result = ik.score(model, factors, [("The sky is", " blue")], train)  # doctest: +SKIP
+    >>> result.top(0, k=5)  # doctest: +SKIP
 """
 
 from .data import Example, Query, TextDataset, as_queries, load_queries

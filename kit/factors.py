@@ -124,8 +124,10 @@ class Factors:
         layers = select_modules(model, self.modules)
         for layer in layers:
             if layer.grad_shape != self.layers[layer.name].shape:
-                raise ModelError(f"layer {layer.name}: shape {layer.grad_shape} differs from "
-                                 f"the factors' {self.layers[layer.name].shape}")  # fmt: skip
+                raise ModelError(
+                    f"layer {layer.name}: shape {layer.grad_shape} differs from "
+                    f"the factors' {self.layers[layer.name].shape}"
+                )
         return layers
 
     def save(self, path: str | Path) -> Path:
@@ -199,7 +201,7 @@ def fit_factors(
     the forward in bf16/fp16 with accumulators in ``dtype``.
 
     Example:
-        >>> factors = fit_factors(model, train, "mlp", strategy="ekfac", fisher="sampled")  # doctest: +SKIP
+        >>> factors = fit_factors(model, train, "mlp", fisher="sampled")  # doctest: +SKIP
     """
     _check_choice("strategy", strategy, STRATEGIES)
     _check_choice("fisher", fisher, FISHERS)

@@ -121,7 +121,9 @@ def _recording(layers: list[TrackedLayer]) -> Iterator[dict[str, tuple]]:
     def make_hook(name: str):
         def hook(module, inputs, output):
             if name in seen:
-                raise ModelError(f"layer {name} ran twice in one forward: shared layers unsupported")
+                raise ModelError(
+                    f"layer {name} ran twice in one forward: shared layers unsupported"
+                )
             if not output.requires_grad:  # nothing upstream is tracked: start the graph here
                 output = output.detach().requires_grad_()
             seen[name] = (inputs[0].detach(), output)

@@ -33,8 +33,19 @@ except ImportError:  # pragma: no cover - very old transformers
 # Qwen2, GPT-NeoX/Pythia, OPT and Phi naming. Attention words win: "attn.c_proj" is attention.
 ATTENTION_WORDS = {"attn", "attention", "self_attn", "self_attention", "crossattention"}
 MLP_WORDS = {"mlp", "feed_forward", "ffn"}
-MLP_LEAVES = {"fc1", "fc2", "c_fc", "dense_h_to_4h", "dense_4h_to_h", "gate_proj", "up_proj",
-              "down_proj", "w1", "w2", "w3"}  # fmt: skip
+MLP_LEAVES = {
+    "fc1",
+    "fc2",
+    "c_fc",
+    "dense_h_to_4h",
+    "dense_4h_to_h",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "w1",
+    "w2",
+    "w3",
+}
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
 
 

@@ -42,8 +42,10 @@ class InfluenceResult:
         self.layer_scores = np.asarray(self.layer_scores, dtype=np.float64)
         expected = (len(self.query_ids), len(self.train_ids), len(self.layers))
         if self.layer_scores.shape != expected:
-            raise ValueError(f"layer_scores has shape {self.layer_scores.shape}, expected "
-                             f"(queries, train, layers) = {expected}")  # fmt: skip
+            raise ValueError(
+                f"layer_scores has shape {self.layer_scores.shape}, expected "
+                f"(queries, train, layers) = {expected}"
+            )
         bad = ~np.isfinite(self.layer_scores)
         if bad.any():
             q, i, layer = (int(x) for x in np.argwhere(bad)[0])
@@ -67,15 +69,21 @@ class InfluenceResult:
         """Write an HDF5 file any HDF5 tool can read (atomically)."""
         with atomic_h5(path) as f:
             f.attrs.update(
-                {"format": FORMAT, "version": VERSION, "meta": json.dumps(self.meta),
-                 "layers": json.dumps(self.layers)}  # fmt: skip
+                {
+                    "format": FORMAT,
+                    "version": VERSION,
+                    "meta": json.dumps(self.meta),
+                    "layers": json.dumps(self.layers),
+                }
             )
             f.create_dataset("layer_scores", data=self.layer_scores, fletcher32=True)
             f.create_dataset("scores", data=self.scores, fletcher32=True)
-            f.create_dataset("train_ids", data=np.array(self.train_ids, dtype=object),
-                             dtype=h5_str())  # fmt: skip
-            f.create_dataset("query_ids", data=np.array(self.query_ids, dtype=object),
-                             dtype=h5_str())  # fmt: skip
+            f.create_dataset(
+                "train_ids", data=np.array(self.train_ids, dtype=object), dtype=h5_str()
+            )
+            f.create_dataset(
+                "query_ids", data=np.array(self.query_ids, dtype=object), dtype=h5_str()
+            )
         return Path(path)
 
     @classmethod

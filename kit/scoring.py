@@ -47,10 +47,17 @@ def query_gradients(
     grads: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in layers}
     batches = query_batches(queries, tokenizer, batch_size)
     for _, io in capture_batches(
-        model, layers, batches, device=device, desc="query gradients", progress=progress,
-        total=-(-len(queries) // batch_size), example_ids=[q.id for q in queries],
-        dtype=dtype, amp_dtype=amp_dtype,
-    ):  # fmt: skip
+        model,
+        layers,
+        batches,
+        device=device,
+        desc="query gradients",
+        progress=progress,
+        total=-(-len(queries) // batch_size),
+        example_ids=[q.id for q in queries],
+        dtype=dtype,
+        amp_dtype=amp_dtype,
+    ):
         for name, x in io.items():
             grads[name].append(per_sequence_grads(x))
     return {name: torch.cat(parts) for name, parts in grads.items()}
@@ -109,8 +116,8 @@ def score(
     ``tokenizer`` defaults to ``train.tokenizer``.
 
     Example:
-        >>> result = score(model, factors, [("The capital of France is", " Paris")], train)  # doctest: +SKIP
-        >>> result.scores.shape                                                     # doctest: +SKIP
+        >>> result = score(model, factors, [("The sky is", " blue")], train)  # doctest: +SKIP
+        >>> result.scores.shape  # doctest: +SKIP
         (1, 120)
     """
     if not isinstance(train, TextDataset):
@@ -130,9 +137,14 @@ def score(
     layer_scores = np.zeros((len(queries), len(train), len(layers)))
     batches = example_batches(train, batch_size)
     for batch, io in capture_batches(
-        model, layers, batches, desc="training gradients", total=-(-len(train) // batch_size),
-        example_ids=train.ids, **opts,
-    ):  # fmt: skip
+        model,
+        layers,
+        batches,
+        desc="training gradients",
+        total=-(-len(train) // batch_size),
+        example_ids=train.ids,
+        **opts,
+    ):
         for col, layer in enumerate(layers):
             part = contract(io[layer.name], pre[layer.name])
             layer_scores[:, batch.indices, col] = part.double().cpu().numpy()
@@ -144,8 +156,9 @@ def score(
         "model_fingerprint": factors.fingerprint,
         "queries": [{"prompt": q.prompt, "completion": q.completion} for q in queries],
     }
-    return InfluenceResult(layer_scores, [layer.name for layer in layers], train.ids,
-                           [q.id for q in queries], meta)  # fmt: skip
+    return InfluenceResult(
+        layer_scores, [layer.name for layer in layers], train.ids, [q.id for q in queries], meta
+    )
 
 
 def token_scores(
@@ -175,8 +188,7 @@ def token_scores(
     tok = tokenizer if tokenizer is not None else getattr(example, "tokenizer", None)
     if tok is None:
         raise ValueError("token_scores needs a tokenizer: pass tokenizer=")
-    grads = query_gradients(model, layers, [query], tok, device=device, dtype=dtype,
-                            progress=False)  # fmt: skip
+    grads = query_gradients(model, layers, [query], tok, device=device, dtype=dtype, progress=False)
     pre = precondition_all(factors, grads, factors.damping_for(damping))
     batch = to_device(collate([example.input_ids], [1], [example.index]), device)
     io = capture(model, layers, batch, dtype=dtype, example_ids=None)

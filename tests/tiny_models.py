@@ -15,30 +15,68 @@ FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "gpt_neox", "opt", "phi")
 def make_config(family: str, vocab_size: int, hidden: int = 16, layers: int = 2):
     common = {"vocab_size": vocab_size, "num_hidden_layers": layers, "num_attention_heads": 2}
     if family == "gpt2":
-        return tf.GPT2Config(n_layer=layers, n_embd=hidden, n_head=2, vocab_size=vocab_size,
-                             n_positions=128, bos_token_id=0, eos_token_id=0)  # fmt: skip
+        return tf.GPT2Config(
+            n_layer=layers,
+            n_embd=hidden,
+            n_head=2,
+            vocab_size=vocab_size,
+            n_positions=128,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
     if family in ("llama", "mistral", "qwen2"):
         cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}
-        return cls[family](hidden_size=hidden, intermediate_size=2 * hidden,
-                           num_key_value_heads=1, max_position_embeddings=128,
-                           bos_token_id=0, eos_token_id=0, pad_token_id=0, **common)  # fmt: skip
+        return cls[family](
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_key_value_heads=1,
+            max_position_embeddings=128,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+            **common,
+        )
     if family == "gpt_neox":
-        return tf.GPTNeoXConfig(hidden_size=hidden, intermediate_size=2 * hidden,
-                                max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
-                                **common)  # fmt: skip
+        return tf.GPTNeoXConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=128,
+            bos_token_id=0,
+            eos_token_id=0,
+            **common,
+        )
     if family == "opt":
-        return tf.OPTConfig(hidden_size=hidden, ffn_dim=2 * hidden, word_embed_proj_dim=hidden,
-                            max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
-                            pad_token_id=0, **common)  # fmt: skip
+        return tf.OPTConfig(
+            hidden_size=hidden,
+            ffn_dim=2 * hidden,
+            word_embed_proj_dim=hidden,
+            max_position_embeddings=128,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+            **common,
+        )
     if family == "phi":
-        return tf.PhiConfig(hidden_size=hidden, intermediate_size=2 * hidden,
-                            max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
-                            **common)  # fmt: skip
+        return tf.PhiConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=128,
+            bos_token_id=0,
+            eos_token_id=0,
+            **common,
+        )
     raise ValueError(f"unknown family {family}")
 
 
-def make_model(family: str, vocab_size: int, *, seed: int = 0, dtype=torch.float64,
-               hidden: int = 16, layers: int = 2):  # fmt: skip
+def make_model(
+    family: str,
+    vocab_size: int,
+    *,
+    seed: int = 0,
+    dtype=torch.float64,
+    hidden: int = 16,
+    layers: int = 2,
+):
     """A randomly initialised model in eval mode with eager attention, in ``dtype``."""
     torch.manual_seed(seed)
     config = make_config(family, vocab_size, hidden, layers)

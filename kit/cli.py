@@ -1,0 +1,211 @@
+"""The ``influencekit`` command line: the same names as the Python API.
+
+    influencekit demo                      # the built-in end-to-end example
+    influencekit fit --model DIR --train FILE --out FACTORS.h5 [--modules mlp] [--fisher sampled]
+    influencekit score --model DIR --factors F.h5 --train FILE --queries Q.jsonl --out RESULT.h5
+    influencekit info FILE.h5
+
+Every output is an HDF5 file any HDF5 tool can read. Errors the kit raises on purpose are
+printed as one line naming the file/line/field, with exit status 2 (no traceback).
+
+Example:
+    >>> main(["info", "--help"])   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .errors import InfluenceKitError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _modules(text: str) -> str | list[str]:
+    """``mlp`` / ``attention`` / ``all``, or a comma-separated list of module names."""
+    return text if text in ("mlp", "attention", "all") else [n for n in text.split(",") if n]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--train", required=True, help="training JSONL, one record per sequence")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per sequence (128)")
+    p.add_argument("--chunk", action="store_true", help="split long records into windows")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="accumulation dtype")
+    p.add_argument("--amp", choices=AMP, default="none", help="forward in bf16/fp16 (autocast)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="influencekit",
+        description="Which training data made the model say this? EK-FAC influence functions.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the built-in end-to-end example")
+    demo.add_argument("--out", default=None, help="keep the model, factors and result here")
+    demo.add_argument("--top-k", type=int, default=3)
+    demo.add_argument("--device", default=None)
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    fit = sub.add_parser("fit", help="fit EK-FAC (or baseline) factors")
+    _add_common(fit)
+    fit.add_argument("--out", required=True, help="factors HDF5 file to write")
+    fit.add_argument(
+        "--modules", type=_modules, default="mlp", help="mlp | attention | all | name1,name2,..."
+    )
+    fit.add_argument(
+        "--strategy", choices=("ekfac", "kfac", "diagonal", "identity"), default="ekfac"
+    )
+    fit.add_argument("--fisher", choices=("sampled", "empirical"), default="sampled")
+    fit.add_argument("--max-examples", type=int, default=None)
+    fit.add_argument("--seed", type=int, default=0)
+
+    sc = sub.add_parser("score", help="score queries against training data (on the fly)")
+    _add_common(sc)
+    sc.add_argument("--factors", required=True, help="factors file from `influencekit fit`")
+    sc.add_argument("--queries", required=True, help="JSONL with prompt and completion")
+    sc.add_argument("--out", required=True, help="result HDF5 file to write")
+    sc.add_argument("--damping", type=float, default=None, help="default 0.1 × mean(Λ)")
+    sc.add_argument("--query-rank", type=int, default=None)
+    sc.add_argument("--top-k", type=int, default=5, help="rows printed per query")
+
+    info = sub.add_parser("info", help="describe an influencekit HDF5 file")
+    info.add_argument("file")
+    return parser
+
+
+def _default_device(requested: str | None) -> str:
+    if requested:
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load(args):
+    from .data import TextDataset
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model, device=_default_device(args.device))
+    train = TextDataset.from_jsonl(args.train, tokenizer, args.max_length, chunk=args.chunk)
+    return model, train
+
+
+def cmd_demo(args) -> None:
+    from .example import run_example
+
+    run_example(args.out, k=args.top_k, device=args.device, progress=not args.quiet)
+    if args.out:
+        print(f"\nwrote {args.out}/model, {args.out}/factors.h5, {args.out}/result.h5")
+
+
+def cmd_fit(args) -> None:
+    from .factors import fit_factors
+
+    model, train = _load(args)
+    factors = fit_factors(
+        model,
+        train,
+        args.modules,
+        strategy=args.strategy,
+        fisher=args.fisher,
+        seed=args.seed,
+        max_examples=args.max_examples,
+        batch_size=args.batch_size,
+        dtype=DTYPES[args.dtype],
+        amp_dtype=AMP[args.amp],
+        progress=not args.quiet,
+    )
+    factors.save(args.out)
+    print(
+        f"wrote {args.out}: {factors.strategy} factors for {len(factors.modules)} layers "
+        f"on {factors.meta['n_examples']} sequences"
+    )
+
+
+def cmd_score(args) -> None:
+    from .data import load_queries
+    from .example import format_top_table
+    from .factors import Factors
+    from .scoring import score
+
+    model, train = _load(args)
+    factors = Factors.load(args.factors)
+    result = score(
+        model,
+        factors,
+        load_queries(args.queries),
+        train,
+        damping=args.damping,
+        query_rank=args.query_rank,
+        batch_size=args.batch_size,
+        dtype=DTYPES[args.dtype],
+        amp_dtype=AMP[args.amp],
+        progress=not args.quiet,
+    )
+    result.save(args.out)
+    print(format_top_table(result, train, args.top_k))
+    print(f"\nwrote {args.out}")
+
+
+def cmd_info(args) -> None:
+    import h5py
+
+    from .errors import FileFormatError
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if not h5py.is_hdf5(path):
+        raise FileFormatError(f"{path}: not an HDF5 file")
+    with h5py.File(path, "r") as f:
+        print(path)
+        for key, value in sorted(f.attrs.items()):
+            print(f"  {key}: {_short(value)}")
+        f.visititems(_print_item)
+
+
+def _print_item(name: str, obj) -> None:
+    import h5py
+
+    if isinstance(obj, h5py.Dataset):
+        print(f"  /{name}: {obj.dtype} {obj.shape}")
+    elif "name" in obj.attrs:
+        print(f"  /{name}: {obj.attrs['name']}")
+
+
+def _short(value) -> str:
+    text = value if isinstance(value, str) else str(value)
+    try:
+        text = json.dumps(json.loads(text))
+    except (ValueError, TypeError):
+        pass
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+COMMANDS = {"demo": cmd_demo, "fit": cmd_fit, "score": cmd_score, "info": cmd_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``influencekit`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (InfluenceKitError, FileNotFoundError, ValueError) as err:
+        print(f"influencekit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The built-in end-to-end example: a tiny GPT-2 trained here, then influence on it.
+
+Until the shipped demo model lands, ``influencekit demo`` runs this: it trains a 2-block GPT-2
+on :data:`influencekit.tiny.TINY_CORPUS` for a few seconds (deterministic, seeded), saves it as
+a Hugging Face directory with safetensors weights, loads it back through :func:`load_model`
+(the path a user's own model takes), fits EK-FAC factors, scores a few queries and prints each
+query's most influential training sentences.
+
+Example:
+    >>> result, train = run_example(progress=False, echo=False)   # doctest: +SKIP
+    >>> result.top(0, k=3)                                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .data import TextDataset
+from .factors import fit_factors
+from .models import load_model
+from .result import InfluenceResult
+from .scoring import score
+from .tiny import TINY_CORPUS, build_tokenizer
+
+THEMES = ("cooking", "astronomy", "sailing", "music")  # TINY_CORPUS: ten sentences each
+QUERIES = [
+    {"id": "soup", "prompt": "The chef tastes the", "completion": " soup and adds salt."},
+    {"id": "stars", "prompt": "On a clear night", "completion": " the stars shine."},
+    {"id": "anchor", "prompt": "The crew lowers the", "completion": " sails in the bay."},
+    {"id": "choir", "prompt": "The choir sings", "completion": " a quiet melody."},
+]
+
+
+def corpus_records() -> list[dict]:
+    """TINY_CORPUS as records with an ``id`` and a ``theme`` (kept as metadata)."""
+    return [
+        {"id": f"{THEMES[i // 10]}-{i % 10}", "text": text, "theme": THEMES[i // 10]}
+        for i, text in enumerate(TINY_CORPUS)
+    ]
+
+
+def train_tiny_model(out_dir: str | Path, *, steps: int = 250, seed: int = 0) -> Path:
+    """Train a tiny GPT-2 on TINY_CORPUS and save it (safetensors) with its tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(TINY_CORPUS, vocab_size=400)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        n_positions=64,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = GPT2LMHeadModel(config)
+    data = TextDataset.from_texts(TINY_CORPUS, tokenizer, max_length=64)
+    ids = [list(ex.input_ids) for ex in data]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([x + [0] * (width - len(x)) for x in ids])
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+    labels = input_ids.masked_fill(mask == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    out_dir = Path(out_dir)
+    model.eval().save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def run_example(
+    out_dir: str | Path | None = None,
+    *,
+    k: int = 3,
+    device: str | None = None,
+    progress: bool = True,
+    echo: bool = True,
+) -> tuple[InfluenceResult, TextDataset]:
+    """Train, fit, score and (with ``echo``) print the top-``k`` table per query."""
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(out_dir) if out_dir is not None else Path(scratch)
+        model_dir = train_tiny_model(root / "model")
+        model, tokenizer = load_model(model_dir, device=device or "cpu")
+        train = TextDataset.from_records(corpus_records(), tokenizer, max_length=64)
+        factors = fit_factors(model, train, "mlp", progress=progress)
+        result = score(model, factors, QUERIES, train, progress=progress)
+        if out_dir is not None:
+            factors.save(root / "factors.h5")
+            result.save(root / "result.h5")
+    if echo:
+        print(format_top_table(result, train, k))
+    return result, train
+
+
+def format_top_table(result: InfluenceResult, train: TextDataset, k: int = 3) -> str:
+    """A plain-text table: each query, then its top-``k`` training sequences with scores."""
+    lines = []
+    for q, query in enumerate(result.meta.get("queries", [])):
+        lines.append(
+            f"\nquery {result.query_ids[q]!r}: {query['prompt']!r} -> {query['completion']!r}"
+        )
+        lines.append(f"  {'rank':>4}  {'score':>12}  {'id':<12}  text")
+        for rank, (i, value) in enumerate(result.top(q, k), start=1):
+            example = train[i]
+            lines.append(f"  {rank:>4}  {value:>12.4g}  {example.id:<12}  {example.text[:60]}")
+    return "\n".join(lines)

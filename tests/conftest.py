@@ -1,0 +1,15 @@
+"""Shared pytest fixtures: everything is built offline, from the tiny corpus."""
+
+from __future__ import annotations
+
+import pytest
+from influencekit.tiny import TINY_CORPUS, build_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A byte-level BPE tokenizer trained on TINY_CORPUS (GPT-2 style: no special tokens added).
+
+    Session-scoped because training takes a moment; tests must not modify it.
+    """
+    return build_tokenizer(TINY_CORPUS)
