@@ -8,7 +8,7 @@ Example:
     >>> import numpy as np
     >>> r = InfluenceResult(np.arange(6.0).reshape(1, 3, 2), ["l0", "l1"], ["a", "b", "c"], ["q"])
     >>> r.scores
-    array([[ 1.,  5.,  9.]])
+    array([[1., 5., 9.]])
     >>> r.top(0, k=2)
     [(2, 9.0), (1, 5.0)]
 """

@@ -1,0 +1,121 @@
+"""The command line end to end: fit, score, info and the built-in demo."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+import influencekit as ik
+from influencekit.cli import main
+from influencekit.example import QUERIES, corpus_records, train_tiny_model
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    train_tiny_model(root / "model", steps=20)
+    with open(root / "train.jsonl", "w") as f:
+        for record in corpus_records():
+            f.write(json.dumps(record) + "\n")
+    with open(root / "queries.jsonl", "w") as f:
+        for query in QUERIES:
+            f.write(json.dumps(query) + "\n")
+    return root
+
+
+def test_fit_score_info(workdir, capsys):
+    common = [
+        "--model",
+        str(workdir / "model"),
+        "--train",
+        str(workdir / "train.jsonl"),
+        "--max-length",
+        "64",
+        "--quiet",
+    ]
+    assert main(["fit", *common, "--out", str(workdir / "f.h5"), "--fisher", "empirical"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                *common,
+                "--factors",
+                str(workdir / "f.h5"),
+                "--queries",
+                str(workdir / "queries.jsonl"),
+                "--out",
+                str(workdir / "r.h5"),
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "query 'soup'" in printed and "wrote" in printed
+
+    # The files agree with the Python API run on the same inputs.
+    model, tok = ik.load_model(workdir / "model")
+    train = ik.TextDataset.from_jsonl(workdir / "train.jsonl", tok, max_length=64)
+    factors = ik.fit_factors(model, train, "mlp", fisher="empirical", progress=False)
+    expected = ik.score(
+        model, factors, ik.load_queries(workdir / "queries.jsonl"), train, progress=False
+    )
+    saved = ik.InfluenceResult.load(workdir / "r.h5")
+    np.testing.assert_allclose(saved.scores, expected.scores, rtol=1e-5)
+    assert saved.train_ids == train.ids and saved.layers == factors.modules
+
+    # Plain h5py reads the outputs too.
+    with h5py.File(workdir / "r.h5") as f:
+        assert f["scores"].shape == (len(QUERIES), len(train))
+
+    assert main(["info", str(workdir / "f.h5")]) == 0
+    assert "influencekit.factors" in capsys.readouterr().out
+
+
+def test_errors_are_one_line(workdir, capsys):
+    code = main(
+        [
+            "fit",
+            "--model",
+            str(workdir / "model"),
+            "--train",
+            str(workdir / "nope.jsonl"),
+            "--out",
+            str(workdir / "x.h5"),
+            "--quiet",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "nope.jsonl" in err and "Traceback" not in err
+    assert (
+        main(
+            [
+                "fit",
+                "--model",
+                str(workdir / "model"),
+                "--train",
+                str(workdir / "train.jsonl"),
+                "--out",
+                str(workdir / "x.h5"),
+                "--modules",
+                "no.such.layer",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
+    assert "Trackable layers" in capsys.readouterr().err
+    assert not (workdir / "x.h5").exists()
+
+
+def test_demo_prints_top_table(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    for query in QUERIES:
+        assert f"query {query['id']!r}" in printed
+    result = ik.InfluenceResult.load(tmp_path / "result.h5")
+    assert result.scores.shape == (len(QUERIES), 40)
+    assert (tmp_path / "factors.h5").exists() and (
+        tmp_path / "model" / "model.safetensors"
+    ).exists()
