@@ -562,7 +562,8 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _check_batch_size(batch_size: int) -> None:
+def check_batch_size(batch_size: int) -> None:
+    """Raise DataError unless ``batch_size`` is an int >= 1."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
@@ -578,7 +579,7 @@ def example_batches(
         >>> [b.indices for b in example_batches(ds, 2)]
         [[0, 1], [2, 3], [4]]
     """
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     order = list(range(len(dataset)) if indices is None else indices)
     pad = _pad_id(dataset.tokenizer)
     for lo in range(0, len(order), batch_size):
@@ -597,7 +598,7 @@ def query_batches(queries: list[Query], tokenizer, batch_size: int) -> Iterator[
         >>> int(b.label_mask.sum()) == len(tok(" shines.")["input_ids"])
         True
     """
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     pad = _pad_id(tokenizer)
     for lo in range(0, len(queries), batch_size):
         encoded = [q.encode(tokenizer) for q in queries[lo : lo + batch_size]]

@@ -27,19 +27,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import TextDataset, example_batches
-from .errors import FileFormatError, ModelError
+from .data import TextDataset, check_batch_size, example_batches
+from .errors import FileFormatError, ModelError, NonFiniteError
 from .h5io import atomic_h5, open_h5, read_array
-from .hooks import capture_batches, per_sequence_grads
+from .hooks import capture_batches, check_accumulation_dtype, per_sequence_grads
 from .models import (
     TrackedLayer,
+    candidate_layers,
     check_finite_weights,
+    check_sequences_fit,
     model_fingerprint,
     resolve_device,
     select_modules,
 )
 
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
+# Which arrays each strategy's layers must hold (a file missing one is damaged).
+REQUIRED = {
+    "ekfac": ("q_a", "d_a", "q_s", "d_s", "lam"),
+    "kfac": ("q_a", "d_a", "q_s", "d_s", "lam"),
+    "diagonal": ("lam",),
+    "identity": (),
+}
 FISHERS = ("sampled", "empirical")
 FORMAT = "influencekit.factors"
 VERSION = 1
@@ -98,6 +107,10 @@ class Factors:
 
     def damping_for(self, damping: float | dict[str, float] | None = None) -> dict[str, float]:
         """Per-layer damping: defaults, one float for all, or a ``{layer: float}`` mapping."""
+        if isinstance(damping, dict) and set(damping) - set(self.layers):
+            raise ValueError(
+                f"damping names unknown layer(s) {sorted(set(damping) - set(self.layers))}"
+            )
         resolved = {}
         for name, layer in self.layers.items():
             if isinstance(damping, dict):
@@ -113,21 +126,36 @@ class Factors:
             resolved[name] = value
         return resolved
 
+    def check_finite(self) -> None:
+        """Raise NonFiniteError naming the first layer and array holding NaN or inf."""
+        for name, layer in self.layers.items():
+            for key in ARRAYS:
+                value = getattr(layer, key)
+                if value is not None and not torch.isfinite(value).all():
+                    raise NonFiniteError(f"factors of layer {name}: {key} holds NaN or inf")
+
     def tracked_layers(self, model: nn.Module) -> list[TrackedLayer]:
-        """This model's layers for these factors; refuses a model with another fingerprint."""
+        """This model's layers for these factors, after checking weights, fingerprint, factors.
+
+        Refuses NaN/inf weights (naming the layer), a model with another fingerprint, and
+        non-finite factors (naming the layer and array).
+        """
         found = model_fingerprint(model)
         if found != self.fingerprint:
+            check_finite_weights(candidate_layers(model))  # NaN weights: say so, not "refit"
             raise ModelError(
                 f"these factors were fitted on model {self.fingerprint}, but this model is "
                 f"{found}: refit the factors for this model"
             )
         layers = select_modules(model, self.modules)
+        check_finite_weights(layers)
         for layer in layers:
             if layer.grad_shape != self.layers[layer.name].shape:
                 raise ModelError(
                     f"layer {layer.name}: shape {layer.grad_shape} differs from "
                     f"the factors' {self.layers[layer.name].shape}"
                 )
+        self.check_finite()
         return layers
 
     def save(self, path: str | Path) -> Path:
@@ -158,18 +186,24 @@ class Factors:
         """Read factors written by :meth:`save`, with clear errors for any other file."""
         with open_h5(path, FORMAT, VERSION) as f:
             modules = json.loads(f.attrs["modules"])
+            strategy = str(f.attrs["strategy"])
+            if strategy not in REQUIRED:
+                raise FileFormatError(f"{path}: unknown strategy {strategy!r}")
             layers = {}
             for i, name in enumerate(modules):
                 group_path = f"layers/{i:04d}"
                 if group_path not in f:
                     raise FileFormatError(f"{path}: group {group_path} ({name}) is missing")
                 group = f[group_path]
+                missing = [k for k in REQUIRED[strategy] if k not in group]
+                if missing:
+                    raise FileFormatError(f"{path}: {group_path} ({name}) lacks {missing}")
                 arrays = {
                     k: torch.from_numpy(read_array(group, k, path)) for k in ARRAYS if k in group
                 }
                 layers[name] = LayerFactors(name, tuple(group.attrs["shape"]), **arrays)
             return cls(
-                strategy=str(f.attrs["strategy"]),
+                strategy=strategy,
                 fisher=str(f.attrs["fisher"]),
                 layers=layers,
                 fingerprint=str(f.attrs["model_fingerprint"]),
@@ -205,10 +239,11 @@ def fit_factors(
     """
     _check_choice("strategy", strategy, STRATEGIES)
     _check_choice("fisher", fisher, FISHERS)
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    check_accumulation_dtype(dtype)
+    check_batch_size(batch_size)
     layers = select_modules(model, modules)
     check_finite_weights(layers)
+    check_sequences_fit(model, (ex.input_ids for ex in train), f"training data {train.source}")
     device = resolve_device(model, device)
     indices = _choose_examples(len(train), max_examples, seed)
     run = {
@@ -283,8 +318,10 @@ def _fit_eigenbases(fitted: dict[str, LayerFactors], run: dict) -> None:
             a_sum[name] = a_sum[name] + (a.T @ a).double().cpu()
             s_sum[name] = s_sum[name] + (s.T @ s).double().cpu()
     for name, lf in fitted.items():
-        lf.d_a, lf.q_a = torch.linalg.eigh(a_sum[name] / n_tokens)
-        lf.d_s, lf.q_s = torch.linalg.eigh(s_sum[name] / n_tokens)
+        # contiguous: row-major like a loaded file, so fresh and loaded factors score bit-equal
+        lf.d_a, q_a = torch.linalg.eigh(a_sum[name] / n_tokens)
+        lf.d_s, q_s = torch.linalg.eigh(s_sum[name] / n_tokens)
+        lf.q_a, lf.q_s = q_a.contiguous(), q_s.contiguous()
 
 
 def _fit_lambda(fitted: dict[str, LayerFactors], run: dict) -> None:

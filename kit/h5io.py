@@ -25,7 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import FileFormatError
+from .errors import FileFormatError, InfluenceKitError
 
 
 @contextlib.contextmanager
@@ -46,27 +46,35 @@ def atomic_h5(path: str | Path) -> Iterator[h5py.File]:
 
 @contextlib.contextmanager
 def open_h5(path: str | Path, kind: str, version: int) -> Iterator[h5py.File]:
-    """Open an influencekit file of the given kind for reading, or raise FileFormatError."""
+    """Open an influencekit file of the given kind for reading, or raise FileFormatError.
+
+    Any low-level failure while reading (a truncated file, damaged metadata, bad JSON in an
+    attribute) becomes a FileFormatError that names the file.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise FileFormatError(f"{path}: not a readable HDF5 file ({err})") from err
-    with f:
-        found = f.attrs.get("format")
-        if found != kind:
-            raise FileFormatError(f"{path}: expected an {kind} file, found format={found!r}")
-        if int(f.attrs.get("version", -1)) > version:
-            raise FileFormatError(
-                f"{path}: format version {f.attrs.get('version')} is newer than this "
-                f"influencekit reads ({version}); upgrade influencekit"
-            )
-        try:
+        with h5py.File(path, "r") as f:
+            _check_kind(f, path, kind, version)
             yield f
-        except KeyError as err:
-            raise FileFormatError(f"{path}: missing entry {err}") from err
+    except InfluenceKitError:
+        raise
+    except KeyError as err:
+        raise FileFormatError(f"{path}: missing entry {err}") from err
+    except (OSError, RuntimeError, TypeError, ValueError) as err:
+        raise FileFormatError(f"{path}: damaged or not readable as HDF5 ({err})") from err
+
+
+def _check_kind(f: h5py.File, path: Path, kind: str, version: int) -> None:
+    found = f.attrs.get("format")
+    if found != kind:
+        raise FileFormatError(f"{path}: expected an {kind} file, found format={found!r}")
+    if int(f.attrs.get("version", -1)) > version:
+        raise FileFormatError(
+            f"{path}: format version {f.attrs.get('version')} is newer than this "
+            f"influencekit reads ({version}); upgrade influencekit"
+        )
 
 
 def read_array(group: h5py.Group, key: str, path: str | Path) -> np.ndarray:

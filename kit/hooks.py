@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -104,13 +104,14 @@ def _no_param_grads(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Influence is taken at fixed weights: no dropout. Restores the caller's mode after."""
-    was_training = model.training
+    """Influence is taken at fixed weights: no dropout. Restores every submodule's mode after."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for module, mode in modes:
+            module.training = mode
 
 
 @contextlib.contextmanager
@@ -148,12 +149,13 @@ def capture(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     amp_dtype: torch.dtype | None = None,
-    example_ids: list[str] | None = None,
+    example_ids: Sequence[str] | Mapping[int, str] | None = None,
 ) -> dict[str, LayerIO]:
     """Run one forward and backward on ``batch`` and return each layer's ``a`` and ``s``.
 
     ``dtype`` is the accumulation dtype (float32 or float64) whatever the model's dtype;
     ``amp_dtype`` (e.g. ``torch.bfloat16``) runs the forward under autocast.
+    ``example_ids`` maps example index to id, for error messages.
     Raises :class:`NonFiniteError` naming the layer and example if NaN/inf appears.
     """
     device = batch.input_ids.device
@@ -172,22 +174,30 @@ def capture(
         outputs = [seen[layer.name][1] for layer in layers]
         grads = torch.autograd.grad(loss, outputs, allow_unused=True)
     mask = batch.attention_mask.to(dtype)[..., None]
+    shape = tuple(batch.input_ids.shape)
     result = {}
     for layer, grad in zip(layers, grads, strict=True):
-        a = seen[layer.name][0].to(dtype)
+        # Some models (OPT) flatten (B, T, d) to (B*T, d) around their MLP: undo that.
+        a = seen[layer.name][0].to(dtype).reshape(*shape, -1)
         if layer.has_bias:
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
         if grad is None:  # the layer does not reach the loss (e.g. after the last scored token)
-            s = a.new_zeros(*a.shape[:2], layer.d_out)
+            s = a.new_zeros(*shape, layer.d_out)
         else:
-            s = grad.to(dtype)
+            s = grad.to(dtype).reshape(*shape, -1)
         io = LayerIO(a=a * mask, s=s * mask)
         _check_finite(layer.name, io, batch, example_ids)
         result[layer.name] = io
     return result
 
 
-def _check_finite(name: str, io: LayerIO, batch: Batch, example_ids: list[str] | None) -> None:
+def check_accumulation_dtype(dtype: torch.dtype) -> None:
+    """Accumulators are float32 or float64, whatever the model's dtype."""
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+
+
+def _check_finite(name: str, io: LayerIO, batch: Batch, example_ids) -> None:
     for what, x in (("input activation", io.a), ("output gradient", io.s)):
         bad = ~torch.isfinite(x).flatten(1).all(dim=1)
         if bad.any():
@@ -209,7 +219,7 @@ def capture_batches(
     total: int | None = None,
     desc: str = "capturing",
     progress: bool = True,
-    example_ids: list[str] | None = None,
+    example_ids: Sequence[str] | Mapping[int, str] | None = None,
     **capture_options,
 ) -> Iterator[tuple[Batch, dict[str, LayerIO]]]:
     """``capture`` over many batches, moved to ``device`` (pinned, async on CUDA), with a bar."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,7 @@ MLP_LEAVES = {
     "w3",
 }
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,10 @@ def select_modules(model: nn.Module, modules: str | list[str] = "mlp") -> list[T
     """
     candidates = candidate_layers(model)
     by_name = {layer.name: layer for layer in candidates}
+    if not isinstance(modules, (str, list, tuple)):
+        raise ModelError(
+            f"modules must be 'mlp', 'attention', 'all' or a list of names, got {modules!r}"
+        )
     if isinstance(modules, str):
         if modules not in ("mlp", "attention", "all"):
             if modules in by_name:  # a single module name is a one-element list
@@ -172,6 +178,31 @@ def check_finite_weights(layers: list[TrackedLayer]) -> None:
     for layer in layers:
         if not torch.isfinite(layer.weight_matrix()).all():
             raise NonFiniteError(f"layer {layer.name}: weight or bias holds NaN or inf")
+
+
+def check_sequences_fit(model: nn.Module, sequences: Iterable[Sequence[int]], source: str) -> None:
+    """Refuse token ids outside the vocabulary or sequences past learned position tables.
+
+    Without this, either mistake surfaces as torch's bare "index out of range in self".
+    """
+    sequences = [seq for seq in sequences if len(seq)]
+    lengths = [len(seq) for seq in sequences]
+    max_id = max((max(seq) for seq in sequences), default=-1)
+    vocab = model.get_input_embeddings().num_embeddings
+    if max_id >= vocab:
+        raise ModelError(
+            f"{source}: token id {max_id} is outside the model's vocabulary of {vocab}; "
+            "is the tokenizer the model's own?"
+        )
+    config = getattr(model, "config", None)
+    limit = getattr(config, "n_positions", None)  # GPT-2's learned position table
+    if getattr(config, "model_type", "") == "opt":
+        limit = config.max_position_embeddings
+    if limit is not None and lengths and max(lengths) > limit:
+        raise ModelError(
+            f"{source}: a sequence of {max(lengths)} tokens exceeds the model's {limit} "
+            "positions; lower max_length"
+        )
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -218,9 +249,22 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = _check_model_dir(Path(path))
-    model = AutoModelForCausalLM.from_pretrained(root, use_safetensors=True, local_files_only=True)
+    weights = ", ".join(sorted(p.name for p in root.glob("*.safetensors")))
+    # safetensors, tokenizers and json raise their own exception types: name the file instead.
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            root, use_safetensors=True, local_files_only=True, output_loading_info=True
+        )
+    except Exception as err:
+        raise ModelError(f"{root}: could not load the weights ({weights}): {err}") from err
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
+    except Exception as err:
+        raise ModelError(f"{root}: could not load the tokenizer: {err}") from err
+    if info.get("missing_keys"):
+        # from_pretrained would fill these with random values: influence on them is meaningless.
+        raise ModelError(f"{root}: the weights lack {sorted(info['missing_keys'])}")
     model = model.to(device=device, dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
     return model, tokenizer
 
 
@@ -240,6 +284,11 @@ def _check_model_dir(root: Path) -> Path:
                 "model.save_pretrained(dir, safe_serialization=True) in a trusted environment."
             )
         raise ModelError(f"{root}: no *.safetensors weight file found")
+    if not any((root / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(
+            f"{root}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); save the "
+            "tokenizer with tokenizer.save_pretrained(dir) next to the model"
+        )
     return root
 
 

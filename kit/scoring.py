@@ -22,10 +22,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import Example, Query, TextDataset, as_queries, collate, example_batches, query_batches
+from .data import (
+    Example,
+    Query,
+    TextDataset,
+    as_queries,
+    check_batch_size,
+    collate,
+    example_batches,
+    query_batches,
+)
+from .errors import NonFiniteError
 from .factors import Factors
-from .hooks import LayerIO, capture, capture_batches, per_sequence_grads, to_device
-from .models import TrackedLayer, resolve_device
+from .hooks import (
+    LayerIO,
+    capture,
+    capture_batches,
+    check_accumulation_dtype,
+    per_sequence_grads,
+    to_device,
+)
+from .models import TrackedLayer, check_sequences_fit, resolve_device
 from .result import InfluenceResult
 
 LowRank = tuple[torch.Tensor, torch.Tensor]  # (U Σ: (Q, d_out, r), V: (Q, d_in, r))
@@ -122,14 +139,17 @@ def score(
     """
     if not isinstance(train, TextDataset):
         raise TypeError(f"train must be a TextDataset, got {type(train).__name__}")
-    if query_rank is not None and query_rank < 1:
-        raise ValueError(f"query_rank must be >= 1 or None, got {query_rank}")
+    _check_rank(query_rank)
+    check_accumulation_dtype(dtype)
+    check_batch_size(batch_size)
     queries = as_queries(queries)
     layers = factors.tracked_layers(model)
+    tok = train.tokenizer if tokenizer is None else tokenizer
+    check_sequences_fit(model, (ex.input_ids for ex in train), f"training data {train.source}")
+    check_sequences_fit(model, (q.encode(tok)[0] for q in queries), "queries")
     device = resolve_device(model, device)
     lambdas = factors.damping_for(damping)
     opts = {"device": device, "dtype": dtype, "amp_dtype": amp_dtype, "progress": progress}
-    tok = train.tokenizer if tokenizer is None else tokenizer
     grads = query_gradients(model, layers, queries, tok, batch_size=batch_size, **opts)
     pre = precondition_all(factors, grads, lambdas)
     if query_rank is not None:
@@ -161,6 +181,13 @@ def score(
     )
 
 
+def _check_rank(query_rank) -> None:
+    if query_rank is None:
+        return
+    if isinstance(query_rank, bool) or not isinstance(query_rank, int) or query_rank < 1:
+        raise ValueError(f"query_rank must be an int >= 1 or None, got {query_rank!r}")
+
+
 def token_scores(
     model: nn.Module,
     factors: Factors,
@@ -183,18 +210,27 @@ def token_scores(
         >>> ts.sum()                                                   # doctest: +SKIP
     """
     (query,) = as_queries([query])
+    check_accumulation_dtype(dtype)
     layers = factors.tracked_layers(model)
     device = resolve_device(model, device)
     tok = tokenizer if tokenizer is not None else getattr(example, "tokenizer", None)
     if tok is None:
-        raise ValueError("token_scores needs a tokenizer: pass tokenizer=")
+        raise ValueError(
+            "token_scores needs a tokenizer: pass tokenizer=, or an example taken from a "
+            "TextDataset (train[i]), which carries its tokenizer"
+        )
+    check_sequences_fit(model, [example.input_ids, query.encode(tok)[0]], f"example {example.id}")
     grads = query_gradients(model, layers, [query], tok, device=device, dtype=dtype, progress=False)
     pre = precondition_all(factors, grads, factors.damping_for(damping))
     batch = to_device(collate([example.input_ids], [1], [example.index]), device)
-    io = capture(model, layers, batch, dtype=dtype, example_ids=None)
+    io = capture(model, layers, batch, dtype=dtype, example_ids={example.index: example.id})
     columns = [
         ((io[layer.name].s[0] @ pre[layer.name][0]) * io[layer.name].a[0]).sum(-1)
         for layer in layers
     ]
     table = torch.stack(columns, dim=-1).double().cpu().numpy()
+    if not np.isfinite(table).all():
+        raise NonFiniteError(
+            f"non-finite token score for query {query.id!r}, example {example.id!r}"
+        )
     return table if per_layer else table.sum(-1)

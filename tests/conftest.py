@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
+
 from influencekit.tiny import TINY_CORPUS, build_tokenizer
+
+# The test models are tiny: one thread is fastest and keeps timings steady on a shared machine.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -77,9 +77,13 @@ def make_model(
     hidden: int = 16,
     layers: int = 2,
 ):
-    """A randomly initialised model in eval mode with eager attention, in ``dtype``."""
+    """A randomly initialised model in eval mode, in ``dtype``.
+
+    SDPA attention: the eager path of most families computes its softmax in float32 even for
+    a float64 model, which would blur float64 reference comparisons at ~1e-8.
+    """
     torch.manual_seed(seed)
     config = make_config(family, vocab_size, hidden, layers)
-    config._attn_implementation = "eager"
+    config._attn_implementation = "sdpa"
     model = tf.AutoModelForCausalLM.from_config(config)
     return model.to(dtype).eval()
