@@ -8,6 +8,8 @@ import types
 
 import pytest
 import torch
+from tokenizers import processors
+
 from influencekit.data import (
     Batch,
     Example,
@@ -21,7 +23,6 @@ from influencekit.data import (
 )
 from influencekit.errors import DataError
 from influencekit.tiny import TINY_CORPUS, build_tokenizer
-from tokenizers import processors
 
 LONG_TEXT = " ".join(TINY_CORPUS[:3])
 
