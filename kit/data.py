@@ -588,6 +588,21 @@ def example_batches(
         yield collate(seqs, [1] * len(seqs), [ex.index for ex in examples], pad)
 
 
+def length_order(dataset: TextDataset, indices: Sequence[int] | None = None) -> list[int]:
+    """``indices`` (default: all) ordered longest first, ties kept in order.
+
+    Batching sequences of similar length wastes little compute on padding.
+
+    Example:
+        >>> from influencekit.tiny import TINY_CORPUS, build_tokenizer
+        >>> ds = TextDataset.from_texts(["a b", "a b c d e", "a b c"], build_tokenizer(TINY_CORPUS))
+        >>> length_order(ds)
+        [1, 2, 0]
+    """
+    order = range(len(dataset)) if indices is None else indices
+    return sorted(order, key=lambda i: -len(dataset[i].input_ids))
+
+
 def query_batches(queries: list[Query], tokenizer, batch_size: int) -> Iterator[Batch]:
     """Yield query batches in which only completion tokens are scored; indices are positions.
 

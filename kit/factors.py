@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import TextDataset, check_batch_size, example_batches
+from .data import TextDataset, check_batch_size, example_batches, length_order
 from .errors import FileFormatError, ModelError, NonFiniteError
 from .h5io import atomic_h5, open_h5, read_array
-from .hooks import capture_batches, check_accumulation_dtype, per_sequence_grads
+from .hooks import LayerIO, capture_batches, check_accumulation_dtype, per_sequence_grads
 from .models import (
     TrackedLayer,
     candidate_layers,
@@ -288,13 +288,16 @@ def _choose_examples(n: int, max_examples: int | None, seed: int) -> list[int]:
 
 
 def _captures(run: dict, desc: str):
-    batches = example_batches(run["train"], run["batch_size"], run["indices"])
+    # Longest first: batches of similar length carry little padding, and a too-large batch
+    # fails on the first step rather than the last. The sums do not depend on the order.
+    order = length_order(run["train"], run["indices"])
+    batches = example_batches(run["train"], run["batch_size"], order)
     return capture_batches(
         run["model"],
         run["layers"],
         batches,
         device=run["device"],
-        total=-(-len(run["indices"]) // run["batch_size"]),
+        total=-(-len(order) // run["batch_size"]),
         desc=desc,
         progress=run["progress"],
         example_ids=run["train"].ids,
@@ -305,41 +308,58 @@ def _captures(run: dict, desc: str):
     )
 
 
+def _accumulate(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    """Add into a running sum kept on the device in the accumulation dtype (no host sync)."""
+    if name in sums:
+        sums[name].add_(value)
+    else:
+        sums[name] = value.clone()
+
+
 def _fit_eigenbases(fitted: dict[str, LayerFactors], run: dict) -> None:
     """Pass 1: token-mean covariances A and S, then their float64 eigendecompositions."""
-    a_sum = {name: 0.0 for name in fitted}
-    s_sum = {name: 0.0 for name in fitted}
+    a_sum: dict[str, torch.Tensor] = {}
+    s_sum: dict[str, torch.Tensor] = {}
     n_tokens = 0
     for batch, io in _captures(run, "covariances"):
+        real = batch.attention_mask.bool()
         n_tokens += int(batch.attention_mask.sum())
-        for name, x in io.items():  # padded rows are zero, so they add nothing
-            a = x.a.reshape(-1, x.a.shape[-1])
-            s = x.s.reshape(-1, x.s.shape[-1])
-            a_sum[name] = a_sum[name] + (a.T @ a).double().cpu()
-            s_sum[name] = s_sum[name] + (s.T @ s).double().cpu()
+        for name, x in io.items():  # real tokens only: padded rows are zero, skip their work
+            a, s = x.a[real], x.s[real]
+            _accumulate(a_sum, name, a.T @ a)
+            _accumulate(s_sum, name, s.T @ s)
     for name, lf in fitted.items():
         # contiguous: row-major like a loaded file, so fresh and loaded factors score bit-equal
-        lf.d_a, q_a = torch.linalg.eigh(a_sum[name] / n_tokens)
-        lf.d_s, q_s = torch.linalg.eigh(s_sum[name] / n_tokens)
+        lf.d_a, q_a = torch.linalg.eigh(a_sum[name].double().cpu() / n_tokens)
+        lf.d_s, q_s = torch.linalg.eigh(s_sum[name].double().cpu() / n_tokens)
         lf.q_a, lf.q_s = q_a.contiguous(), q_s.contiguous()
+
+
+def _rotated_grads(x: LayerIO, real: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor):
+    """``Q_Sᵀ G_z Q_A`` per sequence, rotating each real token first (cheaper than each G_z)."""
+    s_rot = x.s.new_zeros(*x.s.shape[:2], q_s.shape[1])
+    a_rot = x.a.new_zeros(*x.a.shape[:2], q_a.shape[1])
+    s_rot[real] = x.s[real] @ q_s
+    a_rot[real] = x.a[real] @ q_a
+    return s_rot.transpose(1, 2) @ a_rot
 
 
 def _fit_lambda(fitted: dict[str, LayerFactors], run: dict) -> None:
     """Pass 2: mean over sequences of squared gradients in the eigenbasis (or standard basis)."""
-    lam_sum = {name: 0.0 for name in fitted}
+    lam_sum: dict[str, torch.Tensor] = {}
     like = {"dtype": run["dtype"], "device": run["device"]}
     bases = {
         name: (lf.q_s.to(**like), lf.q_a.to(**like))
         for name, lf in fitted.items()
         if lf.q_a is not None
     }
-    for _, io in _captures(run, "eigenvalue correction"):
+    for batch, io in _captures(run, "eigenvalue correction"):
+        real = batch.attention_mask.bool()
         for name, x in io.items():
-            if name in bases:  # rotate per token first: cheaper than rotating each G_z
-                q_s, q_a = bases[name]
-                g = torch.einsum("bto,bti->boi", x.s @ q_s, x.a @ q_a)
+            if name in bases:
+                g = _rotated_grads(x, real, *bases[name])
             else:
                 g = per_sequence_grads(x)
-            lam_sum[name] = lam_sum[name] + g.square().sum(0).double().cpu()
+            _accumulate(lam_sum, name, g.square().sum(0))
     for name, lf in fitted.items():
-        lf.lam = lam_sum[name] / len(run["indices"])
+        lf.lam = lam_sum[name].double().cpu() / len(run["indices"])

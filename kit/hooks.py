@@ -185,9 +185,8 @@ def capture(
             s = a.new_zeros(*shape, layer.d_out)
         else:
             s = grad.to(dtype).reshape(*shape, -1)
-        io = LayerIO(a=a * mask, s=s * mask)
-        _check_finite(layer.name, io, batch, example_ids)
-        result[layer.name] = io
+        result[layer.name] = LayerIO(a=a * mask, s=s * mask)
+    _check_finite(result, batch, example_ids)
     return result
 
 
@@ -197,17 +196,21 @@ def check_accumulation_dtype(dtype: torch.dtype) -> None:
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
 
 
-def _check_finite(name: str, io: LayerIO, batch: Batch, example_ids) -> None:
-    for what, x in (("input activation", io.a), ("output gradient", io.s)):
-        bad = ~torch.isfinite(x).flatten(1).all(dim=1)
-        if bad.any():
-            row = int(bad.nonzero()[0])
-            index = batch.indices[row]
-            who = f"id {example_ids[index]!r}" if example_ids else f"index {index}"
-            raise NonFiniteError(
-                f"layer {name}: non-finite {what} (NaN or inf) for example {who}; check the "
-                "model weights and, for fp16, try bf16 or fp32"
-            )
+def _check_finite(result: dict[str, LayerIO], batch: Batch, example_ids) -> None:
+    """One host sync per batch when all is finite; the culprit is located only on failure."""
+    flags = [torch.isfinite(io.a).all() & torch.isfinite(io.s).all() for io in result.values()]
+    if bool(torch.stack(flags).all()):
+        return
+    for name, io in result.items():
+        for what, x in (("input activation", io.a), ("output gradient", io.s)):
+            bad = ~torch.isfinite(x).flatten(1).all(dim=1)
+            if bad.any():
+                index = batch.indices[int(bad.nonzero()[0])]
+                who = f"id {example_ids[index]!r}" if example_ids else f"index {index}"
+                raise NonFiniteError(
+                    f"layer {name}: non-finite {what} (NaN or inf) for example {who}; check "
+                    "the model weights and, for fp16, try bf16 or fp32"
+                )
 
 
 def capture_batches(
