@@ -86,6 +86,9 @@ def run_example(
     echo: bool = True,
 ) -> tuple[InfluenceResult, TextDataset]:
     """Train, fit, score and (with ``echo``) print the top-``k`` table per query."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # transformers' own save/load bars would drown the table
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(out_dir) if out_dir is not None else Path(scratch)
         model_dir = train_tiny_model(root / "model")
