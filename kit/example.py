@@ -29,7 +29,7 @@ THEMES = ("cooking", "astronomy", "sailing", "music")  # TINY_CORPUS: ten senten
 QUERIES = [
     {"id": "soup", "prompt": "The chef tastes the", "completion": " soup and adds salt."},
     {"id": "stars", "prompt": "On a clear night", "completion": " the stars shine."},
-    {"id": "anchor", "prompt": "The crew lowers the", "completion": " sails in the bay."},
+    {"id": "anchor", "prompt": "The crew lowers the", "completion": " anchor in the bay."},
     {"id": "choir", "prompt": "The choir sings", "completion": " a quiet melody."},
 ]
 
@@ -42,7 +42,7 @@ def corpus_records() -> list[dict]:
     ]
 
 
-def train_tiny_model(out_dir: str | Path, *, steps: int = 250, seed: int = 0) -> Path:
+def train_tiny_model(out_dir: str | Path, *, steps: int = 60, seed: int = 0) -> Path:
     """Train a tiny GPT-2 on TINY_CORPUS and save it (safetensors) with its tokenizer."""
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -119,3 +119,17 @@ def test_demo_prints_top_table(tmp_path, capsys):
     assert (tmp_path / "factors.h5").exists() and (
         tmp_path / "model" / "model.safetensors"
     ).exists()
+
+
+def test_demo_finds_same_theme_sentences(tmp_path):
+    """End-to-end sanity: a cooking query is most influenced by cooking sentences, etc."""
+    from influencekit.example import run_example
+
+    result, train = run_example(tmp_path, progress=False, echo=False)
+    for q, theme in ((0, "cooking"), (1, "astronomy"), (2, "sailing")):
+        share: dict[str, float] = {}
+        for i, value in result.top(q, k=10):
+            if value > 0:
+                name = train[i].metadata["theme"]
+                share[name] = share.get(name, 0.0) + value
+        assert max(share, key=share.get) == theme, (result.query_ids[q], share)
