@@ -45,15 +45,6 @@ QUERIES = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and far faster when the machine is busy)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 # ---------------------------------------------------------------------------------------------
 # The reference, in plain torch
 

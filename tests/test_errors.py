@@ -29,15 +29,6 @@ TRAIN_IDS = [f"t{i}" for i in range(6)]
 QUERY = ("The moon", " rises over the sea.")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine they cost a lot."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def train(tokenizer):
     return ik.TextDataset.from_texts(TINY_CORPUS[:6], tokenizer, ids=TRAIN_IDS)

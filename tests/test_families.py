@@ -83,15 +83,6 @@ def module_order(model: nn.Module) -> dict[str, int]:
     return {name: k for k, (name, _) in enumerate(model.named_modules())}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and far faster when the machine is busy)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
     return request.param

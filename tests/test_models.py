@@ -19,15 +19,6 @@ from tiny_models import FAMILIES, make_model
 TEXTS = ["The moon rises.", "Fresh bread rises slowly.", "Zebras & quokkas: 42!"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine they cost a lot."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def save_model_dir(path, model, tokenizer):
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)

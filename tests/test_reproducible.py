@@ -24,15 +24,6 @@ TEXT_INDICES = [0, 4, 11, 15, 22, 27, 31, 38, 9, 19]
 QUERIES = [("The ship left", " the harbour at dawn."), ("The oven must be", " hot.")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and far faster when the machine is busy)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def exact_model(family: str, vocab_size: int, **kwargs):
     """float64 with SDPA attention: eager attention takes its softmax in float32 for most
     families, which would make padded and unpadded forwards differ at ~1e-8."""
