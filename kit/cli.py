@@ -86,17 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _default_device(requested: str | None) -> str:
-    if requested:
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _load(args):
     from .data import TextDataset
     from .models import load_model
 
-    model, tokenizer = load_model(args.model, device=_default_device(args.device))
+    model, tokenizer = load_model(args.model, device=args.device)
     train = TextDataset.from_jsonl(args.train, tokenizer, args.max_length, chunk=args.chunk)
     return model, train
 

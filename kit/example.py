@@ -92,7 +92,7 @@ def run_example(
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(out_dir) if out_dir is not None else Path(scratch)
         model_dir = train_tiny_model(root / "model")
-        model, tokenizer = load_model(model_dir, device=device or "cpu")
+        model, tokenizer = load_model(model_dir, device=device)
         train = TextDataset.from_records(corpus_records(), tokenizer, max_length=64)
         factors = fit_factors(model, train, "mlp", progress=progress)
         result = score(model, factors, QUERIES, train, progress=progress)

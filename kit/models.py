@@ -236,9 +236,12 @@ def load_model(
     path: str | Path,
     *,
     dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> tuple[nn.Module, object]:
     """Load a local Hugging Face causal LM directory and its tokenizer (safetensors only).
+
+    ``device=None`` picks CUDA when a GPU is visible, else the CPU; later calls (fit, score)
+    run wherever the model is unless given their own ``device``.
 
     Pickled weights (``.bin``, ``.pt``) are refused: loading them can run arbitrary code.
     The model is put in eval mode (no dropout), as influence is computed at fixed weights.
@@ -264,6 +267,7 @@ def load_model(
     if info.get("missing_keys"):
         # from_pretrained would fill these with random values: influence on them is meaningless.
         raise ModelError(f"{root}: the weights lack {sorted(info['missing_keys'])}")
+    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device=device, dtype=dtype).eval()
     return model, tokenizer
 
