@@ -246,19 +246,10 @@ def fit_factors(
     check_sequences_fit(model, (ex.input_ids for ex in train), f"training data {train.source}")
     device = resolve_device(model, device)
     indices = _choose_examples(len(train), max_examples, seed)
-    run = {
-        "model": model,
-        "layers": layers,
-        "train": train,
-        "indices": indices,
-        "batch_size": batch_size,
-        "device": device,
-        "progress": progress,
-        "targets": "sampled" if fisher == "sampled" else "real",
-        "seed": seed,
-        "dtype": dtype,
-        "amp_dtype": amp_dtype,
-    }
+    targets = "sampled" if fisher == "sampled" else "real"
+    run = _Run(
+        model, layers, train, indices, batch_size, device, progress, targets, seed, dtype, amp_dtype
+    )
     fitted = {layer.name: LayerFactors(layer.name, layer.grad_shape) for layer in layers}
     if strategy in ("ekfac", "kfac"):
         _fit_eigenbases(fitted, run)
@@ -287,25 +278,41 @@ def _choose_examples(n: int, max_examples: int | None, seed: int) -> list[int]:
     return sorted(int(i) for i in rng.choice(n, size=max_examples, replace=False))
 
 
-def _captures(run: dict, desc: str):
-    # Longest first: batches of similar length carry little padding, and a too-large batch
-    # fails on the first step rather than the last. The sums do not depend on the order.
-    order = length_order(run["train"], run["indices"])
-    batches = example_batches(run["train"], run["batch_size"], order)
-    return capture_batches(
-        run["model"],
-        run["layers"],
-        batches,
-        device=run["device"],
-        total=-(-len(order) // run["batch_size"]),
-        desc=desc,
-        progress=run["progress"],
-        example_ids=run["train"].ids,
-        targets=run["targets"],
-        seed=run["seed"],
-        dtype=run["dtype"],
-        amp_dtype=run["amp_dtype"],
-    )
+@dataclass(frozen=True)
+class _Run:
+    """What both data passes of one fit share."""
+
+    model: nn.Module
+    layers: list[TrackedLayer]
+    train: TextDataset
+    indices: list[int]
+    batch_size: int
+    device: torch.device
+    progress: bool
+    targets: str
+    seed: int
+    dtype: torch.dtype
+    amp_dtype: torch.dtype | None
+
+    def captures(self, desc: str):
+        """Captured (batch, layer inputs/gradients) over the fit's examples."""
+        # Longest first: batches of similar length carry little padding, and a too-large batch
+        # fails on the first step rather than the last. The sums do not depend on the order.
+        order = length_order(self.train, self.indices)
+        return capture_batches(
+            self.model,
+            self.layers,
+            example_batches(self.train, self.batch_size, order),
+            device=self.device,
+            total=-(-len(order) // self.batch_size),
+            desc=desc,
+            progress=self.progress,
+            example_ids=self.train.ids,
+            targets=self.targets,
+            seed=self.seed,
+            dtype=self.dtype,
+            amp_dtype=self.amp_dtype,
+        )
 
 
 def _accumulate(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
@@ -316,12 +323,12 @@ def _accumulate(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -
         sums[name] = value.clone()
 
 
-def _fit_eigenbases(fitted: dict[str, LayerFactors], run: dict) -> None:
+def _fit_eigenbases(fitted: dict[str, LayerFactors], run: _Run) -> None:
     """Pass 1: token-mean covariances A and S, then their float64 eigendecompositions."""
     a_sum: dict[str, torch.Tensor] = {}
     s_sum: dict[str, torch.Tensor] = {}
     n_tokens = 0
-    for batch, io in _captures(run, "covariances"):
+    for batch, io in run.captures("covariances"):
         real = batch.attention_mask.bool()
         n_tokens += int(batch.attention_mask.sum())
         for name, x in io.items():  # real tokens only: padded rows are zero, skip their work
@@ -344,16 +351,16 @@ def _rotated_grads(x: LayerIO, real: torch.Tensor, q_s: torch.Tensor, q_a: torch
     return s_rot.transpose(1, 2) @ a_rot
 
 
-def _fit_lambda(fitted: dict[str, LayerFactors], run: dict) -> None:
+def _fit_lambda(fitted: dict[str, LayerFactors], run: _Run) -> None:
     """Pass 2: mean over sequences of squared gradients in the eigenbasis (or standard basis)."""
     lam_sum: dict[str, torch.Tensor] = {}
-    like = {"dtype": run["dtype"], "device": run["device"]}
+    like = {"dtype": run.dtype, "device": run.device}
     bases = {
         name: (lf.q_s.to(**like), lf.q_a.to(**like))
         for name, lf in fitted.items()
         if lf.q_a is not None
     }
-    for batch, io in _captures(run, "eigenvalue correction"):
+    for batch, io in run.captures("eigenvalue correction"):
         real = batch.attention_mask.bool()
         for name, x in io.items():
             if name in bases:
@@ -362,4 +369,4 @@ def _fit_lambda(fitted: dict[str, LayerFactors], run: dict) -> None:
                 g = per_sequence_grads(x)
             _accumulate(lam_sum, name, g.square().sum(0))
     for name, lf in fitted.items():
-        lf.lam = lam_sum[name].double().cpu() / len(run["indices"])
+        lf.lam = lam_sum[name].double().cpu() / len(run.indices)
