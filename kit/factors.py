@@ -230,9 +230,10 @@ def fit_factors(
 
     ``fisher="sampled"`` draws labels from the model's own predictive distribution (the true
     Fisher, equal to the Gauss-Newton matrix for softmax cross-entropy), reproducible with
-    ``seed``; ``"empirical"`` uses the real next tokens. ``max_examples`` fits on a seeded
-    random subset. ``dtype`` is the accumulation dtype (float32 or float64); ``amp_dtype`` runs
-    the forward in bf16/fp16 with accumulators in ``dtype``.
+    ``seed``; ``"empirical"`` uses the real next tokens. ``max_examples=n`` fits on the first
+    ``n`` sequences (pass ``train.subset(...)`` for a random sample). ``dtype`` is the
+    accumulation dtype (float32 or float64); ``amp_dtype`` runs the forward in bf16/fp16 with
+    accumulators in ``dtype``.
 
     Example:
         >>> factors = fit_factors(model, train, "mlp", fisher="sampled")  # doctest: +SKIP
@@ -245,7 +246,7 @@ def fit_factors(
     check_finite_weights(layers)
     check_sequences_fit(model, (ex.input_ids for ex in train), f"training data {train.source}")
     device = resolve_device(model, device)
-    indices = _choose_examples(len(train), max_examples, seed)
+    indices = _choose_examples(len(train), max_examples)
     targets = "sampled" if fisher == "sampled" else "real"
     run = _Run(
         model, layers, train, indices, batch_size, device, progress, targets, seed, dtype, amp_dtype
@@ -267,15 +268,12 @@ def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{what} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def _choose_examples(n: int, max_examples: int | None, seed: int) -> list[int]:
+def _choose_examples(n: int, max_examples: int | None) -> list[int]:
     if n == 0:
         raise ValueError("the training dataset is empty")
-    if max_examples is None or max_examples >= n:
-        return list(range(n))
-    if max_examples < 1:
-        raise ValueError(f"max_examples must be >= 1, got {max_examples}")
-    rng = np.random.default_rng(seed)
-    return sorted(int(i) for i in rng.choice(n, size=max_examples, replace=False))
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1 or None, got {max_examples}")
+    return list(range(n if max_examples is None else min(n, max_examples)))
 
 
 @dataclass(frozen=True)

@@ -304,3 +304,14 @@ def test_factors_accept_the_same_weights_in_another_instance(model, train, token
     assert ik.model_fingerprint(twin) == factors.fingerprint
     np.testing.assert_array_equal(score(twin, factors, train).scores,
                                   score(model, factors, train).scores)  # fmt: skip
+
+
+def test_max_examples_fits_on_the_first_sequences(tokenizer):
+    model = make_model("gpt2", len(tokenizer))
+    train = ik.TextDataset.from_texts(TINY_CORPUS[:12], tokenizer, max_length=32)
+    opts = {"fisher": "empirical", "dtype": torch.float64, "progress": False}
+    capped = ik.fit_factors(model, train, "mlp", max_examples=5, **opts)
+    first = ik.fit_factors(model, train.subset(range(5)), "mlp", **opts)
+    assert capped.meta["n_examples"] == 5
+    for name in capped.modules:
+        torch.testing.assert_close(capped.layers[name].lam, first.layers[name].lam)
