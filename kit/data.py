@@ -496,11 +496,18 @@ class Batch:
     lengths: list[int]
 
     def to(self, device: torch.device | str) -> Batch:
-        """The same batch with its tensors on ``device``."""
+        """The same batch with its tensors on ``device``; to CUDA through pinned memory, so the
+        copy overlaps compute."""
+        device = torch.device(device)
+        pinned = device.type == "cuda"
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.pin_memory().to(device, non_blocking=True) if pinned else t.to(device)
+
         return Batch(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.label_mask.to(device),
+            move(self.input_ids),
+            move(self.attention_mask),
+            move(self.label_mask),
             list(self.indices),
             list(self.lengths),
         )

@@ -42,17 +42,12 @@ from .models import (
 )
 
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
-# Which arrays each strategy's layers must hold (a file missing one is damaged).
-REQUIRED = {
-    "ekfac": ("q_a", "d_a", "q_s", "d_s", "lam"),
-    "kfac": ("q_a", "d_a", "q_s", "d_s", "lam"),
-    "diagonal": ("lam",),
-    "identity": (),
-}
 FISHERS = ("sampled", "empirical")
 FORMAT = "influencekit.factors"
 VERSION = 1
 ARRAYS = ("q_a", "d_a", "q_s", "d_s", "lam")
+# Which arrays each strategy's layers must hold (a file missing one is damaged).
+REQUIRED = {"ekfac": ARRAYS, "kfac": ARRAYS, "diagonal": ("lam",), "identity": ()}
 
 
 @dataclass
@@ -328,7 +323,7 @@ def _fit_eigenbases(fitted: dict[str, LayerFactors], run: _Run) -> None:
     n_tokens = 0
     for batch, io in run.captures("covariances"):
         real = batch.attention_mask.bool()
-        n_tokens += int(batch.attention_mask.sum())
+        n_tokens += sum(batch.lengths)  # known on the host: no device sync
         for name, x in io.items():  # real tokens only: padded rows are zero, skip their work
             a, s = x.a[real], x.s[real]
             _accumulate(a_sum, name, a.T @ a)

@@ -27,6 +27,8 @@ import numpy as np
 
 from .errors import FileFormatError, InfluenceKitError
 
+UTF8 = h5py.string_dtype("utf-8")  # variable-length UTF-8 strings: text without pickles
+
 
 @contextlib.contextmanager
 def atomic_h5(path: str | Path) -> Iterator[h5py.File]:

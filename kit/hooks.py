@@ -227,18 +227,5 @@ def capture_batches(
 ) -> Iterator[tuple[Batch, dict[str, LayerIO]]]:
     """``capture`` over many batches, moved to ``device`` (pinned, async on CUDA), with a bar."""
     for batch in progress_bar(batches, desc=desc, total=total, enabled=progress):
-        batch = to_device(batch, device)
+        batch = batch.to(device)
         yield batch, capture(model, layers, batch, example_ids=example_ids, **capture_options)
-
-
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    """Move a batch; on CUDA through pinned memory so the copy overlaps compute."""
-    if device.type != "cuda":
-        return batch.to(device)
-    return Batch(
-        input_ids=batch.input_ids.pin_memory().to(device, non_blocking=True),
-        attention_mask=batch.attention_mask.pin_memory().to(device, non_blocking=True),
-        label_mask=batch.label_mask.pin_memory().to(device, non_blocking=True),
-        indices=batch.indices,
-        lengths=batch.lengths,
-    )

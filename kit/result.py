@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FileFormatError, NonFiniteError
-from .h5io import atomic_h5, open_h5, read_array
+from .h5io import UTF8, atomic_h5, open_h5, read_array
 
 FORMAT = "influencekit.result"
 VERSION = 1
@@ -78,12 +78,8 @@ class InfluenceResult:
             )
             f.create_dataset("layer_scores", data=self.layer_scores, fletcher32=True)
             f.create_dataset("scores", data=self.scores, fletcher32=True)
-            f.create_dataset(
-                "train_ids", data=np.array(self.train_ids, dtype=object), dtype=h5_str()
-            )
-            f.create_dataset(
-                "query_ids", data=np.array(self.query_ids, dtype=object), dtype=h5_str()
-            )
+            f.create_dataset("train_ids", data=np.array(self.train_ids, dtype=object), dtype=UTF8)
+            f.create_dataset("query_ids", data=np.array(self.query_ids, dtype=object), dtype=UTF8)
         return Path(path)
 
     @classmethod
@@ -98,10 +94,3 @@ class InfluenceResult:
         if layer_scores.ndim != 3:
             raise FileFormatError(f"{path}: layer_scores must be 3-D, found {layer_scores.shape}")
         return cls(layer_scores, layers, train_ids, query_ids, meta)
-
-
-def h5_str():
-    """The HDF5 variable-length UTF-8 string type (no pickled objects)."""
-    import h5py
-
-    return h5py.string_dtype("utf-8")

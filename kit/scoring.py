@@ -41,7 +41,6 @@ from .hooks import (
     capture_batches,
     check_accumulation_dtype,
     per_sequence_grads,
-    to_device,
 )
 from .models import TrackedLayer, check_sequences_fit, resolve_device
 from .result import InfluenceResult
@@ -237,7 +236,7 @@ def token_scores(
     check_sequences_fit(model, [example.input_ids, query.encode(tok)[0]], f"example {example.id}")
     grads = query_gradients(model, layers, [query], tok, device=device, dtype=dtype, progress=False)
     pre = precondition_all(factors, grads, factors.damping_for(damping))
-    batch = to_device(collate([example.input_ids], [1], [example.index]), device)
+    batch = collate([example.input_ids], [1], [example.index]).to(device)
     io = capture(model, layers, batch, dtype=dtype, example_ids={example.index: example.id})
     columns = [
         ((io[layer.name].s[0] @ pre[layer.name][0]) * io[layer.name].a[0]).sum(-1)

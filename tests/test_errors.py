@@ -470,20 +470,17 @@ def test_factors_load_flipped_bytes_inside_a_dataset(factors_file, tmp_path, key
     assert f"layers/0002/{key}" in str(info.value)
 
 
-def test_factors_load_damaged_group_structure(factors_file, tmp_path):
+@pytest.mark.parametrize(
+    ("marker", "start"),
+    [
+        (b"SNOD", 1024),  # a symbol-table node of a layer group (not the root)
+        (b'["model.layers.0.mlp', 0),  # inside the JSON 'modules' attribute
+    ],
+    ids=["group-structure", "json-attribute"],
+)
+def test_factors_load_damaged_bytes(factors_file, tmp_path, marker, start):
     data = bytearray(pathlib.Path(factors_file).read_bytes())
-    at = data.find(b"SNOD", 1024)  # a symbol-table node of a layer group (not the root)
-    assert at > 0
-    data[at] ^= 0xFF
-    path = tmp_path / "damaged.h5"
-    path.write_bytes(bytes(data))
-    with pytest.raises(ik.FileFormatError, match=re.escape(str(path))):
-        ik.Factors.load(path)
-
-
-def test_factors_load_damaged_json_attribute(factors_file, tmp_path):
-    data = bytearray(pathlib.Path(factors_file).read_bytes())
-    at = data.find(b'["model.layers.0.mlp')
+    at = data.find(marker, start)
     assert at > 0
     data[at] ^= 0xFF
     path = tmp_path / "damaged.h5"
