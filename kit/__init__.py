@@ -12,11 +12,20 @@ Example:
 """
 
 from .data import Example, Query, TextDataset, as_queries, load_queries
-from .errors import DataError, FileFormatError, InfluenceKitError, ModelError, NonFiniteError
+from .errors import (
+    DataError,
+    FileFormatError,
+    InfluenceKitError,
+    MismatchError,
+    ModelError,
+    NonFiniteError,
+    StoreWriteError,
+)
 from .factors import Factors, LayerFactors, fit_factors
 from .models import load_model, model_fingerprint, select_modules
 from .result import InfluenceResult
 from .scoring import score, token_scores
+from .store import GradientStore  # last: the store builds on the modules above
 
 __version__ = "0.1.0"
 
@@ -25,12 +34,15 @@ __all__ = [
     "Example",
     "Factors",
     "FileFormatError",
+    "GradientStore",
     "InfluenceKitError",
     "InfluenceResult",
     "LayerFactors",
+    "MismatchError",
     "ModelError",
     "NonFiniteError",
     "Query",
+    "StoreWriteError",
     "TextDataset",
     "as_queries",
     "fit_factors",

@@ -561,7 +561,8 @@ def collate(
     return Batch(input_ids, attention_mask, label_mask, list(indices), lengths)
 
 
-def _pad_id(tokenizer) -> int:
+def padding_id(tokenizer) -> int:
+    """The id that fills padded positions (masked everywhere, so any valid id works)."""
     # Any valid id works since pads are masked; prefer the tokenizer's own pad, then eos.
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if candidate is not None:
@@ -588,7 +589,7 @@ def example_batches(
     """
     check_batch_size(batch_size)
     order = list(range(len(dataset)) if indices is None else indices)
-    pad = _pad_id(dataset.tokenizer)
+    pad = padding_id(dataset.tokenizer)
     for lo in range(0, len(order), batch_size):
         examples = [dataset[i] for i in order[lo : lo + batch_size]]
         seqs = [ex.input_ids for ex in examples]
@@ -621,7 +622,7 @@ def query_batches(queries: list[Query], tokenizer, batch_size: int) -> Iterator[
         True
     """
     check_batch_size(batch_size)
-    pad = _pad_id(tokenizer)
+    pad = padding_id(tokenizer)
     for lo in range(0, len(queries), batch_size):
         encoded = [q.encode(tokenizer) for q in queries[lo : lo + batch_size]]
         seqs = [ids for ids, _ in encoded]

@@ -33,3 +33,14 @@ class NonFiniteError(InfluenceKitError, FloatingPointError):
 
 class FileFormatError(InfluenceKitError, ValueError):
     """An influencekit HDF5 file is missing, truncated, corrupted or of another kind."""
+
+
+class MismatchError(InfluenceKitError, ValueError):
+    """Files or objects made for different models, tokenizers, modules or settings meet.
+
+    The message lists every difference, e.g. ``max_length: store 128, dataset 64``.
+    """
+
+
+class StoreWriteError(InfluenceKitError, OSError):
+    """Writing a gradient store failed (a full disk, say); the committed part is intact."""

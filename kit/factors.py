@@ -121,6 +121,20 @@ class Factors:
             resolved[name] = value
         return resolved
 
+    def eigenbasis(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Q_S, Q_A)`` of layer ``name`` with columns by decreasing eigenvalue (float64).
+
+        The ``eig:K`` store codec keeps gradients in the leading ``K`` of these directions.
+        """
+        layer = self.layers[name]
+        if layer.q_a is None:
+            raise ValueError(
+                f"{self.strategy} factors have no eigenbasis; fit ekfac or kfac factors"
+            )
+        by_s = torch.argsort(layer.d_s, descending=True)
+        by_a = torch.argsort(layer.d_a, descending=True)
+        return layer.q_s[:, by_s].contiguous(), layer.q_a[:, by_a].contiguous()
+
     def check_finite(self) -> None:
         """Raise NonFiniteError naming the first layer and array holding NaN or inf."""
         for name, layer in self.layers.items():

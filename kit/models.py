@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -224,6 +225,45 @@ def model_fingerprint(model: nn.Module) -> str:
         sample = flat[::step].to("cpu", torch.bfloat16).view(torch.int16).numpy()
         digest.update(f"{name}:{tuple(param.shape)};".encode())
         digest.update(sample.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def layers_fingerprint(layers: Sequence[TrackedLayer]) -> str:
+    """A hash of the tracked layers' names, shapes and every weight (rounded to bfloat16).
+
+    Unlike :func:`model_fingerprint`, which samples, this reads every tracked value, so even
+    a one-weight change in a tracked layer is caught.
+
+    Example:
+        >>> layer = TrackedLayer("fc", torch.nn.Linear(2, 2), transposed=False)
+        >>> len(layers_fingerprint([layer]))
+        16
+    """
+    digest = hashlib.sha256()
+    for layer in layers:
+        digest.update(f"{layer.name}:{layer.grad_shape};".encode())
+        for param in layer.module.parameters(recurse=False):
+            values = param.detach().reshape(-1).to("cpu", torch.bfloat16).view(torch.int16)
+            digest.update(values.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what decides token ids: the full tokenizer definition, or else its vocabulary.
+
+    Example:
+        >>> from influencekit.tiny import TINY_CORPUS, build_tokenizer
+        >>> len(tokenizer_fingerprint(build_tokenizer(TINY_CORPUS)))
+        16
+    """
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # fast tokenizers: vocabulary, merges, normalizer, pre-tokenizer
+        digest.update(backend.to_str().encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    specials = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id")}
+    digest.update(json.dumps(specials, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 

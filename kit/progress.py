@@ -28,3 +28,8 @@ def progress_bar(
 ) -> Iterator[T]:
     """Wrap ``items`` in a tqdm bar (text in a terminal, a widget in Jupyter)."""
     return iter(tqdm(items, desc=desc, total=total, disable=not bars_enabled(enabled), leave=False))
+
+
+def progress_counter(total: int, *, desc: str, enabled: bool = True) -> tqdm:
+    """A bar advanced by hand (``bar.update(n)``); use it as a context manager."""
+    return tqdm(total=total, desc=desc, disable=not bars_enabled(enabled), leave=False)

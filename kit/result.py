@@ -4,6 +4,10 @@
 score means up-weighting training sequence ``i`` raises ``log p(completion | prompt)``.
 Results refuse NaN/inf on construction, naming the query, training id and layer.
 
+A *top-k* result (``score(..., top_k=k)``) keeps only each query's ``k`` highest scores:
+then ``indices[q, j]`` is the training index of column ``j`` (columns sorted by decreasing
+score), and ``scores``/``layer_scores`` have ``k`` columns instead of ``n_train``.
+
 Example:
     >>> import numpy as np
     >>> r = InfluenceResult(np.arange(6.0).reshape(1, 3, 2), ["l0", "l1"], ["a", "b", "c"], ["q"])
@@ -37,22 +41,41 @@ class InfluenceResult:
     train_ids: list[str]
     query_ids: list[str]
     meta: dict = field(default_factory=dict)
+    indices: np.ndarray | None = None  # (n_queries, k) training indices of a top-k result
 
     def __post_init__(self) -> None:
         self.layer_scores = np.asarray(self.layer_scores, dtype=np.float64)
-        expected = (len(self.query_ids), len(self.train_ids), len(self.layers))
+        columns = len(self.train_ids)
+        if self.indices is not None:
+            self.indices = np.asarray(self.indices, dtype=np.int64)
+            columns = self.indices.shape[-1]
+            if self.indices.shape != (len(self.query_ids), columns) or (
+                self.indices.size
+                and not 0 <= self.indices.min() <= self.indices.max() < len(self.train_ids)
+            ):
+                raise ValueError(
+                    f"indices must be (queries, k) = ({len(self.query_ids)}, k) training indices "
+                    f"below {len(self.train_ids)}, got shape {self.indices.shape}"
+                )
+        expected = (len(self.query_ids), columns, len(self.layers))
         if self.layer_scores.shape != expected:
             raise ValueError(
                 f"layer_scores has shape {self.layer_scores.shape}, expected "
-                f"(queries, train, layers) = {expected}"
+                f"(queries, {'k' if self.indices is not None else 'train'}, layers) = {expected}"
             )
         bad = ~np.isfinite(self.layer_scores)
         if bad.any():
             q, i, layer = (int(x) for x in np.argwhere(bad)[0])
+            i = int(self.indices[q, i]) if self.indices is not None else i
             raise NonFiniteError(
                 f"{int(bad.sum())} non-finite score(s), first: query {self.query_ids[q]!r}, "
                 f"training id {self.train_ids[i]!r}, layer {self.layers[layer]}"
             )
+
+    @property
+    def is_top_k(self) -> bool:
+        """True when only each query's top-k scores are kept (see ``indices``)."""
+        return self.indices is not None
 
     @property
     def scores(self) -> np.ndarray:
@@ -63,7 +86,8 @@ class InfluenceResult:
         """The ``k`` most (or least, ``largest=False``) influential ``(train_index, score)``."""
         row = self.scores[q]
         order = np.argsort(-row if largest else row, kind="stable")[:k]
-        return [(int(i), float(row[i])) for i in order]
+        index = self.indices[q] if self.indices is not None else np.arange(len(row))
+        return [(int(index[i]), float(row[i])) for i in order]
 
     def save(self, path: str | Path) -> Path:
         """Write an HDF5 file any HDF5 tool can read (atomically)."""
@@ -80,6 +104,8 @@ class InfluenceResult:
             f.create_dataset("scores", data=self.scores, fletcher32=True)
             f.create_dataset("train_ids", data=np.array(self.train_ids, dtype=object), dtype=UTF8)
             f.create_dataset("query_ids", data=np.array(self.query_ids, dtype=object), dtype=UTF8)
+            if self.indices is not None:
+                f.create_dataset("indices", data=self.indices, fletcher32=True)
         return Path(path)
 
     @classmethod
@@ -91,6 +117,10 @@ class InfluenceResult:
             query_ids = [s.decode() for s in read_array(f, "query_ids", path)]
             layers = json.loads(f.attrs["layers"])
             meta = json.loads(f.attrs["meta"])
+            indices = read_array(f, "indices", path) if "indices" in f else None
         if layer_scores.ndim != 3:
             raise FileFormatError(f"{path}: layer_scores must be 3-D, found {layer_scores.shape}")
-        return cls(layer_scores, layers, train_ids, query_ids, meta)
+        try:
+            return cls(layer_scores, layers, train_ids, query_ids, meta, indices)
+        except ValueError as err:
+            raise FileFormatError(f"{path}: inconsistent result ({err})") from err

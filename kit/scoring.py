@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from .data import (
     collate,
     example_batches,
     length_order,
+    padding_id,
     query_batches,
 )
 from .errors import NonFiniteError
@@ -44,6 +46,7 @@ from .hooks import (
 )
 from .models import TrackedLayer, check_sequences_fit, resolve_device
 from .result import InfluenceResult
+from .store_scoring import TopK, exact_scores, stream_store
 
 LowRank = tuple[torch.Tensor, torch.Tensor]  # (U Σ: (Q, d_out, r), V: (Q, d_in, r))
 
@@ -100,20 +103,6 @@ def truncate_rank(p: torch.Tensor, rank: int) -> LowRank:
     return u[..., :r] * sigma[..., None, :r], vh[..., :r, :].transpose(-1, -2)
 
 
-def low_rank_form(p: torch.Tensor, rank: int) -> torch.Tensor | LowRank:
-    """The rank-``rank`` approximation of ``p``, in whichever form is cheaper to contract.
-
-    Per token, the factored form costs ``Q·r·(d_out + d_in)`` multiply-adds and the dense
-    form (through ``G_z``) ``d_out·d_in`` whatever ``Q``: many queries or a high rank make the
-    dense form cheaper. Both give the same scores up to rounding.
-    """
-    us, v = truncate_rank(p, rank)
-    n_queries, d_out, d_in = p.shape
-    if n_queries * us.shape[-1] * (d_out + d_in) < d_out * d_in:
-        return us, v
-    return us @ v.transpose(-1, -2)
-
-
 def contract(io: LayerIO, preconditioned: torch.Tensor | LowRank) -> torch.Tensor:
     """``⟨P_q, G_z⟩`` for every query and sequence of a batch: ``(Q, B)``."""
     if isinstance(preconditioned, tuple):
@@ -129,10 +118,12 @@ def score(
     model: nn.Module,
     factors: Factors,
     queries: Query | Iterable,
-    train: TextDataset,
+    train,
     *,
     damping: float | dict[str, float] | None = None,
     query_rank: int | None = None,
+    top_k: int | None = None,
+    refine: int | None = None,
     batch_size: int = 8,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
@@ -142,64 +133,204 @@ def score(
 ) -> InfluenceResult:
     """Influence of every training sequence on every query, per tracked layer.
 
-    ``train`` is a :class:`TextDataset` (training gradients computed on the fly, streaming).
+    ``train`` is a :class:`TextDataset` (training gradients computed on the fly, streaming)
+    or a :class:`~influencekit.store.GradientStore` (stored gradients, one pass over the file).
     ``damping``: ``None`` (``0.1 × mean(Λ)`` per layer), one float, or ``{layer: float}``.
     ``query_rank``: rank of the truncated SVD of each preconditioned query gradient.
-    ``tokenizer`` defaults to ``train.tokenizer``.
+    ``top_k``: keep only each query's ``k`` highest scores (a top-k result, see
+    :class:`InfluenceResult`); memory then does not grow with the number of training sequences.
+    ``refine`` (store only): rescore each query's top ``refine`` candidates exactly.
+    ``tokenizer`` defaults to ``train.tokenizer`` (a dataset) or the store's own.
 
     Example:
         >>> result = score(model, factors, [("The sky is", " blue")], train)  # doctest: +SKIP
         >>> result.scores.shape  # doctest: +SKIP
         (1, 120)
     """
-    if not isinstance(train, TextDataset):
-        raise TypeError(f"train must be a TextDataset, got {type(train).__name__}")
-    _check_rank(query_rank)
+    from .store import GradientStore  # the store builds on this package: import late
+
+    if not isinstance(train, (TextDataset, GradientStore)):
+        raise TypeError(
+            f"train must be a TextDataset or a GradientStore, got {type(train).__name__}"
+        )
+    _check_positive("query_rank", query_rank)
+    _check_positive("top_k", top_k)
+    _check_positive("refine", refine)
+    if refine is not None and not isinstance(train, GradientStore):
+        raise ValueError("refine= applies to a GradientStore; on-the-fly scores are already exact")
     check_accumulation_dtype(dtype)
     check_batch_size(batch_size)
     queries = as_queries(queries)
     layers = factors.tracked_layers(model)
-    tok = train.tokenizer if tokenizer is None else tokenizer
-    check_sequences_fit(model, (ex.input_ids for ex in train), f"training data {train.source}")
+    if isinstance(train, GradientStore):
+        tok = train.tokenizer() if tokenizer is None else tokenizer
+        train.check(model=model, tokenizer=tok, modules=factors.modules)
+        if train.config.dtype == "float64":
+            dtype = torch.float64  # a float64 store is scored in float64
+    else:
+        tok = train.tokenizer if tokenizer is None else tokenizer
+        check_sequences_fit(model, (ex.input_ids for ex in train), f"training data {train.source}")
     check_sequences_fit(model, (q.encode(tok)[0] for q in queries), "queries")
     device = resolve_device(model, device)
     lambdas = factors.damping_for(damping)
     opts = {"device": device, "dtype": dtype, "amp_dtype": amp_dtype, "progress": progress}
     grads = query_gradients(model, layers, queries, tok, batch_size=batch_size, **opts)
     pre = precondition_all(factors, grads, lambdas)
-    if query_rank is not None:
-        pre = {name: low_rank_form(p, query_rank) for name, p in pre.items()}
-    layer_scores = np.zeros((len(queries), len(train), len(layers)))
-    batches = example_batches(train, batch_size, length_order(train))  # little padding
-    for batch, io in capture_batches(
-        model,
-        layers,
-        batches,
-        desc="training gradients",
-        total=-(-len(train) // batch_size),
-        example_ids=train.ids,
-        **opts,
-    ):
-        part = torch.stack([contract(io[layer.name], pre[layer.name]) for layer in layers], -1)
-        layer_scores[:, batch.indices, :] = part.double().cpu().numpy()  # one copy per batch
+    forms = pre if query_rank is None else {n: truncate_rank(p, query_rank) for n, p in pre.items()}
+    run = _Scoring(model, layers, batch_size, device, dtype, amp_dtype, progress)
+    if isinstance(train, GradientStore):
+        layer_scores, indices, refined = run.from_store(train, pre, forms, top_k, refine)
+        train_ids = train.ids
+    else:
+        layer_scores, indices = run.on_the_fly(train, forms, top_k)
+        train_ids, refined = train.ids, None
     meta = {
         "strategy": factors.strategy,
         "fisher": factors.fisher,
         "damping": lambdas,
         "query_rank": query_rank,
+        "top_k": top_k,
+        "refine": refine,
+        "source": str(train.path) if isinstance(train, GradientStore) else train.source,
+        "codec": train.codec if isinstance(train, GradientStore) else "exact (on the fly)",
         "model_fingerprint": factors.fingerprint,
         "queries": [{"prompt": q.prompt, "completion": q.completion} for q in queries],
     }
+    if refined is not None:
+        meta["refined"] = refined
+    layer_names = [layer.name for layer in layers]
     return InfluenceResult(
-        layer_scores, [layer.name for layer in layers], train.ids, [q.id for q in queries], meta
+        layer_scores, layer_names, train_ids, [q.id for q in queries], meta, indices
     )
 
 
-def _check_rank(query_rank) -> None:
-    if query_rank is None:
+@dataclass(frozen=True)
+class _Scoring:
+    """What both score paths share: the model, its layers and how to run it."""
+
+    model: nn.Module
+    layers: list[TrackedLayer]
+    batch_size: int
+    device: torch.device
+    dtype: torch.dtype
+    amp_dtype: torch.dtype | None
+    progress: bool
+
+    def keeper(self, n_queries: int, n_train: int, top_k: int | None):
+        n_layers = len(self.layers)
+        if top_k is None:
+            return np.zeros((n_queries, n_train, n_layers))
+        return TopK(n_queries, top_k, n_layers)
+
+    def on_the_fly(self, train: TextDataset, forms: dict, top_k: int | None):
+        """Training gradients computed batch by batch and contracted at once."""
+        forms = {name: cheaper_form(p) for name, p in forms.items()}
+        keep = self.keeper(_n_queries(forms), len(train), top_k)
+        batches = example_batches(train, self.batch_size, length_order(train))  # little padding
+        for batch, io in capture_batches(
+            self.model,
+            self.layers,
+            batches,
+            device=self.device,
+            dtype=self.dtype,
+            amp_dtype=self.amp_dtype,
+            progress=self.progress,
+            desc="training gradients",
+            total=-(-len(train) // self.batch_size),
+            example_ids=train.ids,
+        ):
+            part = [contract(io[layer.name], forms[layer.name]) for layer in self.layers]
+            block = torch.stack(part, -1).double().cpu().numpy()  # one copy per batch
+            if isinstance(keep, TopK):
+                keep.add(np.asarray(batch.indices), block)
+            else:
+                keep[:, batch.indices, :] = block
+        return (keep.layer_scores, keep.indices) if isinstance(keep, TopK) else (keep, None)
+
+    def from_store(self, store, pre: dict, forms: dict, top_k, refine):
+        """One streaming pass over the store, then the exact rescoring of ``refine`` candidates.
+
+        Returns ``(layer_scores, indices or None, refined candidates or None)``.
+        """
+        codecs = [store.codecs[store.modules.index(layer.name)] for layer in self.layers]
+        compressed = [
+            codec.compress_query(forms[layer.name])
+            for codec, layer in zip(codecs, self.layers, strict=True)
+        ]
+        n_queries = _n_queries(pre)
+        width = None if top_k is None else max(top_k, refine or 0)
+        keep = self.keeper(n_queries, len(store), width)
+        stream_store(store, self.layers, compressed, keep, self.device, self.dtype, self.progress)
+        if isinstance(keep, TopK):
+            layer_scores, indices = keep.layer_scores, keep.indices
+        else:
+            layer_scores, indices = keep, None
+        if refine is None:
+            return layer_scores, indices, None
+        # Candidates: each query's `refine` best compressed scores; their exact scores replace them.
+        if indices is None:
+            order = np.argsort(-layer_scores.sum(-1), axis=1, kind="stable")[:, :refine]
+            candidates, columns = order, order
+        else:
+            candidates = indices[:, :refine]
+            columns = np.broadcast_to(np.arange(candidates.shape[1]), candidates.shape)
+        exact = self.exact_for(store, pre, candidates)
+        rows = np.arange(n_queries)[:, None]
+        layer_scores[rows, columns] = exact
+        if isinstance(keep, TopK):
+            keep.k = top_k
+            keep.resort()
+            layer_scores, indices = keep.layer_scores, keep.indices
+        return layer_scores, indices, candidates.tolist()
+
+    def exact_for(self, store, pre: dict, candidates: np.ndarray) -> np.ndarray:
+        """Exact per-layer scores ``(Q, K, L)`` of each query's candidate stored examples."""
+        union = sorted(set(candidates.flatten().tolist()))
+        tokens = store.examples().input_ids
+        exact = exact_scores(
+            self.model,
+            self.layers,
+            pre,
+            [tokens[i] for i in union],
+            union,
+            pad_id=padding_id(store.tokenizer()),
+            batch_size=self.batch_size,
+            device=self.device,
+            compute=self.dtype,
+            amp_dtype=self.amp_dtype,
+            progress=self.progress,
+        )
+        column = {index: j for j, index in enumerate(union)}
+        picked = np.vectorize(column.__getitem__, otypes=[np.int64])(candidates)
+        return exact[np.arange(len(candidates))[:, None], picked]
+
+
+def _n_queries(forms: dict) -> int:
+    first = next(iter(forms.values()))
+    return (first[0] if isinstance(first, tuple) else first).shape[0]
+
+
+def cheaper_form(p: torch.Tensor | LowRank) -> torch.Tensor | LowRank:
+    """Rank-r factors ``(U Σ, V)`` or their product, whichever is cheaper to contract per token.
+
+    Per token, the factored form costs ``Q·r·(d_out + d_in)`` multiply-adds and the dense
+    form (through ``G_z``) ``d_out·d_in`` whatever ``Q``: many queries or a high rank make the
+    dense form cheaper. Both give the same scores up to rounding.
+    """
+    if not isinstance(p, tuple):
+        return p
+    us, v = p
+    n_queries, d_out, rank = us.shape
+    if n_queries * rank * (d_out + v.shape[1]) < d_out * v.shape[1]:
+        return p
+    return us @ v.transpose(-1, -2)
+
+
+def _check_positive(name: str, value) -> None:
+    if value is None:
         return
-    if isinstance(query_rank, bool) or not isinstance(query_rank, int) or query_rank < 1:
-        raise ValueError(f"query_rank must be an int >= 1 or None, got {query_rank!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
 
 
 def token_scores(

@@ -1,5 +1,17 @@
 """``influencekit.store``: the HDF5 gradient store (compressed per-layer training gradients).
 
-Not built yet: it is the next issue. Until then, ``influencekit.score`` computes training
-gradients on the fly from a ``TextDataset``.
+Training gradients are computed once, compressed per layer by a codec (``dense``,
+``kron:K``, ``lowrank:R``, ``eig:K``) and kept on disk; every later batch of queries is
+scored from the store in one streaming pass. See docs/store-format.md.
+
+Example:
+    >>> import influencekit as ik
+    >>> store = ik.GradientStore.build("run/grads.h5", model, train, codec="kron:32")  # doctest: +SKIP
+    >>> result = ik.score(model, factors, queries, store)  # doctest: +SKIP
 """
+
+from .build import build_store
+from .codecs import CodecSpec, parse_codec
+from .reader import GradientStore
+
+__all__ = ["CodecSpec", "GradientStore", "build_store", "parse_codec"]

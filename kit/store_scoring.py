@@ -1,0 +1,140 @@
+"""Scoring queries against a gradient store: one streaming pass, optional top-k and refine.
+
+Each query gradient is preconditioned in full dimension (``P_q``, EK-FAC), optionally cut to
+rank ``r`` (``query_rank``), then compressed by each layer's codec exactly as the stored
+gradients were, and contracted with the stored arrays block by block. Memory holds one block
+of the store plus the scores kept: all of them, or each query's running top-k (``top_k``).
+
+``refine=K`` then recomputes the exact gradients of each query's top-K candidates (from the
+token ids the store keeps) and replaces their scores by exact ones with the full ``P_q``:
+the compressed store finds the candidates, the exact pass ranks them.
+
+Example:
+    >>> result = score(model, factors, queries, store, top_k=20, refine=50)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .data import collate
+from .hooks import capture_batches, per_sequence_grads
+from .models import TrackedLayer
+from .progress import progress_counter
+
+
+class TopK:
+    """Each query's ``k`` highest scores seen so far, with their per-layer parts.
+
+    Example:
+        >>> keep = TopK(n_queries=1, k=2, n_layers=1)
+        >>> keep.add(np.array([0, 1, 2]), np.array([[[1.0], [5.0], [3.0]]]))
+        >>> keep.add(np.array([3]), np.array([[[4.0]]]))
+        >>> keep.indices.tolist(), keep.layer_scores[..., 0].tolist()
+        ([[1, 3]], [[5.0, 4.0]])
+    """
+
+    def __init__(self, n_queries: int, k: int, n_layers: int) -> None:
+        self.k = k
+        self.indices = np.zeros((n_queries, 0), dtype=np.int64)
+        self.layer_scores = np.zeros((n_queries, 0, n_layers))
+
+    def add(self, indices: np.ndarray, block: np.ndarray) -> None:
+        """Merge a block ``(Q, B, L)`` of scores of the training ``indices`` ``(B,)``."""
+        new = np.broadcast_to(indices, block.shape[:2])
+        indices = np.concatenate([self.indices, new], axis=1)
+        layer_scores = np.concatenate([self.layer_scores, block], axis=1)
+        self._keep(indices, layer_scores)
+
+    def _keep(self, indices: np.ndarray, layer_scores: np.ndarray) -> None:
+        totals = layer_scores.sum(-1)
+        # Highest score first; equal scores by lower index, so the result is deterministic.
+        order = np.lexsort((indices, -totals), axis=-1)[:, : self.k]
+        self.indices = np.take_along_axis(indices, order, 1)
+        self.layer_scores = np.take_along_axis(layer_scores, order[..., None], 1)
+
+    def resort(self) -> None:
+        """Sort again after some scores were replaced (by refine)."""
+        self._keep(self.indices, self.layer_scores)
+
+
+def stream_store(
+    store,
+    layers: list[TrackedLayer],
+    queries_by_layer: list,
+    keep: TopK | np.ndarray,
+    device: torch.device,
+    compute: torch.dtype,
+    progress: bool,
+) -> None:
+    """Contract every stored block with the compressed queries; feed ``(first, (Q, B, L))``.
+
+    ``keep`` is a :class:`TopK` or a dense ``(Q, N, L)`` array (filled in place).
+    """
+    positions = [store.modules.index(layer.name) for layer in layers]
+    codecs = [store.codecs[p] for p in positions]
+    with progress_counter(len(store), desc="scoring store", enabled=progress) as bar:
+        for first, arrays in store.blocks(positions):
+            parts = []
+            for codec, query, stored in zip(codecs, queries_by_layer, arrays, strict=True):
+                tensors = {
+                    k: torch.from_numpy(v).to(device=device, dtype=compute)
+                    for k, v in stored.items()
+                }
+                parts.append(codec.contract(query, tensors))
+            block = torch.stack(parts, -1).double().cpu().numpy()  # one copy per block
+            if isinstance(keep, TopK):
+                keep.add(np.arange(first, first + block.shape[1]), block)
+            else:
+                keep[:, first : first + block.shape[1]] = block
+            bar.update(block.shape[1])
+
+
+def exact_scores(
+    model,
+    layers: list[TrackedLayer],
+    preconditioned: dict[str, torch.Tensor],
+    token_ids: list[list[int]],
+    indices: list[int],
+    *,
+    pad_id: int,
+    batch_size: int,
+    device,
+    compute: torch.dtype,
+    amp_dtype,
+    progress: bool,
+) -> np.ndarray:
+    """Exact ``⟨P_q, G_z⟩`` per layer for the listed stored examples: ``(Q, len(indices), L)``.
+
+    Gradients are recomputed from the stored token ids, longest first in batches.
+    """
+    order = sorted(range(len(indices)), key=lambda j: -len(token_ids[j]))
+    n_queries = next(iter(preconditioned.values())).shape[0]
+    out = np.zeros((n_queries, len(indices), len(layers)))
+    batches = (
+        collate(
+            [token_ids[j] for j in order[lo : lo + batch_size]],
+            [1] * len(order[lo : lo + batch_size]),
+            order[lo : lo + batch_size],
+            pad_id,
+        )
+        for lo in range(0, len(order), batch_size)
+    )
+    for batch, io in capture_batches(
+        model,
+        layers,
+        batches,
+        device=device,
+        desc="refining",
+        progress=progress,
+        total=-(-len(order) // batch_size),
+        example_ids={j: f"stored #{indices[j]}" for j in order},
+        dtype=compute,
+        amp_dtype=amp_dtype,
+    ):
+        for col, layer in enumerate(layers):
+            g = per_sequence_grads(io[layer.name])
+            part = preconditioned[layer.name].flatten(1) @ g.flatten(1).T
+            out[:, batch.indices, col] = part.double().cpu().numpy()
+    return out

@@ -1,0 +1,256 @@
+"""Codecs: how each training gradient ``G_z`` of one layer is kept, and how queries meet it.
+
+Every codec keeps the per-layer structure and supports three operations:
+
+- ``encode(a, s)``: from a batch's per-token inputs ``a`` ``(B, T, d_in)`` and output
+  gradients ``s`` ``(B, T, d_out)`` (padding zeroed) to the arrays stored per example;
+- ``compress_query(p)``: a preconditioned query gradient ``P_q`` (dense ``(Q, d_out, d_in)``
+  or rank-r factors ``(U Σ, V)``) in the form that meets the stored arrays;
+- ``contract(query, stored)``: ``⟨P_q, G_z⟩`` (or its compressed estimate) for every query
+  and stored example, ``(Q, B)``. Stored gradients are never expanded to full matrices,
+  except ``lowrank`` against a dense query, one block at a time, when that is cheaper.
+
+The codecs (``spec`` strings, recorded in the store):
+
+- ``dense``: ``G_z`` itself, ``(d_out, d_in)``; exact.
+- ``kron:K``: ``P_out G_z P_inᵀ`` ``(k_out, k_in)``, ``k = min(K, d)``, with ``P`` the first
+  ``k`` rows of a random orthogonal matrix scaled by ``sqrt(d / k)`` (so ``E[PᵀP] = I`` and the
+  compressed inner product is unbiased). Computed from projected tokens, never forming
+  ``G_z``. Exact when ``K ≥ d_out`` and ``K ≥ d_in`` (the projections are then orthogonal).
+- ``lowrank:R``: factors with ``G_z ≈ Σ_r u_r v_rᵀ``, the best rank-``R`` approximation;
+  exact when ``R`` ≥ the number of tokens (the rank of ``G_z``).
+- ``eig:K``: like ``kron`` but ``P`` are the top-``K`` eigenvectors of the layer's
+  ``S`` and ``A`` covariances (rows orthonormal, no scaling): the score restricted to
+  the leading curvature directions. Needs fitted factors at build time.
+
+Example:
+    >>> import torch
+    >>> codec = make_codec(parse_codec("kron:8"), (3, 5), seed=0, layer_index=0)
+    >>> codec.arrays()   # k = min(K, d): orthogonal here, so the scores below are exact
+    {'c': (3, 5)}
+    >>> a, s = torch.randn(2, 6, 5), torch.randn(2, 6, 3)
+    >>> g = torch.einsum("bto,bti->boi", s, a)
+    >>> stored = codec.encode(a, s)
+    >>> p = torch.randn(1, 3, 5)
+    >>> exact = torch.einsum("qoi,boi->qb", p, g)
+    >>> torch.allclose(codec.contract(codec.compress_query(p), stored), exact, atol=1e-4)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+LowRank = tuple[Tensor, Tensor]  # (U Σ: (Q, d_out, r), V: (Q, d_in, r))
+KINDS = ("dense", "kron", "lowrank", "eig")
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """A parsed codec string: ``kind`` and its size (``K`` or ``R``; 0 for dense)."""
+
+    kind: str
+    size: int = 0
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "dense" else f"{self.kind}:{self.size}"
+
+
+def parse_codec(text: str) -> CodecSpec:
+    """Parse ``dense``, ``kron:K``, ``lowrank:R`` or ``eig:K``, with a clear error otherwise.
+
+    Example:
+        >>> parse_codec("lowrank:8")
+        CodecSpec(kind='lowrank', size=8)
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"codec must be a string like 'kron:32', got {text!r}")
+    kind, _, size = text.strip().partition(":")
+    if kind == "dense" and not size:
+        return CodecSpec("dense")
+    if kind in KINDS and kind != "dense" and size.isdigit() and int(size) >= 1:
+        return CodecSpec(kind, int(size))
+    raise ValueError(
+        f"codec {text!r} not understood: use dense, kron:K, lowrank:R or eig:K (K, R >= 1 "
+        "integers), e.g. kron:32"
+    )
+
+
+class DenseCodec:
+    """The exact gradient ``G_z`` per example."""
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self.shape = tuple(shape)
+        self.params: dict = {}
+        self.tensors: dict[str, Tensor] = {}
+
+    def arrays(self) -> dict[str, tuple[int, ...]]:
+        return {"g": self.shape}
+
+    def encode(self, a: Tensor, s: Tensor) -> dict[str, Tensor]:
+        return {"g": torch.einsum("bto,bti->boi", s, a)}
+
+    def compress_query(self, p: Tensor | LowRank) -> Tensor:
+        return _dense(p)
+
+    def contract(self, query: Tensor, stored: dict[str, Tensor]) -> Tensor:
+        # One (Q, O·I) × (O·I, B) matmul: much faster than the equivalent einsum on CPU.
+        return query.flatten(1) @ stored["g"].flatten(1).T
+
+
+class ProjectionCodec:
+    """``P_out G_z P_inᵀ`` for fixed projections ``p_out (k_out, d_out)``, ``p_in (k_in, d_in)``.
+
+    ``kron`` draws scaled random orthogonal rows; ``eig`` takes leading eigenvectors.
+    """
+
+    def __init__(self, shape: tuple[int, int], p_out: Tensor, p_in: Tensor) -> None:
+        self.shape = tuple(shape)
+        self.tensors = {"p_out": p_out, "p_in": p_in}
+        self.params = {"k_out": int(p_out.shape[0]), "k_in": int(p_in.shape[0])}
+
+    def arrays(self) -> dict[str, tuple[int, ...]]:
+        return {"c": (self.params["k_out"], self.params["k_in"])}
+
+    def _projections(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        opts = {"dtype": like.dtype, "device": like.device}
+        return self.tensors["p_out"].to(**opts), self.tensors["p_in"].to(**opts)
+
+    def encode(self, a: Tensor, s: Tensor) -> dict[str, Tensor]:
+        p_out, p_in = self._projections(a)
+        # Project every token first: (B, T, k) each, then one small (k_out × k_in) product.
+        return {"c": (s @ p_out.T).transpose(1, 2) @ (a @ p_in.T)}
+
+    def compress_query(self, p: Tensor | LowRank) -> Tensor:
+        if isinstance(p, tuple):
+            us, v = p
+            p_out, p_in = self._projections(us)
+            return (p_out @ us) @ (p_in @ v).transpose(1, 2)
+        p_out, p_in = self._projections(p)
+        return p_out @ p @ p_in.T
+
+    def contract(self, query: Tensor, stored: dict[str, Tensor]) -> Tensor:
+        return query.flatten(1) @ stored["c"].flatten(1).T
+
+
+class LowRankCodec:
+    """Rank-``R`` factors of ``G_z``: ``u (R, d_out)`` (singular values folded in), ``v (R, d_in)``."""
+
+    def __init__(self, shape: tuple[int, int], rank: int) -> None:
+        self.shape = tuple(shape)
+        self.rank = min(rank, *self.shape)
+        self.params = {"rank": self.rank}
+        self.tensors: dict[str, Tensor] = {}
+
+    def arrays(self) -> dict[str, tuple[int, ...]]:
+        d_out, d_in = self.shape
+        return {"u": (self.rank, d_out), "v": (self.rank, d_in)}
+
+    def encode(self, a: Tensor, s: Tensor) -> dict[str, Tensor]:
+        # G = Sᵀ A with S (T, d_out), A (T, d_in). Thin QR of both sides leaves a small core
+        # R_s R_aᵀ whose SVD gives G's: O(T²·(d_out + d_in)) instead of an SVD of G itself.
+        q_s, r_s = torch.linalg.qr(s.transpose(1, 2))  # (B, d_out, m), (B, m, T)
+        q_a, r_a = torch.linalg.qr(a.transpose(1, 2))  # (B, d_in, n), (B, n, T)
+        u, sigma, vh = torch.linalg.svd(r_s @ r_a.transpose(1, 2), full_matrices=False)
+        r = min(self.rank, sigma.shape[-1])
+        left = (q_s @ u[..., :r]) * sigma[:, None, :r]  # (B, d_out, r)
+        right = q_a @ vh[:, :r, :].transpose(1, 2)  # (B, d_in, r)
+        return {
+            "u": _pad_rank(left.transpose(1, 2), self.rank),
+            "v": _pad_rank(right.transpose(1, 2), self.rank),
+        }
+
+    def compress_query(self, p: Tensor | LowRank) -> Tensor | LowRank:
+        """Keep rank-r factors when the factored contraction is cheaper than the dense one."""
+        if isinstance(p, tuple):
+            n_queries, r = p[0].shape[0], p[0].shape[-1]
+            d_out, d_in = self.shape
+            factored = n_queries * r * self.rank * (d_out + d_in)
+            dense = d_out * d_in * (self.rank + n_queries)
+            if factored <= dense:
+                return p
+        return _dense(p)
+
+    def contract(self, query: Tensor | LowRank, stored: dict[str, Tensor]) -> Tensor:
+        u, v = stored["u"], stored["v"]  # (B, R, d_out), (B, R, d_in)
+        if isinstance(query, tuple):
+            us, vq = query  # ⟨Us Vqᵀ, uᵀv⟩ = Σ (Usᵀ uᵀ) ∘ (Vqᵀ vᵀ)
+            left = torch.einsum("qor,bko->qbrk", us, u)
+            right = torch.einsum("qir,bki->qbrk", vq, v)
+            return (left * right).sum(dim=(2, 3))
+        # A dense query needs d_out·d_in work per pair anyway: rebuild this block's G_z once.
+        g = u.transpose(1, 2) @ v
+        return query.flatten(1) @ g.flatten(1).T
+
+
+def _dense(p: Tensor | LowRank) -> Tensor:
+    return p[0] @ p[1].transpose(-1, -2) if isinstance(p, tuple) else p
+
+
+def _pad_rank(x: Tensor, rank: int) -> Tensor:
+    """Zero rows up to ``rank`` (a sequence with fewer tokens than ``rank`` has lower rank)."""
+    missing = rank - x.shape[1]
+    return x if missing <= 0 else torch.cat([x, x.new_zeros(x.shape[0], missing, x.shape[2])], 1)
+
+
+def projection_seed(seed: int, layer_index: int, side: int) -> int:
+    """The generator seed of one projection: a fixed mix of store seed, layer and side."""
+    return (seed * 0x9E3779B97F4A7C15 + layer_index * 0xBF58476D1CE4E5B9 + side * 0x94D049BB) % (
+        2**63 - 1
+    )
+
+
+def orthogonal_rows(k: int, d: int, seed: int) -> Tensor:
+    """``k ≤ d`` rows of a Haar-random ``d × d`` orthogonal matrix, scaled by ``sqrt(d / k)``.
+
+    Example:
+        >>> p = orthogonal_rows(3, 3, seed=1)
+        >>> torch.allclose(p @ p.T, torch.eye(3, dtype=p.dtype))
+        True
+    """
+    gen = torch.Generator().manual_seed(seed)
+    gauss = torch.randn(d, k, generator=gen, dtype=torch.float64)
+    q, r = torch.linalg.qr(gauss)
+    q = q * torch.sign(torch.diagonal(r))  # sign fix makes the draw Haar-distributed
+    return (q.T * math.sqrt(d / k)).contiguous()
+
+
+def make_codec(
+    spec: CodecSpec,
+    shape: tuple[int, int],
+    *,
+    seed: int = 0,
+    layer_index: int = 0,
+    eigenbasis: tuple[Tensor, Tensor] | None = None,
+):
+    """The codec of one layer with gradient ``shape`` ``(d_out, d_in)``.
+
+    ``eigenbasis`` (``eig`` only): ``(Q_S, Q_A)`` with columns sorted by decreasing eigenvalue.
+    """
+    d_out, d_in = shape
+    if spec.kind == "dense":
+        return DenseCodec(shape)
+    if spec.kind == "lowrank":
+        return LowRankCodec(shape, spec.size)
+    k_out, k_in = min(spec.size, d_out), min(spec.size, d_in)
+    if spec.kind == "kron":
+        p_out = orthogonal_rows(k_out, d_out, projection_seed(seed, layer_index, 0))
+        p_in = orthogonal_rows(k_in, d_in, projection_seed(seed, layer_index, 1))
+        return ProjectionCodec(shape, p_out, p_in)
+    if eigenbasis is None:
+        raise ValueError("codec eig:K needs fitted factors at build time (pass factors=...)")
+    q_s, q_a = eigenbasis
+    return ProjectionCodec(shape, q_s[:, :k_out].T.contiguous(), q_a[:, :k_in].T.contiguous())
+
+
+def restore_codec(spec: CodecSpec, shape: tuple[int, int], tensors: dict[str, Tensor]):
+    """Rebuild a layer codec from what a store recorded (projections are read, not redrawn)."""
+    if spec.kind == "dense":
+        return DenseCodec(shape)
+    if spec.kind == "lowrank":
+        return LowRankCodec(shape, spec.size)
+    return ProjectionCodec(shape, tensors["p_out"], tensors["p_in"])

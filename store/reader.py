@@ -1,0 +1,241 @@
+"""``GradientStore``: reading a store, checking it fits a model, streaming its gradients.
+
+Opening reads the manifest once: a reader sees exactly the examples committed at that
+moment, even while a build is adding more (parts are immutable; the manifest is replaced
+atomically). Gradients are read block by block, so memory does not grow with the store.
+
+Example:
+    >>> store = GradientStore.open("run/grads.h5")              # doctest: +SKIP
+    >>> len(store), store.codec, store.modules[:1]              # doctest: +SKIP
+    (1200, 'kron:32', ['transformer.h.0.mlp.c_fc'])
+    >>> for first, arrays in store.blocks():                     # doctest: +SKIP
+    ...     arrays[0]["c"].shape                                 # (rows, k_out, k_in)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+from torch import nn
+
+from influencekit.data import Example, TextDataset
+from influencekit.errors import FileFormatError, MismatchError
+from influencekit.h5io import open_h5
+from influencekit.models import (
+    layers_fingerprint,
+    model_fingerprint,
+    select_modules,
+    tokenizer_fingerprint,
+)
+
+from .codecs import parse_codec, restore_codec
+from .layout import (
+    PART_FORMAT,
+    VERSION,
+    PartExamples,
+    check_part,
+    load_tokenizer,
+    part_name,
+    parts_dir,
+    read_manifest,
+    read_part_examples,
+)
+
+BLOCK_BYTES = 32 * 2**20  # gradient bytes read at once while streaming
+
+
+class GradientStore:
+    """Compressed per-layer training gradients on disk, with the sequences they came from."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self.config = self.manifest.config
+        spec = parse_codec(self.config.codec)
+        self.codecs = [
+            restore_codec(spec, tuple(shape), tensors)
+            for shape, tensors in zip(self.config.shapes, self.manifest.layer_tensors, strict=True)
+        ]
+        self._examples: PartExamples | None = None
+        self._tokenizer = None
+        self._check_parts()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> GradientStore:
+        """Open a store for reading (only examples committed by now are seen).
+
+        Example:
+            >>> store = GradientStore.open("run/grads.h5")   # doctest: +SKIP
+        """
+        return cls(Path(path))
+
+    @classmethod
+    def build(
+        cls, path: str | os.PathLike, model: nn.Module, train: TextDataset, **options
+    ) -> GradientStore:
+        """Compute and store the training gradients of ``train`` (see :func:`build_store`).
+
+        Example:
+            >>> store = GradientStore.build("run/grads.h5", model, train, codec="kron:32")  # doctest: +SKIP
+        """
+        from .build import build_store
+
+        return build_store(path, model, train, **options)
+
+    # -- what is stored ---------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.manifest.n_examples
+
+    def __repr__(self) -> str:
+        return (
+            f"GradientStore({str(self.path)!r}, {len(self)} examples, codec={self.codec}, "
+            f"{len(self.modules)} layers, {self.bytes_per_example()} bytes/example)"
+        )
+
+    @property
+    def codec(self) -> str:
+        return self.config.codec
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.config.modules)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.config.dtype)
+
+    def bytes_per_example(self) -> int:
+        """Bytes of gradient data per stored example, all layers together."""
+        per_layer = (
+            sum(int(np.prod(shape)) for shape in codec.arrays().values()) for codec in self.codecs
+        )
+        return sum(per_layer) * self.dtype.itemsize
+
+    def part_paths(self) -> list[Path]:
+        folder = parts_dir(self.path)
+        return [folder / part_name(n) for n in range(len(self.manifest.part_counts))]
+
+    def _part_ranges(self) -> Iterator[tuple[Path, int, int]]:
+        first = 0
+        for path, count in zip(self.part_paths(), self.manifest.part_counts, strict=True):
+            yield path, first, count
+            first += count
+
+    def _check_parts(self) -> None:
+        for number, (path, first, count) in enumerate(self._part_ranges()):
+            check_part(path, self.manifest.uuid, number, first, count)
+
+    def examples(self) -> PartExamples:
+        """Ids, texts, extra fields and token ids of every stored example (read once)."""
+        if self._examples is None:
+            merged = PartExamples([], [], [], [])
+            for path, _, _ in self._part_ranges():
+                part = read_part_examples(path)
+                for key in ("ids", "texts", "metadata", "input_ids"):
+                    getattr(merged, key).extend(getattr(part, key))
+            self._examples = merged
+        return self._examples
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.examples().ids)
+
+    def tokenizer(self):
+        """The tokenizer the store was built with, rebuilt from the files it keeps.
+
+        Example:
+            >>> tok = store.tokenizer(); tok("a ship")["input_ids"]   # doctest: +SKIP
+        """
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.manifest.tokenizer_files, self.path)
+        return self._tokenizer
+
+    def dataset(self, tokenizer=None) -> TextDataset:
+        """The stored sequences as a :class:`TextDataset` (stored token ids, not re-tokenized).
+
+        ``tokenizer`` defaults to the store's own (:meth:`tokenizer`).
+
+        Example:
+            >>> train = store.dataset(tokenizer); train[0].text   # doctest: +SKIP
+        """
+        tokenizer = self.tokenizer() if tokenizer is None else tokenizer
+        self.check(tokenizer=tokenizer)
+        ex = self.examples()
+        rows = zip(ex.ids, ex.texts, ex.input_ids, ex.metadata, strict=True)
+        examples = [
+            Example(i, id_, text, tuple(ids), meta, tokenizer)
+            for i, (id_, text, ids, meta) in enumerate(rows)
+        ]
+        return TextDataset(examples, tokenizer, self.config.max_length, str(self.path))
+
+    # -- checks -----------------------------------------------------------------------------
+
+    def check(
+        self, *, model: nn.Module | None = None, tokenizer=None, modules: list[str] | None = None
+    ) -> None:
+        """Refuse a model, tokenizer or module list other than the store was built with.
+
+        Raises :class:`MismatchError` listing what differs.
+        """
+        problems = []
+        if model is not None:
+            found = model_fingerprint(model)
+            if found != self.config.model_fingerprint:
+                problems.append(
+                    f"model: store built with {self.config.model_fingerprint}, this model is {found}"
+                )
+            else:
+                layers = select_modules(model, self.modules)
+                tracked = layers_fingerprint(layers)
+                if tracked != self.config.weights_fingerprint:
+                    problems.append(
+                        f"tracked weights: store {self.config.weights_fingerprint}, this model {tracked}"
+                    )
+        if tokenizer is not None:
+            found = tokenizer_fingerprint(tokenizer)
+            if found != self.config.tokenizer_fingerprint:
+                problems.append(
+                    f"tokenizer: store built with {self.config.tokenizer_fingerprint}, this one is {found}"
+                )
+        if modules is not None:
+            missing = [m for m in modules if m not in self.modules]
+            if missing:
+                problems.append(f"modules: the store lacks {missing} (it holds {self.modules})")
+        if problems:
+            raise MismatchError(f"{self.path}: " + "; ".join(problems))
+
+    # -- streaming --------------------------------------------------------------------------
+
+    def blocks(
+        self, layers: list[int] | None = None, *, block_bytes: int = BLOCK_BYTES
+    ) -> Iterator[tuple[int, list[dict[str, np.ndarray]]]]:
+        """Yield ``(first_index, arrays)`` blocks; ``arrays[j]`` maps array name to ``(rows, ...)``.
+
+        ``layers`` picks layer positions (default all). Checksums are verified on every read;
+        a damaged chunk raises :class:`FileFormatError` naming the part file and dataset.
+        """
+        layers = list(range(len(self.codecs))) if layers is None else layers
+        rows = max(1, block_bytes // max(1, self.bytes_per_example()))
+        for path, first, count in self._part_ranges():
+            with _open_part(path) as f:
+                for lo in range(0, count, rows):
+                    hi = min(count, lo + rows)
+                    yield first + lo, [_read_rows(f, path, j, lo, hi) for j in layers]
+
+
+def _open_part(path: Path):
+    return open_h5(path, PART_FORMAT, VERSION)
+
+
+def _read_rows(f: h5py.File, path: Path, layer: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+    key = f"layers/{layer:04d}"
+    try:
+        group = f[key]
+        return {name: group[name][lo:hi] for name in group}
+    except (OSError, KeyError) as err:
+        raise FileFormatError(f"{path}: cannot read /{key} rows {lo}..{hi - 1} ({err})") from err
