@@ -7,13 +7,19 @@ import pkgutil
 import pytest
 
 import influencekit
+import influencekit.store
+import influencekit.widgets
 
+# The subpackages live in their own folders (store/, widgets/): walk each one.
+PACKAGES = (influencekit, influencekit.store, influencekit.widgets)
 MODULES = sorted(
-    info.name for info in pkgutil.walk_packages(influencekit.__path__, prefix="influencekit.")
+    info.name
+    for package in PACKAGES
+    for info in pkgutil.walk_packages(package.__path__, prefix=package.__name__ + ".")
 )
 
 
-@pytest.mark.parametrize("name", ["influencekit", *MODULES])
+@pytest.mark.parametrize("name", [p.__name__ for p in PACKAGES] + MODULES)
 def test_docstring_examples(name):
     module = importlib.import_module(name)
     outcome = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
