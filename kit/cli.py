@@ -2,7 +2,10 @@
 
     influencekit demo                      # the built-in end-to-end example
     influencekit fit --model DIR --train FILE --out FACTORS.h5 [--modules mlp] [--fisher sampled]
-    influencekit score --model DIR --factors F.h5 --train FILE --queries Q.jsonl --out RESULT.h5
+    influencekit build --model DIR --train FILE --out STORE.h5 [--codec kron:64] [--modules mlp]
+    influencekit score --model DIR --factors F.h5 --store S.h5 --queries Q.jsonl --out RESULT.h5
+                       [--top-k K] [--query-rank R] [--damping X] [--refine K]
+    influencekit score ... --train FILE ...  # training gradients on the fly instead of a store
     influencekit info FILE.h5
 
 Every output is an HDF5 file any HDF5 tool can read. Errors the kit raises on purpose are
@@ -25,6 +28,8 @@ import torch
 from .errors import InfluenceKitError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+STORE_DTYPES = ("float16", "float32", "float64")
+DEFAULT_CODEC = "dense"  # decided by benchmarks/store.py: see docs/store-format.md
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -33,16 +38,24 @@ def _modules(text: str) -> str | list[str]:
     return text if text in ("mlp", "attention", "all") else [n for n in text.split(",") if n]
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local Hugging Face model directory")
-    p.add_argument("--train", required=True, help="training JSONL, one record per sequence")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per sequence (128)")
-    p.add_argument("--chunk", action="store_true", help="split long records into windows")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="accumulation dtype")
     p.add_argument("--amp", choices=AMP, default="none", help="forward in bf16/fp16 (autocast)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_train_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--train", required=required, help="training JSONL, one record per sequence")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per sequence (128)")
+    p.add_argument("--chunk", action="store_true", help="split long records into windows")
+
+
+def _add_modules(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--modules", type=_modules, default="mlp", help="mlp | attention | all | name1,name2,..."
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,11 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
 
     fit = sub.add_parser("fit", help="fit EK-FAC (or baseline) factors")
-    _add_common(fit)
+    _add_model_args(fit)
+    _add_train_args(fit)
+    _add_modules(fit)
     fit.add_argument("--out", required=True, help="factors HDF5 file to write")
-    fit.add_argument(
-        "--modules", type=_modules, default="mlp", help="mlp | attention | all | name1,name2,..."
-    )
+    fit.add_argument("--dtype", choices=DTYPES, default="float32", help="accumulation dtype")
     fit.add_argument(
         "--strategy", choices=("ekfac", "kfac", "diagonal", "identity"), default="ekfac"
     )
@@ -72,14 +85,38 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--max-examples", type=int, default=None)
     fit.add_argument("--seed", type=int, default=0)
 
-    sc = sub.add_parser("score", help="score queries against training data (on the fly)")
-    _add_common(sc)
+    build = sub.add_parser(
+        "build", help="compute and store compressed training gradients (resumable)"
+    )
+    _add_model_args(build)
+    _add_train_args(build)
+    _add_modules(build)
+    build.add_argument("--out", required=True, help="gradient store to create or continue")
+    build.add_argument(
+        "--codec",
+        default=DEFAULT_CODEC,
+        help=f"dense | kron:K | lowrank:R | eig:K ({DEFAULT_CODEC})",
+    )
+    build.add_argument(
+        "--dtype", choices=STORE_DTYPES, default="float32", help="dtype on disk (float32)"
+    )
+    build.add_argument("--chunk-size", type=int, default=None, help="examples per commit")
+    build.add_argument("--seed", type=int, default=0, help="seed of the kron projections")
+    build.add_argument("--factors", default=None, help="factors file (needed by eig:K)")
+
+    sc = sub.add_parser("score", help="score queries against a gradient store (or on the fly)")
+    _add_model_args(sc)
+    _add_train_args(sc, required=False)
+    sc.add_argument("--store", default=None, help="gradient store from `influencekit build`")
     sc.add_argument("--factors", required=True, help="factors file from `influencekit fit`")
     sc.add_argument("--queries", required=True, help="JSONL with prompt and completion")
     sc.add_argument("--out", required=True, help="result HDF5 file to write")
+    sc.add_argument("--dtype", choices=DTYPES, default="float32", help="accumulation dtype")
     sc.add_argument("--damping", type=float, default=None, help="default 0.1 × mean(Λ)")
     sc.add_argument("--query-rank", type=int, default=None)
-    sc.add_argument("--top-k", type=int, default=5, help="rows printed per query")
+    sc.add_argument("--top-k", type=int, default=None, help="keep only each query's top K")
+    sc.add_argument("--refine", type=int, default=None, help="rescore top K exactly (store)")
+    sc.add_argument("--show", type=int, default=5, help="rows printed per query (5)")
 
     info = sub.add_parser("info", help="describe an influencekit HDF5 file")
     info.add_argument("file")
@@ -127,28 +164,61 @@ def cmd_fit(args) -> None:
     )
 
 
+def cmd_build(args) -> None:
+    from .factors import Factors
+    from .store import GradientStore
+
+    model, train = _load(args)
+    store = GradientStore.build(
+        args.out,
+        model,
+        train,
+        modules=args.modules,
+        codec=args.codec,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        amp_dtype=AMP[args.amp],
+        chunk_size=args.chunk_size,
+        seed=args.seed,
+        factors=Factors.load(args.factors) if args.factors else None,
+        progress=not args.quiet,
+    )
+    print(f"wrote {store}")
+
+
 def cmd_score(args) -> None:
     from .data import load_queries
     from .example import format_top_table
     from .factors import Factors
+    from .models import load_model
     from .scoring import score
+    from .store import GradientStore
 
-    model, train = _load(args)
-    factors = Factors.load(args.factors)
+    if (args.store is None) == (args.train is None):
+        raise ValueError("give exactly one of --store (stored gradients) or --train (on the fly)")
+    if args.store is not None:
+        model, tokenizer = load_model(args.model, device=args.device)
+        store = GradientStore.open(args.store)
+        train, shown = store, store.dataset(tokenizer)
+    else:
+        model, train = _load(args)
+        shown = train
     result = score(
         model,
-        factors,
+        Factors.load(args.factors),
         load_queries(args.queries),
         train,
         damping=args.damping,
         query_rank=args.query_rank,
+        top_k=args.top_k,
+        refine=args.refine,
         batch_size=args.batch_size,
         dtype=DTYPES[args.dtype],
         amp_dtype=AMP[args.amp],
         progress=not args.quiet,
     )
     result.save(args.out)
-    print(format_top_table(result, train, args.top_k))
+    print(format_top_table(result, shown, args.show))
     print(f"\nwrote {args.out}")
 
 
@@ -187,7 +257,13 @@ def _short(value) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-COMMANDS = {"demo": cmd_demo, "fit": cmd_fit, "score": cmd_score, "info": cmd_info}
+COMMANDS = {
+    "demo": cmd_demo,
+    "fit": cmd_fit,
+    "build": cmd_build,
+    "score": cmd_score,
+    "info": cmd_info,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

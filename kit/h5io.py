@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,17 +31,36 @@ from .errors import FileFormatError, InfluenceKitError
 UTF8 = h5py.string_dtype("utf-8")  # variable-length UTF-8 strings: text without pickles
 
 
+def temp_name(path: Path) -> Path:
+    """The temporary sibling a write of ``path`` goes through (``.name.tmp-PID``)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 @contextlib.contextmanager
-def atomic_h5(path: str | Path) -> Iterator[h5py.File]:
-    """Open ``path`` for writing through a temporary file renamed into place on success."""
+def atomic_h5(path: str | Path, *, in_memory: bool = False) -> Iterator[h5py.File]:
+    """Open ``path`` for writing through a temporary file renamed into place on success.
+
+    ``in_memory=True`` builds the whole file in memory and writes its bytes with plain file
+    I/O: a failed write (a full disk) is then an ordinary ``OSError`` that leaves HDF5 in a
+    clean state (HDF5 can crash at exit after a write error on a file it has open).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_name(path)
     try:
-        with h5py.File(tmp, "w") as f:
-            yield f
-        with open(tmp, "rb+") as raw:  # flush to disk before the rename makes it visible
-            os.fsync(raw.fileno())
+        if in_memory:
+            buffer = io.BytesIO()
+            with h5py.File(buffer, "w") as f:
+                yield f
+            with open(tmp, "wb") as raw:
+                raw.write(buffer.getbuffer())
+                raw.flush()
+                os.fsync(raw.fileno())  # on disk before the rename makes it visible
+        else:
+            with h5py.File(tmp, "w") as f:
+                yield f
+            with open(tmp, "rb+") as raw:  # flush to disk before the rename makes it visible
+                os.fsync(raw.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -84,6 +84,11 @@ class InfluenceResult:
 
     def top(self, q: int, k: int = 10, *, largest: bool = True) -> list[tuple[int, float]]:
         """The ``k`` most (or least, ``largest=False``) influential ``(train_index, score)``."""
+        if self.indices is not None and not largest:
+            raise ValueError(
+                "this top-k result keeps only each query's highest scores; score without "
+                "top_k to see the lowest"
+            )
         row = self.scores[q]
         order = np.argsort(-row if largest else row, kind="stable")[:k]
         index = self.indices[q] if self.indices is not None else np.arange(len(row))

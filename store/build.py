@@ -107,6 +107,7 @@ def build_store(
         raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
     if not isinstance(train, TextDataset):
         raise TypeError(f"train must be a TextDataset, got {type(train).__name__}")
+    _check_unique_ids(train)  # before anything is written
     layers = select_modules(model, modules)
     check_finite_weights(layers)
     check_sequences_fit(model, (ex.input_ids for ex in train), f"training data {train.source}")
@@ -123,9 +124,7 @@ def build_store(
         max_length=train.max_length,
     )
     with _build_lock(path):
-        manifest = _open_or_create(
-            path, config, spec, layers, chunk_size, factors, train.tokenizer
-        )
+        manifest = _open_or_create(path, config, spec, layers, chunk_size, factors, train.tokenizer)
         pending = _pending(GradientStore.open(path), train)
         _write_chunks(
             path, manifest, model, layers, train, pending, batch_size, device, amp_dtype, progress
@@ -154,6 +153,8 @@ def _open_or_create(path, config, spec, layers, chunk_size, factors, tokenizer) 
     if path.exists():
         manifest = read_manifest(path)
         diffs = manifest.config.differences(config, "store", "this build")
+        if chunk_size is not None and chunk_size != manifest.chunk_size:
+            diffs.append(f"chunk_size: store {manifest.chunk_size}, this build {chunk_size}")
         if diffs:
             raise MismatchError(
                 f"{path}: cannot continue this store, it was built differently: " + "; ".join(diffs)
@@ -167,8 +168,11 @@ def _open_or_create(path, config, spec, layers, chunk_size, factors, tokenizer) 
             )
         manifest = _new_manifest(config, spec, layers, chunk_size, factors)
         manifest.tokenizer_files = tokenizer_files(tokenizer)
-        write_manifest(path, manifest)
-    _remove_uncommitted(folder, len(manifest.part_counts))
+        try:
+            write_manifest(path, manifest)
+        except OSError as err:
+            raise StoreWriteError(f"{path}: cannot create the store ({err})") from err
+    _remove_uncommitted(path, len(manifest.part_counts))
     return manifest
 
 
@@ -197,8 +201,11 @@ def _new_manifest(config, spec, layers: list[TrackedLayer], chunk_size, factors)
     )
 
 
-def _remove_uncommitted(folder: Path, n_committed: int) -> None:
+def _remove_uncommitted(path: Path, n_committed: int) -> None:
     """Delete parts past the committed ones (a crash between rename and manifest) and temp files."""
+    for item in path.parent.glob(f".{path.name}.tmp-*"):  # a manifest write cut short
+        item.unlink(missing_ok=True)
+    folder = parts_dir(path)
     for item in folder.iterdir():
         name = item.name
         if name.startswith(".part-") and ".tmp-" in name:
@@ -215,11 +222,8 @@ def _pending(store: GradientStore, train: TextDataset) -> list[int]:
         )
     stored = store.examples()
     tokens_of = dict(zip(stored.ids, stored.input_ids, strict=True))
-    pending, seen = [], set()
+    pending = []
     for position, ex in enumerate(train):
-        if ex.id in seen:
-            raise DataError(f"{train.source}: id {ex.id!r} appears twice; store ids must be unique")
-        seen.add(ex.id)
         if ex.id not in tokens_of:
             pending.append(position)
         elif list(ex.input_ids) != tokens_of[ex.id]:
@@ -227,6 +231,14 @@ def _pending(store: GradientStore, train: TextDataset) -> list[int]:
                 f"{store.path}: example id {ex.id!r} is already stored with different tokens"
             )
     return pending
+
+
+def _check_unique_ids(train: TextDataset) -> None:
+    seen = set()
+    for ex in train:
+        if ex.id in seen:
+            raise DataError(f"{train.source}: id {ex.id!r} appears twice; store ids must be unique")
+        seen.add(ex.id)
 
 
 def _write_chunks(

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -97,7 +98,7 @@ class Manifest:
 def write_manifest(path: Path, manifest: Manifest) -> None:
     """Atomically replace the manifest at ``path`` (readers see the old or the new one)."""
     cfg = manifest.config
-    with atomic_h5(path) as f:
+    with atomic_h5(path, in_memory=True) as f:
         f.attrs.update(
             {
                 "format": FORMAT,
@@ -179,7 +180,7 @@ def write_part(
 ) -> None:
     """Write one part atomically: a crash or full disk leaves no file under its name."""
     count = len(examples.ids)
-    with atomic_h5(path) as f:
+    with atomic_h5(path, in_memory=True) as f:
         f.attrs.update(
             {"format": PART_FORMAT, "version": VERSION, "store_uuid": uuid, "number": number}
         )
@@ -189,6 +190,8 @@ def write_part(
         group.create_dataset("text", data=np.array(examples.texts, dtype=object), dtype=UTF8)
         meta = [json.dumps(m, sort_keys=True) for m in examples.metadata]
         group.create_dataset("metadata", data=np.array(meta, dtype=object), dtype=UTF8)
+        # fletcher32 cannot cover variable-length strings: a digest of them does instead.
+        group.attrs["strings_sha256"] = _strings_digest(examples.ids, examples.texts, meta)
         lengths = np.array([len(ids) for ids in examples.input_ids], dtype=np.int32)
         tokens = np.full((count, max_length), -1, dtype=np.int32)  # -1 pads past n_tokens
         for row, ids in enumerate(examples.input_ids):
@@ -200,6 +203,10 @@ def write_part(
             for key, value in layer_arrays.items():
                 layer.create_dataset(key, data=value, fletcher32=True, chunks=_chunks(value))
     _fsync_dir(path.parent)
+
+
+def _strings_digest(ids: list[str], texts: list[str], metadata: list[str]) -> str:
+    return hashlib.sha256(json.dumps([ids, texts, metadata]).encode()).hexdigest()
 
 
 def _chunks(value: np.ndarray) -> tuple[int, ...]:
@@ -215,9 +222,12 @@ def read_part_examples(path: Path) -> PartExamples:
         group = f["examples"]
         ids = [s.decode() for s in read_array(group, "ids", path)]
         texts = [s.decode() for s in read_array(group, "text", path)]
-        metadata = [json.loads(s) for s in read_array(group, "metadata", path)]
+        meta = [s.decode() for s in read_array(group, "metadata", path)]
         lengths = read_array(group, "n_tokens", path)
         tokens = read_array(group, "input_ids", path)
+        if _strings_digest(ids, texts, meta) != group.attrs.get("strings_sha256"):
+            raise FileFormatError(f"{path}: the stored ids, texts or metadata are damaged")
+        metadata = [json.loads(m) for m in meta]
     return PartExamples(
         ids, texts, metadata, [row[:n].tolist() for row, n in zip(tokens, lengths, strict=True)]
     )

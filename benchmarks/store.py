@@ -1,0 +1,247 @@
+"""Gradient-store benchmark: size, build cost, read cost, accuracy and speed-up per codec.
+
+One GPT-2-shaped model (benchmarks/engine.py's: random init, float32, eval) and one synthetic
+training set; every figure below is a ratio of two timings taken side by side in this run
+(this machine is shared and noisy: seconds do not carry over, ratios do).
+
+Columns, per codec:
+    bytes/ex      gradient bytes stored per training sequence (all tracked layers)
+    build x       time of ``GradientStore.build`` over the data / a plain forward+backward over
+                  the same batches (the mean of one run just before and one just after)
+    read x        time to read every stored array with plain h5py / time of the streaming
+                  scoring pass over the same store (``stream_store``): >= 0.7 means scoring
+                  runs at 70% or more of the raw read speed
+    answer x      time to score a new batch of queries on the fly (``ik.score`` with the
+                  ``TextDataset``) / time to score them from the store (``ik.score`` with the
+                  store, query gradients included): how much faster the store answers
+    pearson       mean over queries of the Pearson correlation with the exact scores
+    top10         mean over queries of |top-10 ∩ exact top-10| / 10
+    +refine       the same two after ``refine=20`` (exact rescoring of each query's top 20)
+
+Then peak RSS of a fresh process scoring a store of N/4 and of N sequences with ``top_k=10``:
+flat means memory does not grow with the store.
+
+Usage:
+    python benchmarks/store.py                # full run (about 10 minutes on 2 CPU cores)
+    python benchmarks/store.py --quick        # smoke run, small model, well under a minute
+    python benchmarks/store.py --codecs kron:64,eig:64 --sequences 768 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/ is not a package
+
+from engine import FULL, QUICK, build_data, build_model, plain_forward_backward, timed  # noqa: E402
+
+import influencekit as ik  # noqa: E402
+from influencekit.data import example_batches, length_order  # noqa: E402
+from influencekit.scoring import precondition_all, query_gradients, truncate_rank  # noqa: E402
+from influencekit.store_scoring import stream_store  # noqa: E402
+
+CODECS = ("dense", "kron:16", "kron:64", "lowrank:8", "lowrank:32", "eig:16", "eig:64")
+DENSE_MAX = 32  # dense stores are large: the dense row uses the first 32 sequences only
+REFINE = 20
+QUIET = {"progress": False}
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean([np.corrcoef(x, y)[0, 1] for x, y in zip(a, b, strict=True)]))
+
+
+def top10(a: np.ndarray, b: np.ndarray) -> float:
+    hits = [
+        len(set(np.argsort(-x)[:10]) & set(np.argsort(-y)[:10])) / 10
+        for x, y in zip(a, b, strict=True)
+    ]
+    return float(np.mean(hits))
+
+
+def raw_read(store: ik.GradientStore) -> None:
+    """Read every stored gradient array with plain h5py: the floor of any scoring pass."""
+    for path in store.part_paths():
+        with h5py.File(path, "r") as f:
+            for name in f["layers"]:
+                for key in f["layers"][name]:
+                    f["layers"][name][key][()]
+
+
+def compressed_queries(model, factors, queries, store, device):
+    layers = factors.tracked_layers(model)
+    tok = store.tokenizer()
+    grads = query_gradients(model, layers, ik.as_queries(queries), tok, device=device, **QUIET)
+    pre = precondition_all(factors, grads, factors.damping_for(None))
+    codecs = [store.codecs[store.modules.index(layer.name)] for layer in layers]
+    return layers, [c.compress_query(pre[layer.name]) for c, layer in zip(codecs, layers)]
+
+
+def measure_codec(codec, model, factors, train, queries, exact, t_fly, batches, device, root):
+    """One row of the table."""
+    n = DENSE_MAX if codec == "dense" else len(train)
+    data = train[:n]
+    base_before = timed(lambda: plain_forward_backward(model, batches[n]), device)
+    path = root / f"{codec.replace(':', '-')}.h5"
+    t_build = timed(
+        lambda: ik.GradientStore.build(
+            path, model, data, codec=codec, factors=factors, batch_size=8, **QUIET
+        ),
+        device,
+    )
+    base_after = timed(lambda: plain_forward_backward(model, batches[n]), device)
+    store = ik.GradientStore.open(path)
+    layers, compressed = compressed_queries(model, factors, queries, store, device)
+    keep = np.zeros((len(queries), len(store), len(layers)))
+    raw_read(store)  # warm the page cache for both reads alike
+    t_read = min(timed(lambda: raw_read(store), device) for _ in range(2))
+    t_stream = min(
+        timed(
+            lambda: stream_store(store, layers, compressed, keep, device, torch.float32, False),
+            device,
+        )
+        for _ in range(2)
+    )
+    start = time.perf_counter()
+    result = ik.score(model, factors, queries, store, **QUIET)
+    t_answer = time.perf_counter() - start
+    refined = ik.score(model, factors, queries, store, refine=REFINE, **QUIET)
+    truth = exact.scores[:, :n]
+    scale = n / len(train)  # the dense row answers fewer sequences: compare per sequence
+    return {
+        "codec": codec,
+        "n": n,
+        "bytes": store.bytes_per_example(),
+        "build": t_build / ((base_before + base_after) / 2),
+        "read": t_read / t_stream,
+        "answer": t_fly * scale / t_answer,
+        "pearson": pearson(result.scores, truth),
+        "top10": top10(result.scores, truth),
+        "pearson_r": pearson(refined.scores, truth),
+        "top10_r": top10(refined.scores, truth),
+    }
+
+
+def peak_rss(args, setting, store: Path, factors: Path) -> float:
+    """Peak RSS (MiB) of a fresh process that scores ``store`` with ``top_k=10``."""
+    cmd = [sys.executable, __file__, "--rss-child", str(store), str(factors)]
+    cmd += ["--sequences", str(setting.n_sequences), "--device", args.device]
+    if args.quick:
+        cmd.append("--quick")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["rss_mib"]
+
+
+def rss_child(args, setting) -> None:
+    import resource
+
+    store_path, factors_path = args.rss_child
+    model = build_model(setting, torch.device(args.device))
+    _, queries = build_data(dataclasses.replace(setting, n_sequences=8))
+    store = ik.GradientStore.open(store_path)
+    ik.score(model, ik.Factors.load(factors_path), queries, store, top_k=10, **QUIET)
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"rss_mib": rss_kib / 1024}))
+
+
+def report(rows, rss, setting, n_params) -> None:
+    print(
+        f"\n{'codec':<11} {'seqs':>5} {'bytes/ex':>10} {'build x':>8} {'read x':>7} "
+        f"{'answer x':>9} {'pearson':>8} {'top10':>6} {'pearson+refine':>15} {'top10+refine':>13}"
+    )
+    for r in rows:
+        print(
+            f"{r['codec']:<11} {r['n']:>5} {r['bytes']:>10,} {r['build']:>7.2f}x {r['read']:>6.2f}x"
+            f" {r['answer']:>8.1f}x {r['pearson']:>8.3f} {r['top10']:>6.2f} "
+            f"{r['pearson_r']:>15.3f} {r['top10_r']:>13.2f}"
+        )
+    print(
+        f"\ntargets: build x <= 1.3, read x >= 0.7, answer x >= 20 at pearson >= 0.95 "
+        f"({n_params / 1e6:.1f}M-parameter model, {setting.n_sequences} sequences; the dense "
+        f"row uses the first {DENSE_MAX}, its answer x is scaled to the same count)"
+    )
+    for codec, (small, large, n_small, n_large) in rss.items():
+        print(
+            f"peak RSS scoring {codec} with top_k=10: {small:.0f} MiB at {n_small} sequences, "
+            f"{large:.0f} MiB at {n_large} ({large / small:.2f}x)"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small model and data (smoke run)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--sequences", type=int, default=None, help="default 384 (48 quick)")
+    parser.add_argument("--codecs", default=",".join(CODECS), help="comma-separated codecs")
+    parser.add_argument("--rss-codec", default="kron:64", help="codec of the RSS measurement")
+    parser.add_argument("--rss-child", nargs=2, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    os.environ["INFLUENCEKIT_PROGRESS"] = "0"
+    setting = QUICK if args.quick else FULL
+    n_default = 48 if args.quick else 384
+    setting = dataclasses.replace(setting, n_sequences=args.sequences or n_default)
+    if args.rss_child:
+        return rss_child(args, setting)
+    device = torch.device(args.device)
+    model = build_model(setting, device)
+    train, queries = build_data(setting)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"torch {torch.__version__} | device {device} | threads {torch.get_num_threads()}\n"
+        f"model: GPT-2 n_layer={setting.n_layer} n_embd={setting.n_embd}, "
+        f"{n_params / 1e6:.1f}M params; {len(train)} sequences, {train.n_tokens} tokens; "
+        f"{len(queries)} queries; modules mlp",
+        flush=True,
+    )
+    factors = ik.fit_factors(model, train, "mlp", **QUIET)
+    order = {n: length_order(train[:n]) for n in {len(train), DENSE_MAX}}
+    batches = {
+        n: [b.to(device) for b in example_batches(train[:n], setting.batch_size, o)]
+        for n, o in order.items()
+    }
+    start = time.perf_counter()
+    exact = ik.score(model, factors, queries, train, **QUIET)
+    t_fly = time.perf_counter() - start
+    print(f"on-the-fly exact scores: {t_fly:.1f} s", flush=True)
+    rows, rss = [], {}
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        for codec in args.codecs.split(","):
+            row = measure_codec(
+                codec, model, factors, train, queries, exact, t_fly, batches, device, root
+            )
+            rows.append(row)
+            print(
+                f"  {codec}: done ({json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})})",
+                flush=True,
+            )
+        factors.save(root / "factors.h5")
+        small_n = max(1, len(train) // 4)
+        small = root / "rss-small.h5"
+        large = root / "rss-large.h5"
+        for path, n in ((small, small_n), (large, len(train))):
+            ik.GradientStore.build(
+                path, model, train[:n], codec=args.rss_codec, factors=factors, **QUIET
+            )
+        rss[args.rss_codec] = (
+            peak_rss(args, setting, small, root / "factors.h5"),
+            peak_rss(args, setting, large, root / "factors.h5"),
+            small_n,
+            len(train),
+        )
+    report(rows, rss, setting, n_params)
+
+
+if __name__ == "__main__":
+    main()
