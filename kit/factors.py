@@ -31,6 +31,7 @@ from .data import TextDataset, check_batch_size, example_batches, length_order
 from .errors import FileFormatError, ModelError, NonFiniteError
 from .h5io import atomic_h5, open_h5, read_array
 from .hooks import LayerIO, capture_batches, check_accumulation_dtype, per_sequence_grads
+from .lowrank import LowRank, truncate_rank
 from .models import (
     TrackedLayer,
     candidate_layers,
@@ -79,6 +80,40 @@ class LayerFactors:
         q_a, q_s = self.q_a.to(**like), self.q_s.to(**like)
         rotated = q_s.T @ grads @ q_a
         return q_s @ (rotated / denom) @ q_a.T
+
+    def _scaled_eigen(self, s: torch.Tensor, a: torch.Tensor, damping: float) -> torch.Tensor:
+        """``(Q_Sᵀ G Q_A) ⊘ (Λ + λ)`` for ``G = Σ_t s_t a_tᵀ``, rotating the tokens, not ``G``.
+
+        ``s`` ``(Q, T, d_out)``, ``a`` ``(Q, T, d_in)``: ``T·(d_out² + d_in²)`` per query
+        instead of ``d_out·d_in·(d_out + d_in)`` when a query has fewer tokens than ``d_in``.
+        """
+        like = {"dtype": s.dtype, "device": s.device}
+        denom = (0.0 if self.lam is None else self.lam.to(**like)) + damping
+        if self.q_a is None:
+            return s.transpose(-1, -2) @ a / denom
+        s_rot, a_rot = s @ self.q_s.to(**like), a @ self.q_a.to(**like)
+        return s_rot.transpose(-1, -2) @ a_rot / denom
+
+    def precondition_tokens(self, s: torch.Tensor, a: torch.Tensor, damping: float) -> torch.Tensor:
+        """``(Ĝ + λI)⁻¹ G`` for ``G = Σ_t s_t a_tᵀ`` from its token factors: ``(Q, O, I)``."""
+        x = self._scaled_eigen(s, a, damping)
+        if self.q_a is None:
+            return x
+        return self.q_s.to(x) @ x @ self.q_a.to(x).T
+
+    def precondition_truncated(
+        self, s: torch.Tensor, a: torch.Tensor, damping: float, rank: int
+    ) -> LowRank:
+        """The rank-``rank`` truncated SVD of ``(Ĝ + λI)⁻¹ G``, as ``(U Σ, V)``.
+
+        The eigenbases are orthogonal, so the SVD is taken of the small-side-rotated matrix
+        in the eigenbasis and only its ``rank`` singular vectors are rotated back: the full
+        preconditioned matrix is never formed.
+        """
+        us, v = truncate_rank(self._scaled_eigen(s, a, damping), rank)
+        if self.q_a is None:
+            return us, v
+        return self.q_s.to(us) @ us, self.q_a.to(v) @ v
 
 
 @dataclass

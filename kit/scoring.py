@@ -44,14 +44,13 @@ from .hooks import (
     check_accumulation_dtype,
     per_sequence_grads,
 )
+from .lowrank import LowRank
 from .models import TrackedLayer, check_sequences_fit, resolve_device
 from .result import InfluenceResult
 from .store_scoring import TopK, exact_scores, stream_store
 
-LowRank = tuple[torch.Tensor, torch.Tensor]  # (U Σ: (Q, d_out, r), V: (Q, d_in, r))
 
-
-def query_gradients(
+def query_tokens(
     model: nn.Module,
     layers: list[TrackedLayer],
     queries: list[Query],
@@ -62,9 +61,13 @@ def query_gradients(
     dtype: torch.dtype = torch.float32,
     amp_dtype: torch.dtype | None = None,
     progress: bool = True,
-) -> dict[str, torch.Tensor]:
-    """``G_q`` per layer, ``(n_queries, d_out, d_in [+1])``: gradients of ``-log p(c | p)``."""
-    grads: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in layers}
+) -> dict[str, LayerIO]:
+    """Each query's per-token ``a`` and ``s`` per layer, ``(n_queries, T, d)``, zero-padded.
+
+    ``G_q = Σ_t s_t a_tᵀ`` is the gradient of ``-log p(completion | prompt)``; kept in this
+    factored form, it is rotated and preconditioned at a fraction of the dense cost.
+    """
+    parts: dict[str, list[LayerIO]] = {layer.name: [] for layer in layers}
     batches = query_batches(queries, tokenizer, batch_size)
     for _, io in capture_batches(
         model,
@@ -79,8 +82,30 @@ def query_gradients(
         amp_dtype=amp_dtype,
     ):
         for name, x in io.items():
-            grads[name].append(per_sequence_grads(x))
-    return {name: torch.cat(parts) for name, parts in grads.items()}
+            parts[name].append(x)
+    length = max(x.a.shape[1] for x in parts[layers[0].name])
+    return {
+        name: LayerIO(
+            a=torch.cat([_pad_tokens(x.a, length) for x in xs]),
+            s=torch.cat([_pad_tokens(x.s, length) for x in xs]),
+        )
+        for name, xs in parts.items()
+    }
+
+
+def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero rows up to ``length`` tokens (zero tokens add nothing to ``Σ_t s_t a_tᵀ``)."""
+    missing = length - x.shape[1]
+    return x if missing == 0 else torch.cat([x, x.new_zeros(x.shape[0], missing, x.shape[2])], 1)
+
+
+def query_gradients(model, layers, queries, tokenizer, **options) -> dict[str, torch.Tensor]:
+    """``G_q`` per layer, ``(n_queries, d_out, d_in [+1])``: gradients of ``-log p(c | p)``.
+
+    Same arguments as :func:`query_tokens`.
+    """
+    tokens = query_tokens(model, layers, queries, tokenizer, **options)
+    return {name: per_sequence_grads(x) for name, x in tokens.items()}
 
 
 def precondition_all(
@@ -90,17 +115,22 @@ def precondition_all(
     return {name: factors.layers[name].precondition(g, damping[name]) for name, g in grads.items()}
 
 
-def truncate_rank(p: torch.Tensor, rank: int) -> LowRank:
-    """Rank-``rank`` truncated SVD of each matrix in ``p`` (Q, d_out, d_in) as ``(U Σ, V)``.
-
-    Example:
-        >>> us, v = truncate_rank(torch.eye(3)[None], 2)
-        >>> (us @ v.transpose(1, 2)).diagonal(dim1=1, dim2=2).tolist()
-        [[1.0, 1.0, 0.0]]
-    """
-    u, sigma, vh = torch.linalg.svd(p, full_matrices=False)
-    r = min(rank, sigma.shape[-1])
-    return u[..., :r] * sigma[..., None, :r], vh[..., :r, :].transpose(-1, -2)
+def _preconditioned(factors: Factors, tokens: dict[str, LayerIO], damping, rank, need_dense):
+    """Dense ``P_q`` per layer (when needed) and the form to contract (rank-r if asked)."""
+    pre = forms = None
+    if rank is None or need_dense:
+        pre = {
+            name: factors.layers[name].precondition_tokens(x.s, x.a, damping[name])
+            for name, x in tokens.items()
+        }
+    if rank is None:
+        forms = pre
+    else:
+        forms = {
+            name: factors.layers[name].precondition_truncated(x.s, x.a, damping[name], rank)
+            for name, x in tokens.items()
+        }
+    return pre, forms
 
 
 def contract(io: LayerIO, preconditioned: torch.Tensor | LowRank) -> torch.Tensor:
@@ -174,9 +204,10 @@ def score(
     device = resolve_device(model, device)
     lambdas = factors.damping_for(damping)
     opts = {"device": device, "dtype": dtype, "amp_dtype": amp_dtype, "progress": progress}
-    grads = query_gradients(model, layers, queries, tok, batch_size=batch_size, **opts)
-    pre = precondition_all(factors, grads, lambdas)
-    forms = pre if query_rank is None else {n: truncate_rank(p, query_rank) for n, p in pre.items()}
+    tokens = query_tokens(model, layers, queries, tok, batch_size=batch_size, **opts)
+    pre, forms = _preconditioned(
+        factors, tokens, lambdas, query_rank, need_dense=refine is not None
+    )
     run = _Scoring(model, layers, batch_size, device, dtype, amp_dtype, progress)
     if isinstance(train, GradientStore):
         layer_scores, indices, refined = run.from_store(train, pre, forms, top_k, refine)
@@ -257,7 +288,7 @@ class _Scoring:
             codec.compress_query(forms[layer.name])
             for codec, layer in zip(codecs, self.layers, strict=True)
         ]
-        n_queries = _n_queries(pre)
+        n_queries = _n_queries(forms)
         width = None if top_k is None else max(top_k, refine or 0)
         keep = self.keeper(n_queries, len(store), width)
         stream_store(store, self.layers, compressed, keep, self.device, self.dtype, self.progress)

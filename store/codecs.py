@@ -17,8 +17,9 @@ The codecs (``spec`` strings, recorded in the store):
   ``k`` rows of a random orthogonal matrix scaled by ``sqrt(d / k)`` (so ``E[PᵀP] = I`` and the
   compressed inner product is unbiased). Computed from projected tokens, never forming
   ``G_z``. Exact when ``K ≥ d_out`` and ``K ≥ d_in`` (the projections are then orthogonal).
-- ``lowrank:R``: factors with ``G_z ≈ Σ_r u_r v_rᵀ``, the best rank-``R`` approximation;
-  exact when ``R`` ≥ the number of tokens (the rank of ``G_z``).
+- ``lowrank:R``: factors with ``G_z ≈ Σ_r u_r v_rᵀ``, a near-best rank-``R`` approximation
+  (randomized range finder with 2 power iterations, never forming ``G_z``); exact when ``R``
+  ≥ the number of tokens (the rank of ``G_z``).
 - ``eig:K``: like ``kron`` but ``P`` are the top-``K`` eigenvectors of the layer's
   ``S`` and ``A`` covariances (rows orthonormal, no scaling): the score restricted to
   the leading curvature directions. Needs fitted factors at build time.
@@ -47,6 +48,8 @@ import torch
 Tensor = torch.Tensor
 LowRank = tuple[Tensor, Tensor]  # (U Σ: (Q, d_out, r), V: (Q, d_in, r))
 KINDS = ("dense", "kron", "lowrank", "eig")
+OVERSAMPLE = 8  # extra columns of the lowrank range finder
+POWER_ITERATIONS = 2
 
 
 @dataclass(frozen=True)
@@ -138,30 +141,40 @@ class ProjectionCodec:
 
 
 class LowRankCodec:
-    """Rank-``R`` factors of ``G_z``: ``u (R, d_out)`` (singular values folded in), ``v (R, d_in)``."""
+    """Rank-``R`` factors of ``G_z``: ``u (R, d_out)`` (singular values folded in), ``v (R, d_in)``.
 
-    def __init__(self, shape: tuple[int, int], rank: int) -> None:
+    ``omega`` ``(d_in, R + OVERSAMPLE)`` is the fixed random test matrix of the range finder,
+    recorded in the store so every build of it computes the same factors.
+    """
+
+    def __init__(self, shape: tuple[int, int], rank: int, omega: Tensor) -> None:
         self.shape = tuple(shape)
         self.rank = min(rank, *self.shape)
-        self.params = {"rank": self.rank}
-        self.tensors: dict[str, Tensor] = {}
+        self.params = {"rank": self.rank, "power_iterations": POWER_ITERATIONS}
+        self.tensors = {"omega": omega}
 
     def arrays(self) -> dict[str, tuple[int, ...]]:
         d_out, d_in = self.shape
         return {"u": (self.rank, d_out), "v": (self.rank, d_in)}
 
     def encode(self, a: Tensor, s: Tensor) -> dict[str, Tensor]:
-        # G = Sᵀ A with S (T, d_out), A (T, d_in). Thin QR of both sides leaves a small core
-        # R_s R_aᵀ whose SVD gives G's: O(T²·(d_out + d_in)) instead of an SVD of G itself.
-        q_s, r_s = torch.linalg.qr(s.transpose(1, 2))  # (B, d_out, m), (B, m, T)
-        q_a, r_a = torch.linalg.qr(a.transpose(1, 2))  # (B, d_in, n), (B, n, T)
-        u, sigma, vh = torch.linalg.svd(r_s @ r_a.transpose(1, 2), full_matrices=False)
+        # G = Sᵀ A with S (T, d_out), A (T, d_in), never formed: a randomized range finder
+        # (Halko et al. 2011) applies G and Gᵀ through the token matrices, O(T·(d_out + d_in)·k)
+        # per product with k = R + oversampling. Exact whenever rank(G) ≤ k, e.g. T ≤ R.
+        omega = self.tensors["omega"].to(dtype=a.dtype, device=a.device)
+        apply_g = lambda x: s.transpose(1, 2) @ (a @ x)  # noqa: E731  G x, (B, d_out, k)
+        apply_gt = lambda y: a.transpose(1, 2) @ (s @ y)  # noqa: E731  Gᵀ y, (B, d_in, k)
+        y = apply_g(omega.expand(a.shape[0], -1, -1))
+        for _ in range(POWER_ITERATIONS):  # sharpen the spectrum: G (Gᵀ G)^q Ω
+            y = apply_g(torch.linalg.qr(apply_gt(torch.linalg.qr(y)[0]))[0])
+        basis = torch.linalg.qr(y)[0]  # (B, d_out, k), orthonormal columns spanning G's range
+        small = apply_gt(basis).transpose(1, 2)  # basisᵀ G: (B, k, d_in)
+        u, sigma, vh = torch.linalg.svd(small, full_matrices=False)
         r = min(self.rank, sigma.shape[-1])
-        left = (q_s @ u[..., :r]) * sigma[:, None, :r]  # (B, d_out, r)
-        right = q_a @ vh[:, :r, :].transpose(1, 2)  # (B, d_in, r)
+        left = (basis @ u[..., :r]) * sigma[:, None, :r]  # (B, d_out, r)
         return {
             "u": _pad_rank(left.transpose(1, 2), self.rank),
-            "v": _pad_rank(right.transpose(1, 2), self.rank),
+            "v": _pad_rank(vh[:, :r, :], self.rank),
         }
 
     def compress_query(self, p: Tensor | LowRank) -> Tensor | LowRank:
@@ -235,7 +248,11 @@ def make_codec(
     if spec.kind == "dense":
         return DenseCodec(shape)
     if spec.kind == "lowrank":
-        return LowRankCodec(shape, spec.size)
+        k = min(spec.size, d_out, d_in) + OVERSAMPLE
+        gen = torch.Generator().manual_seed(projection_seed(seed, layer_index, 2))
+        return LowRankCodec(
+            shape, spec.size, torch.randn(d_in, k, generator=gen, dtype=torch.float64)
+        )
     k_out, k_in = min(spec.size, d_out), min(spec.size, d_in)
     if spec.kind == "kron":
         p_out = orthogonal_rows(k_out, d_out, projection_seed(seed, layer_index, 0))
@@ -252,5 +269,5 @@ def restore_codec(spec: CodecSpec, shape: tuple[int, int], tensors: dict[str, Te
     if spec.kind == "dense":
         return DenseCodec(shape)
     if spec.kind == "lowrank":
-        return LowRankCodec(shape, spec.size)
+        return LowRankCodec(shape, spec.size, tensors["omega"])
     return ProjectionCodec(shape, tensors["p_out"], tensors["p_in"])
