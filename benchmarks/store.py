@@ -16,13 +16,14 @@ Columns, per codec:
                   store, query gradients included): how much faster the store answers
     pearson       mean over queries of the Pearson correlation with the exact scores
     top10         mean over queries of |top-10 ∩ exact top-10| / 10
-    +refine       the same two after ``refine=20`` (exact rescoring of each query's top 20)
+    (r=16)        the same with ``query_rank=16`` (each preconditioned query cut to rank 16)
+    top10+refine  top10 after ``refine=20`` (each query's top 20 rescored exactly)
 
 Then peak RSS of a fresh process scoring a store of N/4 and of N sequences with ``top_k=10``:
 flat means memory does not grow with the store.
 
 Usage:
-    python benchmarks/store.py                # full run (about 10 minutes on 2 CPU cores)
+    python benchmarks/store.py                # full run (about 25 minutes on 2 CPU cores)
     python benchmarks/store.py --quick        # smoke run, small model, well under a minute
     python benchmarks/store.py --codecs kron:64,eig:64 --sequences 768 --device cuda
 """
@@ -45,14 +46,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/ is not a package
 
-from engine import FULL, QUICK, build_data, build_model, plain_forward_backward, timed  # noqa: E402
+from engine import FULL, QUICK, build_data, build_model, plain_forward_backward, timed
 
-import influencekit as ik  # noqa: E402
-from influencekit.data import example_batches, length_order  # noqa: E402
-from influencekit.scoring import precondition_all, query_gradients, truncate_rank  # noqa: E402
-from influencekit.store_scoring import stream_store  # noqa: E402
+import influencekit as ik
+from influencekit.data import example_batches, length_order
+from influencekit.scoring import query_tokens
+from influencekit.store_scoring import stream_store
 
-CODECS = ("dense", "kron:16", "kron:64", "lowrank:8", "lowrank:32", "eig:16", "eig:64")
+CODECS = (
+    "dense",
+    "kron:64",
+    "kron:128",
+    "eig:64",
+    "eig:128",
+    "lowrank:4",
+    "lowrank:8",
+    "lowrank:16",
+)
+RANK = 16  # query_rank of the (r=16) columns
 DENSE_MAX = 32  # dense stores are large: the dense row uses the first 32 sequences only
 REFINE = 20
 QUIET = {"progress": False}
@@ -79,13 +90,45 @@ def raw_read(store: ik.GradientStore) -> None:
                     f["layers"][name][key][()]
 
 
-def compressed_queries(model, factors, queries, store, device):
+def compressed_queries(model, factors, queries, store, device, rank):
+    """Each layer's preconditioned queries (rank ``rank`` if given), compressed by its codec."""
     layers = factors.tracked_layers(model)
-    tok = store.tokenizer()
-    grads = query_gradients(model, layers, ik.as_queries(queries), tok, device=device, **QUIET)
-    pre = precondition_all(factors, grads, factors.damping_for(None))
-    codecs = [store.codecs[store.modules.index(layer.name)] for layer in layers]
-    return layers, [c.compress_query(pre[layer.name]) for c, layer in zip(codecs, layers)]
+    tokens = query_tokens(
+        model, layers, ik.as_queries(queries), store.tokenizer(), device=device, **QUIET
+    )
+    lambdas = factors.damping_for(None)
+    out = []
+    for layer in layers:
+        x, lf = tokens[layer.name], factors.layers[layer.name]
+        if rank is None:
+            p = lf.precondition_tokens(x.s, x.a, lambdas[layer.name])
+        else:
+            p = lf.precondition_truncated(x.s, x.a, lambdas[layer.name], rank)
+        out.append(store.codecs[store.modules.index(layer.name)].compress_query(p))
+    return layers, out
+
+
+def stream_time(store, layers, compressed, device) -> float:
+    keep = np.zeros(
+        (
+            len(compressed[0][0]) if isinstance(compressed[0], tuple) else len(compressed[0]),
+            len(store),
+            len(layers),
+        )
+    )
+    return min(
+        timed(
+            lambda: stream_store(store, layers, compressed, keep, device, torch.float32, False),
+            device,
+        )
+        for _ in range(2)
+    )
+
+
+def timed_score(*args, **kwargs):
+    start = time.perf_counter()
+    result = ik.score(*args, **kwargs, **QUIET)
+    return time.perf_counter() - start, result
 
 
 def measure_codec(codec, model, factors, train, queries, exact, t_fly, batches, device, root):
@@ -102,21 +145,17 @@ def measure_codec(codec, model, factors, train, queries, exact, t_fly, batches, 
     )
     base_after = timed(lambda: plain_forward_backward(model, batches[n]), device)
     store = ik.GradientStore.open(path)
-    layers, compressed = compressed_queries(model, factors, queries, store, device)
-    keep = np.zeros((len(queries), len(store), len(layers)))
     raw_read(store)  # warm the page cache for both reads alike
     t_read = min(timed(lambda: raw_read(store), device) for _ in range(2))
-    t_stream = min(
-        timed(
-            lambda: stream_store(store, layers, compressed, keep, device, torch.float32, False),
-            device,
-        )
-        for _ in range(2)
+    t_stream = stream_time(
+        store, *compressed_queries(model, factors, queries, store, device, None), device
     )
-    start = time.perf_counter()
-    result = ik.score(model, factors, queries, store, **QUIET)
-    t_answer = time.perf_counter() - start
-    refined = ik.score(model, factors, queries, store, refine=REFINE, **QUIET)
+    t_stream_r = stream_time(
+        store, *compressed_queries(model, factors, queries, store, device, RANK), device
+    )
+    t_answer, result = timed_score(model, factors, queries, store)
+    t_answer_r, result_r = timed_score(model, factors, queries, store, query_rank=RANK)
+    _, refined = timed_score(model, factors, queries, store, top_k=10, refine=REFINE)
     truth = exact.scores[:, :n]
     scale = n / len(train)  # the dense row answers fewer sequences: compare per sequence
     return {
@@ -125,12 +164,24 @@ def measure_codec(codec, model, factors, train, queries, exact, t_fly, batches, 
         "bytes": store.bytes_per_example(),
         "build": t_build / ((base_before + base_after) / 2),
         "read": t_read / t_stream,
+        "read_r": t_read / t_stream_r,
         "answer": t_fly * scale / t_answer,
+        "answer_r": t_fly * scale / t_answer_r,
         "pearson": pearson(result.scores, truth),
+        "pearson_r": pearson(result_r.scores, truth),
         "top10": top10(result.scores, truth),
-        "pearson_r": pearson(refined.scores, truth),
-        "top10_r": top10(refined.scores, truth),
+        "top10_r": top10(result_r.scores, truth),
+        "top10_refine": top10_of(refined, truth),
     }
+
+
+def top10_of(result: ik.InfluenceResult, truth: np.ndarray) -> float:
+    """|top-10 of a top-k result ∩ exact top-10| / 10, averaged over queries."""
+    hits = [
+        len(set(result.indices[q].tolist()) & set(np.argsort(-truth[q])[:10])) / 10
+        for q in range(len(truth))
+    ]
+    return float(np.mean(hits))
 
 
 def peak_rss(args, setting, store: Path, factors: Path) -> float:
@@ -158,18 +209,22 @@ def rss_child(args, setting) -> None:
 def report(rows, rss, setting, n_params) -> None:
     print(
         f"\n{'codec':<11} {'seqs':>5} {'bytes/ex':>10} {'build x':>8} {'read x':>7} "
-        f"{'answer x':>9} {'pearson':>8} {'top10':>6} {'pearson+refine':>15} {'top10+refine':>13}"
+        f"{'answer x':>9} {'pearson':>8} {'top10':>6} {'read x':>7} {'answer x':>9} "
+        f"{'pearson':>8} {'top10':>6} {'top10':>6}"
     )
+    print(f"{'':<43}{'full-rank queries':^42}{'query_rank=' + str(RANK):^42}{'refine':>6}")
     for r in rows:
         print(
-            f"{r['codec']:<11} {r['n']:>5} {r['bytes']:>10,} {r['build']:>7.2f}x {r['read']:>6.2f}x"
-            f" {r['answer']:>8.1f}x {r['pearson']:>8.3f} {r['top10']:>6.2f} "
-            f"{r['pearson_r']:>15.3f} {r['top10_r']:>13.2f}"
+            f"{r['codec']:<11} {r['n']:>5} {r['bytes']:>10,} {r['build']:>7.2f}x "
+            f"{r['read']:>6.2f}x {r['answer']:>8.1f}x {r['pearson']:>8.3f} {r['top10']:>6.2f} "
+            f"{r['read_r']:>6.2f}x {r['answer_r']:>8.1f}x {r['pearson_r']:>8.3f} "
+            f"{r['top10_r']:>6.2f} {r['top10_refine']:>6.2f}"
         )
     print(
         f"\ntargets: build x <= 1.3, read x >= 0.7, answer x >= 20 at pearson >= 0.95 "
         f"({n_params / 1e6:.1f}M-parameter model, {setting.n_sequences} sequences; the dense "
-        f"row uses the first {DENSE_MAX}, its answer x is scaled to the same count)"
+        f"row uses the first {DENSE_MAX}, its answer x is scaled to the same count). "
+        f"refine: top_k=10, refine={REFINE}, full-rank queries."
     )
     for codec, (small, large, n_small, n_large) in rss.items():
         print(
@@ -182,14 +237,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small model and data (smoke run)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--sequences", type=int, default=None, help="default 384 (48 quick)")
+    parser.add_argument("--sequences", type=int, default=None, help="default 1024 (48 quick)")
     parser.add_argument("--codecs", default=",".join(CODECS), help="comma-separated codecs")
-    parser.add_argument("--rss-codec", default="kron:64", help="codec of the RSS measurement")
+    parser.add_argument("--rss-codec", default="lowrank:8", help="codec of the RSS measurement")
     parser.add_argument("--rss-child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ["INFLUENCEKIT_PROGRESS"] = "0"
     setting = QUICK if args.quick else FULL
-    n_default = 48 if args.quick else 384
+    n_default = 48 if args.quick else 1024
     setting = dataclasses.replace(setting, n_sequences=args.sequences or n_default)
     if args.rss_child:
         return rss_child(args, setting)
@@ -222,10 +277,8 @@ def main(argv: list[str] | None = None) -> None:
                 codec, model, factors, train, queries, exact, t_fly, batches, device, root
             )
             rows.append(row)
-            print(
-                f"  {codec}: done ({json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})})",
-                flush=True,
-            )
+            shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
+            print(f"  {codec}: {json.dumps(shown)}", flush=True)
         factors.save(root / "factors.h5")
         small_n = max(1, len(train) // 4)
         small = root / "rss-small.h5"

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from .errors import InfluenceKitError
+from .store.codecs import DEFAULT_CODEC
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 STORE_DTYPES = ("float16", "float32", "float64")
-DEFAULT_CODEC = "dense"  # decided by benchmarks/store.py: see docs/store-format.md
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

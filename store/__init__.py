@@ -6,7 +6,7 @@ scored from the store in one streaming pass. See docs/store-format.md.
 
 Example:
     >>> import influencekit as ik
-    >>> store = ik.GradientStore.build("run/grads.h5", model, train, codec="kron:32")  # doctest: +SKIP
+    >>> store = ik.GradientStore.build("run/g.h5", model, train)  # doctest: +SKIP
     >>> result = ik.score(model, factors, queries, store)  # doctest: +SKIP
 """
 

@@ -46,7 +46,7 @@ from influencekit.models import (
 )
 from influencekit.progress import progress_counter
 
-from .codecs import make_codec, parse_codec, restore_codec
+from .codecs import DEFAULT_CODEC, make_codec, parse_codec, restore_codec
 from .layout import (
     DTYPES,
     PART_BYTES,
@@ -71,7 +71,7 @@ def build_store(
     train: TextDataset,
     *,
     modules: str | list[str] = "mlp",
-    codec: str = "dense",
+    codec: str = DEFAULT_CODEC,
     dtype: str = "float32",
     batch_size: int = 8,
     device: str | torch.device | None = None,

@@ -198,10 +198,16 @@ def write_part(
             tokens[row, : len(ids)] = ids
         group.create_dataset("n_tokens", data=lengths, fletcher32=True)
         group.create_dataset("input_ids", data=tokens, fletcher32=True, chunks=_chunks(tokens))
+        # One chunk height for every gradient array, so readers can take blocks of whole chunks.
+        rows = chunk_rows(
+            max((v[:1].nbytes for la in arrays for v in la.values()), default=1), count
+        )
+        f.attrs["chunk_rows"] = rows
         for i, layer_arrays in enumerate(arrays):
             layer = f.create_group(f"layers/{i:04d}")
             for key, value in layer_arrays.items():
-                layer.create_dataset(key, data=value, fletcher32=True, chunks=_chunks(value))
+                chunks = (rows, *value.shape[1:])
+                layer.create_dataset(key, data=value, fletcher32=True, chunks=chunks)
     _fsync_dir(path.parent)
 
 
@@ -209,11 +215,14 @@ def _strings_digest(ids: list[str], texts: list[str], metadata: list[str]) -> st
     return hashlib.sha256(json.dumps([ids, texts, metadata]).encode()).hexdigest()
 
 
+def chunk_rows(row_bytes: int, count: int) -> int:
+    """Examples per HDF5 chunk: about HDF5_CHUNK_BYTES, at least one, at most ``count``."""
+    return max(1, min(count, HDF5_CHUNK_BYTES // max(1, row_bytes)))
+
+
 def _chunks(value: np.ndarray) -> tuple[int, ...]:
     """HDF5 chunks of whole examples, about HDF5_CHUNK_BYTES each."""
-    row_bytes = max(1, value[:1].nbytes)
-    rows = max(1, min(len(value), HDF5_CHUNK_BYTES // row_bytes))
-    return (rows, *value.shape[1:])
+    return (chunk_rows(value[:1].nbytes, len(value)), *value.shape[1:])
 
 
 def read_part_examples(path: Path) -> PartExamples:
@@ -246,8 +255,9 @@ def check_part(path: Path, uuid: str, number: int, first: int, count: int) -> No
         )
     if found != (uuid, number, first, count):
         raise FileFormatError(
-            f"{path}: expected part {number} of store {uuid} (examples {first}..{first + count - 1}), "
-            f"found part {found[1]} of store {found[0]} (first {found[2]}, count {found[3]})"
+            f"{path}: expected part {number} of store {uuid} (examples {first}.."
+            f"{first + count - 1}), found part {found[1]} of store {found[0]} "
+            f"(first {found[2]}, count {found[3]})"
         )
 
 

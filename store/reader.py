@@ -80,7 +80,7 @@ class GradientStore:
         """Compute and store the training gradients of ``train`` (see :func:`build_store`).
 
         Example:
-            >>> store = GradientStore.build("run/grads.h5", model, train, codec="kron:32")  # doctest: +SKIP
+            >>> store = GradientStore.build("run/g.h5", model, train)  # doctest: +SKIP
         """
         from .build import build_store
 
@@ -109,12 +109,13 @@ class GradientStore:
     def dtype(self) -> np.dtype:
         return np.dtype(self.config.dtype)
 
+    def _layer_bytes(self, layer: int) -> int:
+        shapes = self.codecs[layer].arrays().values()
+        return sum(int(np.prod(shape)) for shape in shapes) * self.dtype.itemsize
+
     def bytes_per_example(self) -> int:
         """Bytes of gradient data per stored example, all layers together."""
-        per_layer = (
-            sum(int(np.prod(shape)) for shape in codec.arrays().values()) for codec in self.codecs
-        )
-        return sum(per_layer) * self.dtype.itemsize
+        return sum(self._layer_bytes(j) for j in range(len(self.codecs)))
 
     def part_paths(self) -> list[Path]:
         folder = parts_dir(self.path)
@@ -183,24 +184,22 @@ class GradientStore:
         Raises :class:`MismatchError` listing what differs.
         """
         problems = []
+        cfg = self.config
         if model is not None:
             found = model_fingerprint(model)
-            if found != self.config.model_fingerprint:
-                problems.append(
-                    f"model: store built with {self.config.model_fingerprint}, this model is {found}"
-                )
+            if found != cfg.model_fingerprint:
+                problems.append(f"model: store built with {cfg.model_fingerprint}, this is {found}")
             else:
-                layers = select_modules(model, self.modules)
-                tracked = layers_fingerprint(layers)
-                if tracked != self.config.weights_fingerprint:
+                tracked = layers_fingerprint(select_modules(model, self.modules))
+                if tracked != cfg.weights_fingerprint:
                     problems.append(
-                        f"tracked weights: store {self.config.weights_fingerprint}, this model {tracked}"
+                        f"tracked weights: store {cfg.weights_fingerprint}, this model {tracked}"
                     )
         if tokenizer is not None:
             found = tokenizer_fingerprint(tokenizer)
-            if found != self.config.tokenizer_fingerprint:
+            if found != cfg.tokenizer_fingerprint:
                 problems.append(
-                    f"tokenizer: store built with {self.config.tokenizer_fingerprint}, this one is {found}"
+                    f"tokenizer: store built with {cfg.tokenizer_fingerprint}, this is {found}"
                 )
         if modules is not None:
             missing = [m for m in modules if m not in self.modules]
@@ -220,9 +219,14 @@ class GradientStore:
         a damaged chunk raises :class:`FileFormatError` naming the part file and dataset.
         """
         layers = list(range(len(self.codecs))) if layers is None else layers
-        rows = max(1, block_bytes // max(1, self.bytes_per_example()))
+        per_example = sum(self._layer_bytes(j) for j in layers)
+        wanted = max(1, block_bytes // max(1, per_example))
         for path, first, count in self._part_ranges():
             with _open_part(path) as f:
+                # Whole HDF5 chunks per block: a chunk split between blocks would be read
+                # and checksummed twice.
+                chunk = int(f.attrs.get("chunk_rows", 1))
+                rows = max(chunk, wanted // chunk * chunk)
                 for lo in range(0, count, rows):
                     hi = min(count, lo + rows)
                     yield first + lo, [_read_rows(f, path, j, lo, hi) for j in layers]

@@ -14,11 +14,11 @@ imports :func:`make_inputs` to build the identical reference store in its own pr
 No library code is changed; the hooks below only wrap functions inside this process:
 
 ``--delay``   sleep that long at each step of a commit where a kill is interesting: while a
-              part's temporary file is half written (each dataset), and before each fsync (a
+              part is half built (twice per part), and before each fsync (a
               temp file fully written but not yet renamed; a part renamed but not yet named by
               the manifest; a manifest renamed). So a kill from outside lands mid-commit often.
 ``--die P:N`` SIGKILL this process at the N-th occurrence of point P (a deterministic crash):
-              ``part-write`` (a part's temp file half written), ``part-tmp`` (temp part complete,
+              ``part-write`` (a part half built, twice per part), ``part-tmp`` (temp part complete,
               not renamed), ``part-dir`` (part renamed, manifest not yet written),
               ``manifest-tmp`` (temp manifest complete, not renamed; N=1 is the empty manifest
               written at creation), ``manifest-dir`` (manifest renamed).
@@ -103,13 +103,13 @@ def install_hooks(delay: float, die: str | None) -> None:
         if delay:
             time.sleep(delay)
 
-    real_chunks = layout._chunks
+    real_rows = layout.chunk_rows
 
-    def chunks(value):  # called inside write_part, with the temp file open and half written
+    def chunk_rows(row_bytes, count):  # called twice inside write_part, the part half built
         reached("part-write")
-        return real_chunks(value)
+        return real_rows(row_bytes, count)
 
-    layout._chunks = chunks
+    layout.chunk_rows = chunk_rows
 
     real_fsync = os.fsync
 

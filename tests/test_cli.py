@@ -133,3 +133,57 @@ def test_demo_finds_same_theme_sentences(tmp_path):
                 name = train[i].metadata["theme"]
                 share[name] = share.get(name, 0.0) + value
         assert max(share, key=share.get) == theme, (result.query_ids[q], share)
+
+
+def test_build_then_score_from_the_store(workdir, capsys):
+    """`build` writes a store; `score --store` equals the Python API on the same store."""
+    model_args = ["--model", str(workdir / "model"), "--quiet"]
+    train_args = ["--train", str(workdir / "train.jsonl"), "--max-length", "64"]
+    store = workdir / "grads.h5"
+    assert main(["fit", *model_args, *train_args, "--out", str(workdir / "fs.h5")]) == 0
+    build = ["build", *model_args, *train_args, "--out", str(store), "--codec", "lowrank:4"]
+    assert main(build) == 0
+    assert "GradientStore" in capsys.readouterr().out
+    assert main(build) == 0  # a second run finds everything stored: nothing to do
+    score = [
+        "score",
+        *model_args,
+        "--factors",
+        str(workdir / "fs.h5"),
+        "--store",
+        str(store),
+        "--queries",
+        str(workdir / "queries.jsonl"),
+        "--out",
+        str(workdir / "rs.h5"),
+        "--top-k",
+        "5",
+        "--refine",
+        "8",
+    ]
+    assert main(score) == 0
+    printed = capsys.readouterr().out
+    assert "query 'soup'" in printed and "wrote" in printed
+
+    model, _ = ik.load_model(workdir / "model")
+    expected = ik.score(
+        model,
+        ik.Factors.load(workdir / "fs.h5"),
+        ik.load_queries(workdir / "queries.jsonl"),
+        ik.GradientStore.open(store),
+        top_k=5,
+        refine=8,
+        progress=False,
+    )
+    saved = ik.InfluenceResult.load(workdir / "rs.h5")
+    np.testing.assert_array_equal(saved.indices, expected.indices)
+    np.testing.assert_allclose(saved.scores, expected.scores, rtol=1e-6)
+    assert main(["info", str(store)]) == 0
+    assert "influencekit.store" in capsys.readouterr().out
+
+
+def test_score_needs_exactly_one_source(workdir, capsys):
+    args = ["score", "--model", str(workdir / "model"), "--factors", "f.h5"]
+    args += ["--queries", str(workdir / "queries.jsonl"), "--out", "r.h5", "--quiet"]
+    assert main(args) == 2
+    assert "exactly one of --store" in capsys.readouterr().err

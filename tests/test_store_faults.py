@@ -50,7 +50,13 @@ CHUNK = 3  # 14 parts for 40 examples: 13 of 3, one of 1
 BATCH = 2  # a chunk of 3 is computed as a padded batch of 2 and a batch of 1
 IDS = [f"ex{i:02d}" for i in range(N)]
 QUERY = ("The moon", " rises over the sea.")
-STORE_OPTIONS = {"modules": "mlp", "chunk_size": CHUNK, "batch_size": BATCH, "progress": False}
+STORE_OPTIONS = {
+    "modules": "mlp",
+    "codec": "dense",
+    "chunk_size": CHUNK,
+    "batch_size": BATCH,
+    "progress": False,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,7 +381,7 @@ def test_kill9_at_random_moments_then_resume_equals_clean_build(server, referenc
 # The commit steps at which a builder can die, each hit exactly once in a chain of runs (kron
 # codec: its projections live in the manifest), with the examples committed afterwards.
 CRASH_CHAIN = [
-    ("part-write:3", 0),  # 1st run: the first part half built (in memory: no file yet)
+    ("part-write:2", 0),  # 1st run: the first part half built (in memory: no file yet)
     ("part-tmp:2", 3),  # temp part 1 complete, not renamed
     ("part-dir:2", 6),  # part 2 renamed into place, the manifest naming it not yet written
     ("manifest-tmp:2", 9),  # part 3 renamed, its manifest written to a temp file, not renamed
