@@ -170,6 +170,9 @@ def score(
     ``top_k``: keep only each query's ``k`` highest scores (a top-k result, see
     :class:`InfluenceResult`); memory then does not grow with the number of training sequences.
     ``refine`` (store only): rescore each query's top ``refine`` candidates exactly.
+    With a ``lowrank`` store pass ``query_rank`` (e.g. 16): a full-rank query costs
+    ``d_out·d_in`` per stored sequence and layer, a rank-r one ``r·R·(d_out + d_in)``
+    (docs/store-format.md).
     ``tokenizer`` defaults to ``train.tokenizer`` (a dataset) or the store's own.
 
     Example:

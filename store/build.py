@@ -19,6 +19,7 @@ import fcntl
 import os
 import uuid as uuidlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -126,9 +127,14 @@ def build_store(
     with _build_lock(path):
         manifest = _open_or_create(path, config, spec, layers, chunk_size, factors, train.tokenizer)
         pending = _pending(GradientStore.open(path), train)
-        _write_chunks(
-            path, manifest, model, layers, train, pending, batch_size, device, amp_dtype, progress
-        )
+        spec = parse_codec(manifest.config.codec)
+        codecs = [  # as recorded: the projections and test matrices are read, not redrawn
+            restore_codec(spec, tuple(shape), tensors)
+            for shape, tensors in zip(manifest.config.shapes, manifest.layer_tensors, strict=True)
+        ]
+        compute = torch.float64 if dtype == "float64" else torch.float32
+        encoder = _Encoder(model, layers, codecs, batch_size, device, compute, amp_dtype)
+        _write_chunks(path, manifest, encoder, train, pending, progress)
     return GradientStore.open(path)
 
 
@@ -241,62 +247,61 @@ def _check_unique_ids(train: TextDataset) -> None:
         seen.add(ex.id)
 
 
-def _write_chunks(
-    path, manifest, model, layers, train, pending, batch_size, device, amp_dtype, progress
-) -> None:
-    spec = parse_codec(manifest.config.codec)
-    codecs = [
-        restore_codec(spec, tuple(shape), tensors)
-        for shape, tensors in zip(manifest.config.shapes, manifest.layer_tensors, strict=True)
-    ]
-    compute = torch.float64 if manifest.config.dtype == "float64" else torch.float32
+@dataclass(frozen=True)
+class _Encoder:
+    """What every chunk of one build shares: the model, its tracked layers and their codecs."""
+
+    model: nn.Module
+    layers: list[TrackedLayer]
+    codecs: list
+    batch_size: int
+    device: torch.device
+    compute: torch.dtype  # float32, or float64 for a float64 store
+    amp_dtype: torch.dtype | None
+
+    def encode(self, train: TextDataset, chunk: list[int]) -> list[dict[str, np.ndarray]]:
+        """Each layer's stored arrays for the examples ``chunk`` (rows in ``chunk`` order)."""
+        row_of = {index: row for row, index in enumerate(chunk)}
+        out: list[dict] = [{} for _ in self.codecs]
+        order = length_order(train, chunk)  # longest first: little padding per batch
+        batches = example_batches(train, self.batch_size, order)
+        for batch, io in capture_batches(
+            self.model,
+            self.layers,
+            batches,
+            device=self.device,
+            progress=False,
+            example_ids=train.ids,
+            dtype=self.compute,
+            amp_dtype=self.amp_dtype,
+        ):
+            rows = [row_of[i] for i in batch.indices]
+            for layer, codec, dest in zip(self.layers, self.codecs, out, strict=True):
+                x = io[layer.name]
+                for key, value in codec.encode(x.a, x.s).items():
+                    if key not in dest:
+                        dest[key] = np.zeros((len(chunk), *value.shape[1:]), _numpy(self.compute))
+                    dest[key][rows] = value.cpu().numpy()
+        return out
+
+
+def _write_chunks(path, manifest, encoder: _Encoder, train, pending, progress) -> None:
+    """Encode and commit ``pending`` (positions in ``train``) chunk by chunk."""
     step = manifest.chunk_size
     with progress_counter(len(pending), desc="building store", enabled=progress) as bar:
         for lo in range(0, len(pending), step):
             chunk = pending[lo : lo + step]
-            arrays = _encode_chunk(
-                model, layers, codecs, train, chunk, batch_size, device, compute, amp_dtype
-            )
             examples = PartExamples(
                 [train[i].id for i in chunk],
                 [train[i].text for i in chunk],
                 [dict(train[i].metadata) for i in chunk],
                 [list(train[i].input_ids) for i in chunk],
             )
-            _commit(path, manifest, examples, arrays)
+            _commit(path, manifest, examples, encoder.encode(train, chunk))
             bar.update(len(chunk))
 
 
-def _encode_chunk(
-    model, layers, codecs, train, chunk, batch_size, device, compute, amp_dtype
-) -> list[dict[str, np.ndarray]]:
-    """Each layer's stored arrays for the examples ``chunk`` (rows in ``chunk`` order)."""
-    row_of = {index: row for row, index in enumerate(chunk)}
-    n = len(chunk)
-    out = [{key: None for key in codec.arrays()} for codec in codecs]
-    order = length_order(train, chunk)  # longest first: little padding per batch
-    batches = example_batches(train, batch_size, order)
-    for batch, io in capture_batches(
-        model,
-        layers,
-        batches,
-        device=device,
-        progress=False,
-        example_ids=train.ids,
-        dtype=compute,
-        amp_dtype=amp_dtype,
-    ):
-        rows = [row_of[i] for i in batch.indices]
-        for layer, codec, dest in zip(layers, codecs, out, strict=True):
-            x = io[layer.name]
-            for key, value in codec.encode(x.a, x.s).items():
-                if dest[key] is None:
-                    dest[key] = np.zeros((n, *value.shape[1:]), dtype=_numpy_dtype(compute))
-                dest[key][rows] = value.cpu().numpy()
-    return out
-
-
-def _numpy_dtype(compute: torch.dtype):
+def _numpy(compute: torch.dtype):
     return np.float64 if compute == torch.float64 else np.float32
 
 
