@@ -320,12 +320,11 @@ class _Scoring:
     def exact_for(self, store, pre: dict, candidates: np.ndarray) -> np.ndarray:
         """Exact per-layer scores ``(Q, K, L)`` of each query's candidate stored examples."""
         union = sorted(set(candidates.flatten().tolist()))
-        tokens = store.examples().input_ids
         exact = exact_scores(
             self.model,
             self.layers,
             pre,
-            [tokens[i] for i in union],
+            store.token_ids(union),  # only the candidates' rows are read
             union,
             pad_id=padding_id(store.tokenizer()),
             batch_size=self.batch_size,

@@ -142,6 +142,31 @@ class GradientStore:
             self._examples = merged
         return self._examples
 
+    def token_ids(self, indices: list[int]) -> list[list[int]]:
+        """Token ids of the stored examples ``indices``, reading only their rows.
+
+        Example:
+            >>> store.token_ids([0, 5])          # doctest: +SKIP
+            [[464, 3290, ...], [...]]
+        """
+        wanted = sorted(set(int(i) for i in indices))
+        if wanted and not 0 <= wanted[0] <= wanted[-1] < len(self):
+            raise IndexError(f"{self.path}: indices must lie in 0..{len(self) - 1}")
+        found: dict[int, list[int]] = {}
+        for path, first, count in self._part_ranges():
+            rows = [i - first for i in wanted if first <= i < first + count]
+            if not rows:
+                continue
+            with _open_part(path) as f:
+                try:
+                    lengths = f["examples/n_tokens"][rows]
+                    tokens = f["examples/input_ids"][rows]
+                except (OSError, KeyError) as err:
+                    raise FileFormatError(f"{path}: cannot read stored token ids ({err})") from err
+            for row, n, ids in zip(rows, lengths, tokens, strict=True):
+                found[first + row] = ids[:n].tolist()
+        return [found[int(i)] for i in indices]
+
     @property
     def ids(self) -> list[str]:
         return list(self.examples().ids)

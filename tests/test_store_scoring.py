@@ -606,3 +606,14 @@ def test_float16_store(w32, codec):
         assert err < 1e-2, f"{codec} {layer}: float16 relative error {err:.2e}"
     err = rel_error(a.scores, b.scores)
     assert 0 < err < 1e-2, err  # float16 rounding shows, but stays small
+
+
+def test_token_ids_reads_just_the_asked_rows(w32):
+    """refine reads its candidates' token ids row by row: they equal the full listing."""
+    store = w32.store("dense")
+    everything = store.examples().input_ids
+    asked = [len(store) - 1, 0, 3, 3, 1]  # unsorted, repeated, across parts
+    assert store.token_ids(asked) == [everything[i] for i in asked]
+    assert store.token_ids([]) == []
+    with pytest.raises(IndexError):
+        store.token_ids([len(store)])
