@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import uuid as uuidlib
 from collections.abc import Iterator
@@ -221,22 +222,33 @@ def _remove_uncommitted(path: Path, n_committed: int) -> None:
 
 
 def _pending(store: GradientStore, train: TextDataset) -> list[int]:
-    """Positions in ``train`` not yet stored, in order; refuses ids stored with other tokens."""
+    """Positions in ``train`` not yet stored, in order; refuses ids stored with other tokens.
+
+    Stored examples are read part by part and kept as one digest each, so a resume over a
+    large store holds no copy of its token ids.
+    """
     if train.max_length != store.config.max_length:
         raise MismatchError(
             f"{store.path}: max_length: store {store.config.max_length}, dataset {train.max_length}"
         )
-    stored = store.examples()
-    tokens_of = dict(zip(stored.ids, stored.input_ids, strict=True))
+    digest_of = {
+        id_: _tokens_digest(ids)
+        for part in store.parts_examples()
+        for id_, ids in zip(part.ids, part.input_ids, strict=True)
+    }
     pending = []
     for position, ex in enumerate(train):
-        if ex.id not in tokens_of:
+        if ex.id not in digest_of:
             pending.append(position)
-        elif list(ex.input_ids) != tokens_of[ex.id]:
+        elif _tokens_digest(ex.input_ids) != digest_of[ex.id]:
             raise MismatchError(
                 f"{store.path}: example id {ex.id!r} is already stored with different tokens"
             )
     return pending
+
+
+def _tokens_digest(ids) -> bytes:
+    return hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=16).digest()
 
 
 def _check_unique_ids(train: TextDataset) -> None:

@@ -135,12 +135,16 @@ class GradientStore:
         """Ids, texts, extra fields and token ids of every stored example (read once)."""
         if self._examples is None:
             merged = PartExamples([], [], [], [])
-            for path, _, _ in self._part_ranges():
-                part = read_part_examples(path)
+            for part in self.parts_examples():
                 for key in ("ids", "texts", "metadata", "input_ids"):
                     getattr(merged, key).extend(getattr(part, key))
             self._examples = merged
         return self._examples
+
+    def parts_examples(self) -> Iterator[PartExamples]:
+        """The per-example records part by part (memory of one part at a time)."""
+        for path, _, _ in self._part_ranges():
+            yield read_part_examples(path)
 
     def token_ids(self, indices: list[int]) -> list[list[int]]:
         """Token ids of the stored examples ``indices``, reading only their rows.
