@@ -32,7 +32,6 @@ from .data import (
     collate,
     example_batches,
     length_order,
-    padding_id,
     query_batches,
 )
 from .errors import NonFiniteError
@@ -47,7 +46,7 @@ from .hooks import (
 from .lowrank import LowRank
 from .models import TrackedLayer, check_sequences_fit, resolve_device
 from .result import InfluenceResult
-from .store_scoring import TopK, exact_scores, stream_store
+from .store_scoring import TopK, stream_store
 
 
 def query_tokens(
@@ -256,7 +255,9 @@ class _Scoring:
             return np.zeros((n_queries, n_train, n_layers))
         return TopK(n_queries, top_k, n_layers)
 
-    def on_the_fly(self, train: TextDataset, forms: dict, top_k: int | None):
+    def on_the_fly(
+        self, train: TextDataset, forms: dict, top_k: int | None, desc: str = "training gradients"
+    ):
         """Training gradients computed batch by batch and contracted at once."""
         forms = {name: cheaper_form(p) for name, p in forms.items()}
         keep = self.keeper(_n_queries(forms), len(train), top_k)
@@ -269,7 +270,7 @@ class _Scoring:
             dtype=self.dtype,
             amp_dtype=self.amp_dtype,
             progress=self.progress,
-            desc="training gradients",
+            desc=desc,
             total=-(-len(train) // self.batch_size),
             example_ids=train.ids,
         ):
@@ -318,21 +319,19 @@ class _Scoring:
         return layer_scores, indices, candidates.tolist()
 
     def exact_for(self, store, pre: dict, candidates: np.ndarray) -> np.ndarray:
-        """Exact per-layer scores ``(Q, K, L)`` of each query's candidate stored examples."""
+        """Exact per-layer scores ``(Q, K, L)`` of each query's candidate stored examples.
+
+        The candidates' gradients are recomputed from their stored token ids (only those rows
+        are read), through the same loop as on-the-fly scoring.
+        """
         union = sorted(set(candidates.flatten().tolist()))
-        exact = exact_scores(
-            self.model,
-            self.layers,
-            pre,
-            store.token_ids(union),  # only the candidates' rows are read
-            union,
-            pad_id=padding_id(store.tokenizer()),
-            batch_size=self.batch_size,
-            device=self.device,
-            compute=self.dtype,
-            amp_dtype=self.amp_dtype,
-            progress=self.progress,
-        )
+        tok = store.tokenizer()
+        rows = zip(union, store.token_ids(union), strict=True)
+        examples = [
+            Example(j, f"stored #{i}", "", tuple(ids), {}, tok) for j, (i, ids) in enumerate(rows)
+        ]
+        subset = TextDataset(examples, tok, store.config.max_length, f"{store.path} (refine)")
+        exact, _ = self.on_the_fly(subset, pre, None, desc="refining")
         column = {index: j for j, index in enumerate(union)}
         picked = np.vectorize(column.__getitem__, otypes=[np.int64])(candidates)
         return exact[np.arange(len(candidates))[:, None], picked]

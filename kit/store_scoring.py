@@ -5,9 +5,10 @@ rank ``r`` (``query_rank``), then compressed by each layer's codec exactly as th
 gradients were, and contracted with the stored arrays block by block. Memory holds one block
 of the store plus the scores kept: all of them, or each query's running top-k (``top_k``).
 
-``refine=K`` then recomputes the exact gradients of each query's top-K candidates (from the
-token ids the store keeps) and replaces their scores by exact ones with the full ``P_q``:
-the compressed store finds the candidates, the exact pass ranks them.
+``refine=K`` (in :mod:`influencekit.scoring`) then recomputes the exact gradients of each
+query's top-K candidates from the token ids the store keeps and replaces their scores by
+exact ones with the full ``P_q``: the compressed store finds the candidates, the exact pass
+ranks them.
 
 Example:
     >>> result = score(model, factors, queries, store, top_k=20, refine=50)  # doctest: +SKIP
@@ -18,8 +19,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import collate
-from .hooks import capture_batches, per_sequence_grads
 from .models import TrackedLayer
 from .progress import progress_counter
 
@@ -89,52 +88,3 @@ def stream_store(
             else:
                 keep[:, first : first + block.shape[1]] = block
             bar.update(block.shape[1])
-
-
-def exact_scores(
-    model,
-    layers: list[TrackedLayer],
-    preconditioned: dict[str, torch.Tensor],
-    token_ids: list[list[int]],
-    indices: list[int],
-    *,
-    pad_id: int,
-    batch_size: int,
-    device,
-    compute: torch.dtype,
-    amp_dtype,
-    progress: bool,
-) -> np.ndarray:
-    """Exact ``⟨P_q, G_z⟩`` per layer for the listed stored examples: ``(Q, len(indices), L)``.
-
-    Gradients are recomputed from the stored token ids, longest first in batches.
-    """
-    order = sorted(range(len(indices)), key=lambda j: -len(token_ids[j]))
-    n_queries = next(iter(preconditioned.values())).shape[0]
-    out = np.zeros((n_queries, len(indices), len(layers)))
-    batches = (
-        collate(
-            [token_ids[j] for j in order[lo : lo + batch_size]],
-            [1] * len(order[lo : lo + batch_size]),
-            order[lo : lo + batch_size],
-            pad_id,
-        )
-        for lo in range(0, len(order), batch_size)
-    )
-    for batch, io in capture_batches(
-        model,
-        layers,
-        batches,
-        device=device,
-        desc="refining",
-        progress=progress,
-        total=-(-len(order) // batch_size),
-        example_ids={j: f"stored #{indices[j]}" for j in order},
-        dtype=compute,
-        amp_dtype=amp_dtype,
-    ):
-        for col, layer in enumerate(layers):
-            g = per_sequence_grads(io[layer.name])
-            part = preconditioned[layer.name].flatten(1) @ g.flatten(1).T
-            out[:, batch.indices, col] = part.double().cpu().numpy()
-    return out

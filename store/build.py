@@ -48,7 +48,7 @@ from influencekit.models import (
 )
 from influencekit.progress import progress_counter
 
-from .codecs import DEFAULT_CODEC, make_codec, parse_codec, restore_codec
+from .codecs import DEFAULT_CODEC, make_codec, parse_codec
 from .layout import (
     DTYPES,
     PART_BYTES,
@@ -126,16 +126,11 @@ def build_store(
         max_length=train.max_length,
     )
     with _build_lock(path):
-        manifest = _open_or_create(path, config, spec, layers, chunk_size, factors, train.tokenizer)
-        pending = _pending(GradientStore.open(path), train)
-        spec = parse_codec(manifest.config.codec)
-        codecs = [  # as recorded: the projections and test matrices are read, not redrawn
-            restore_codec(spec, tuple(shape), tensors)
-            for shape, tensors in zip(manifest.config.shapes, manifest.layer_tensors, strict=True)
-        ]
+        _open_or_create(path, config, spec, layers, chunk_size, factors, train.tokenizer)
+        store = GradientStore.open(path)  # its codecs hold the recorded projections, not redrawn
         compute = torch.float64 if dtype == "float64" else torch.float32
-        encoder = _Encoder(model, layers, codecs, batch_size, device, compute, amp_dtype)
-        _write_chunks(path, manifest, encoder, train, pending, progress)
+        encoder = _Encoder(model, layers, store.codecs, batch_size, device, compute, amp_dtype)
+        _write_chunks(path, store.manifest, encoder, train, _pending(store, train), progress)
     return GradientStore.open(path)
 
 
@@ -154,8 +149,8 @@ def _build_lock(path: Path) -> Iterator[None]:
         yield
 
 
-def _open_or_create(path, config, spec, layers, chunk_size, factors, tokenizer) -> Manifest:
-    """The committed manifest (checked against ``config``), or a new empty one."""
+def _open_or_create(path, config, spec, layers, chunk_size, factors, tokenizer) -> None:
+    """Check the committed manifest against ``config``, or write a new empty one."""
     folder = parts_dir(path)
     if path.exists():
         manifest = read_manifest(path)
@@ -180,7 +175,6 @@ def _open_or_create(path, config, spec, layers, chunk_size, factors, tokenizer) 
         except OSError as err:
             raise StoreWriteError(f"{path}: cannot create the store ({err})") from err
     _remove_uncommitted(path, len(manifest.part_counts))
-    return manifest
 
 
 def _new_manifest(config, spec, layers: list[TrackedLayer], chunk_size, factors) -> Manifest:
@@ -322,7 +316,7 @@ def _commit(path: Path, manifest: Manifest, examples: PartExamples, arrays) -> N
     number = len(manifest.part_counts)
     target = parts_dir(path) / part_name(number)
     on_disk = np.dtype(manifest.config.dtype)
-    arrays = [{k: v.astype(on_disk) for k, v in layer.items()} for layer in arrays]
+    arrays = [{k: v.astype(on_disk, copy=False) for k, v in layer.items()} for layer in arrays]
     _check_representable(arrays, manifest, examples)
     try:
         write_part(

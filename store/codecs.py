@@ -45,8 +45,9 @@ from dataclasses import dataclass
 
 import torch
 
+from influencekit.lowrank import LowRank
+
 Tensor = torch.Tensor
-LowRank = tuple[Tensor, Tensor]  # (U Σ: (Q, d_out, r), V: (Q, d_in, r))
 KINDS = ("dense", "kron", "lowrank", "eig")
 DEFAULT_CODEC = "lowrank:8"  # chosen from benchmarks/store.py: see docs/store-format.md
 OVERSAMPLE = 8  # extra columns of the lowrank range finder

@@ -173,7 +173,10 @@ class GradientStore:
 
     @property
     def ids(self) -> list[str]:
-        return list(self.examples().ids)
+        """Ids of the stored examples, in order (read part by part; token ids are not kept)."""
+        if self._examples is not None:
+            return list(self._examples.ids)
+        return [id_ for part in self.parts_examples() for id_ in part.ids]
 
     def tokenizer(self):
         """The tokenizer the store was built with, rebuilt from the files it keeps.
