@@ -11,6 +11,7 @@ Example:
     >>> result.top(0, k=5)  # doctest: +SKIP
 """
 
+from . import demo  # the shipped corpus, models and demo (imports the modules below)
 from .data import Example, Query, TextDataset, as_queries, load_queries
 from .errors import (
     DataError,
@@ -25,9 +26,9 @@ from .factors import Factors, LayerFactors, fit_factors
 from .models import load_model, model_fingerprint, select_modules
 from .result import InfluenceResult
 from .scoring import score, token_scores
-from .store import GradientStore  # last: the store builds on the modules above
+from .store import GradientStore
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "DataError",
@@ -45,6 +46,7 @@ __all__ = [
     "StoreWriteError",
     "TextDataset",
     "as_queries",
+    "demo",
     "fit_factors",
     "load_model",
     "load_queries",

@@ -1,6 +1,7 @@
 """The ``influencekit`` command line: the same names as the Python API.
 
-    influencekit demo                      # the built-in end-to-end example
+    influencekit demo [--out DIR] [--quick] [--model small|large] [--device D]
+                                           # the shipped model and corpus, end to end
     influencekit fit --model DIR --train FILE --out FACTORS.h5 [--modules mlp] [--fisher sampled]
     influencekit build --model DIR --train FILE --out STORE.h5 [--codec kron:64] [--modules mlp]
     influencekit score --model DIR --factors F.h5 --store S.h5 --queries Q.jsonl --out RESULT.h5
@@ -66,10 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run the built-in end-to-end example")
-    demo.add_argument("--out", default=None, help="keep the model, factors and result here")
-    demo.add_argument("--top-k", type=int, default=3)
-    demo.add_argument("--device", default=None)
+    demo = sub.add_parser(
+        "demo", help="fit, build, score and report on the shipped model and corpus"
+    )
+    demo.add_argument(
+        "--out", default=None, help="output folder (default ./influencekit-demo[-large][-quick])"
+    )
+    demo.add_argument("--quick", action="store_true", help="a small slice of the corpus (<1 min)")
+    demo.add_argument("--model", choices=("small", "large"), default="small", help="(small)")
+    demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
+    demo.add_argument("--show", type=int, default=3, help="rows printed per query (3)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
 
     fit = sub.add_parser("fit", help="fit EK-FAC (or baseline) factors")
@@ -133,11 +140,21 @@ def _load(args):
 
 
 def cmd_demo(args) -> None:
-    from .example import run_example
+    from transformers.utils import logging as hf_logging
 
-    run_example(args.out, k=args.top_k, device=args.device, progress=not args.quiet)
-    if args.out:
-        print(f"\nwrote {args.out}/model, {args.out}/factors.h5, {args.out}/result.h5")
+    from .demo.pipeline import run_demo, summary
+
+    hf_logging.disable_progress_bar()  # its weight-loading bar would sit among the stage bars
+    run = run_demo(
+        args.out, quick=args.quick, size=args.model, device=args.device, progress=not args.quiet
+    )
+    print(summary(run, args.show))
+    timings = ", ".join(f"{name} {sec:.1f} s" for name, sec in run.seconds.items())
+    reused = f" (reused: {', '.join(run.reused)})" if run.reused else ""
+    print(f"\ntimings: {timings}{reused}")
+    for name, path in run.paths.items():
+        print(f"wrote {name:<8} {path}")
+    print(f"\nopen {run.paths['report'].resolve().as_uri()}")
 
 
 def cmd_fit(args) -> None:
@@ -188,7 +205,6 @@ def cmd_build(args) -> None:
 
 def cmd_score(args) -> None:
     from .data import load_queries
-    from .example import format_top_table
     from .factors import Factors
     from .models import load_model
     from .scoring import score
@@ -220,6 +236,20 @@ def cmd_score(args) -> None:
     result.save(args.out)
     print(format_top_table(result, shown, args.show))
     print(f"\nwrote {args.out}")
+
+
+def format_top_table(result, train, k: int = 3) -> str:
+    """A plain-text table: each query, then its top-``k`` training sequences with scores."""
+    lines = []
+    for q, query in enumerate(result.meta.get("queries", [])):
+        lines.append(
+            f"\nquery {result.query_ids[q]!r}: {query['prompt']!r} -> {query['completion']!r}"
+        )
+        lines.append(f"  {'rank':>4}  {'score':>12}  {'id':<12}  text")
+        for rank, (i, value) in enumerate(result.top(q, k), start=1):
+            example = train[i]
+            lines.append(f"  {rank:>4}  {value:>12.4g}  {example.id:<12}  {example.text[:60]}")
+    return "\n".join(lines)
 
 
 def cmd_info(args) -> None:

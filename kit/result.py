@@ -94,6 +94,25 @@ class InfluenceResult:
         index = self.indices[q] if self.indices is not None else np.arange(len(row))
         return [(int(index[i]), float(row[i])) for i in order]
 
+    def layer_shares(self, q: int, k: int = 10) -> np.ndarray:
+        """Each layer's part of the summed score of query ``q``'s top ``k`` sequences.
+
+        ``(n_layers,)``, summing to 1 (a layer that pulls the other way gets a negative share).
+        All zeros when the top ``k`` scores sum to zero, where no share is defined.
+
+        Example:
+            >>> import numpy as np
+            >>> scores = np.array([[[3.0, 1.0], [0.0, 0.0]]])
+            >>> r = InfluenceResult(scores, ["a", "b"], ["x", "y"], ["q"])
+            >>> r.layer_shares(0, k=1).tolist()
+            [0.75, 0.25]
+        """
+        row = self.scores[q]
+        columns = np.argsort(-row, kind="stable")[:k]
+        per_layer = self.layer_scores[q, columns].sum(axis=0)
+        total = per_layer.sum()
+        return per_layer / total if total != 0 else np.zeros_like(per_layer)
+
     def save(self, path: str | Path) -> Path:
         """Write an HDF5 file any HDF5 tool can read (atomically)."""
         with atomic_h5(path) as f:

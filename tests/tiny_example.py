@@ -1,13 +1,12 @@
-"""The built-in end-to-end example: a tiny GPT-2 trained here, then influence on it.
+"""A tiny end-to-end case for tests: a 2-block GPT-2 trained here, then influence on it.
 
-Until the shipped demo model lands, ``influencekit demo`` runs this: it trains a 2-block GPT-2
-on :data:`influencekit.tiny.TINY_CORPUS` for a few seconds (deterministic, seeded), saves it as
-a Hugging Face directory with safetensors weights, loads it back through :func:`load_model`
-(the path a user's own model takes), fits EK-FAC factors, scores a few queries and prints each
-query's most influential training sentences.
+It trains on :data:`influencekit.tiny.TINY_CORPUS` for a few seconds (deterministic, seeded),
+saves a Hugging Face directory with safetensors weights, loads it back through
+:func:`load_model` (the path a user's own model takes), fits EK-FAC factors and scores a few
+queries. (The shipped demo, ``influencekit demo``, lives in :mod:`influencekit.demo`.)
 
 Example:
-    >>> result, train = run_example(progress=False, echo=False)   # doctest: +SKIP
+    >>> result, train = run_example(progress=False)   # doctest: +SKIP
     >>> result.top(0, k=3)                                          # doctest: +SKIP
 """
 
@@ -18,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from .data import TextDataset
-from .factors import fit_factors
-from .models import load_model
-from .result import InfluenceResult
-from .scoring import score
-from .tiny import TINY_CORPUS, build_tokenizer
+from influencekit.data import TextDataset
+from influencekit.factors import fit_factors
+from influencekit.models import load_model
+from influencekit.result import InfluenceResult
+from influencekit.scoring import score
+from influencekit.tiny import TINY_CORPUS, build_tokenizer
 
 THEMES = ("cooking", "astronomy", "sailing", "music")  # TINY_CORPUS: ten sentences each
 QUERIES = [
@@ -80,12 +79,10 @@ def train_tiny_model(out_dir: str | Path, *, steps: int = 60, seed: int = 0) -> 
 def run_example(
     out_dir: str | Path | None = None,
     *,
-    k: int = 3,
     device: str | None = None,
     progress: bool = True,
-    echo: bool = True,
 ) -> tuple[InfluenceResult, TextDataset]:
-    """Train, fit, score and (with ``echo``) print the top-``k`` table per query."""
+    """Train, fit and score; with ``out_dir``, keep the model, factors and result there."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # transformers' own save/load bars would drown the table
@@ -99,20 +96,4 @@ def run_example(
         if out_dir is not None:
             factors.save(root / "factors.h5")
             result.save(root / "result.h5")
-    if echo:
-        print(format_top_table(result, train, k))
     return result, train
-
-
-def format_top_table(result: InfluenceResult, train: TextDataset, k: int = 3) -> str:
-    """A plain-text table: each query, then its top-``k`` training sequences with scores."""
-    lines = []
-    for q, query in enumerate(result.meta.get("queries", [])):
-        lines.append(
-            f"\nquery {result.query_ids[q]!r}: {query['prompt']!r} -> {query['completion']!r}"
-        )
-        lines.append(f"  {'rank':>4}  {'score':>12}  {'id':<12}  text")
-        for rank, (i, value) in enumerate(result.top(q, k), start=1):
-            example = train[i]
-            lines.append(f"  {rank:>4}  {value:>12.4g}  {example.id:<12}  {example.text[:60]}")
-    return "\n".join(lines)

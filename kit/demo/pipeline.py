@@ -1,0 +1,330 @@
+"""``influencekit demo``: the shipped model and corpus, end to end, with stages reused on rerun.
+
+Stages: load the shipped model and corpus → fit EK-FAC factors → build the gradient store →
+score the built-in queries → write ``report.html``. Each finished stage is recorded in
+``DIR/stages.json`` under a key: the SHA-256 of everything its output depends on (model
+fingerprint, dataset fingerprint, settings, the keys of the stages it reads). A rerun reuses a
+stage whose key matches and whose file still opens, and redoes it otherwise; an interrupted
+store build resumes where it stopped (the store itself is crash-safe).
+
+Example:
+    >>> run = run_demo("demo-out", quick=True, progress=False)   # doctest: +SKIP
+    >>> run.result.top(0, k=3)                                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..data import TextDataset, as_queries
+from ..errors import InfluenceKitError
+from ..factors import Factors, fit_factors
+from ..h5io import temp_name
+from ..models import load_model, model_fingerprint
+from ..result import InfluenceResult
+from ..scoring import score
+from ..store import GradientStore
+from .corpus import DATA_DIR, MAX_LENGTH, load_records
+from .queries import QUERIES
+
+SIZES = ("small", "large")
+QUICK_EXAMPLES = 360  # --quick: an even share of every theme, plus the queries' sources
+SETTINGS = {
+    "modules": "mlp",
+    "strategy": "ekfac",
+    "fisher": "sampled",
+    "seed": 0,
+    "codec": "lowrank:8",
+    "refine": 20,  # rescore each query's 20 best candidates exactly: exact top lists
+    "batch_size": 8,
+}
+TOP_K = 10  # rows per query in the summary and the report
+
+
+@dataclass
+class DemoRun:
+    """What a demo run made: the dataset, the result and the paths it wrote."""
+
+    out: Path
+    size: str
+    quick: bool
+    train: TextDataset
+    result: InfluenceResult
+    queries: list[dict]
+    paths: dict[str, Path]
+    seconds: dict[str, float] = field(default_factory=dict)
+    reused: list[str] = field(default_factory=list)
+
+
+def default_out(size: str = "small", quick: bool = False) -> Path:
+    """``influencekit-demo`` (+ ``-large``, ``-quick``) in the working directory."""
+    return Path("influencekit-demo" + ("-large" if size == "large" else "") + ("-quick" * quick))
+
+
+def model_dir(size: str = "small") -> Path:
+    """The shipped Hugging Face directory of one model size."""
+    if size not in SIZES:
+        raise ValueError(f"model size must be one of {', '.join(SIZES)}, got {size!r}")
+    return DATA_DIR / size
+
+
+def demo_records(quick: bool) -> list[dict]:
+    """The corpus, or for ``quick`` an even share per theme plus every query's source quote."""
+    records = load_records()
+    if not quick:
+        return records
+    sources = {q["source"] for q in QUERIES if "source" in q}
+    themes = list(dict.fromkeys(r["theme"] for r in records))
+    per_theme = QUICK_EXAMPLES // len(themes)
+    seen: dict[str, int] = {}
+    keep = []
+    for r in records:
+        seen[r["theme"]] = seen.get(r["theme"], 0) + 1
+        if seen[r["theme"]] <= per_theme or r["id"] in sources:
+            keep.append(r)
+    return keep
+
+
+def run_demo(
+    out: str | os.PathLike | None = None,
+    *,
+    quick: bool = False,
+    size: str = "small",
+    device: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> DemoRun:
+    """Fit, build, score and report on the shipped model and corpus; see the module docstring.
+
+    Example:
+        >>> run = run_demo("demo-out", quick=True, progress=False)   # doctest: +SKIP
+        >>> sorted(run.paths)                                         # doctest: +SKIP
+        ['factors', 'report', 'result', 'stages', 'store']
+    """
+    out = Path(out) if out is not None else default_out(size, quick)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = _Stages(out / "stages.json")
+    seconds: dict[str, float] = {}
+
+    started = time.perf_counter()
+    model, tokenizer = load_model(model_dir(size), device=device)
+    train = TextDataset.from_records(demo_records(quick), tokenizer, MAX_LENGTH)
+    queries = as_queries(QUERIES)
+    seconds["load"] = time.perf_counter() - started
+    log(
+        f"model {size} ({_n_params(model):,} parameters), {len(train)} training sequences, "
+        f"{len(queries)} queries"
+    )
+    inputs = {"model": model_fingerprint(model), "train": train.fingerprint()}
+    opts = {"device": device, "progress": progress, "batch_size": SETTINGS["batch_size"]}
+
+    def fit():
+        return fit_factors(
+            model,
+            train,
+            SETTINGS["modules"],
+            strategy=SETTINGS["strategy"],
+            fisher=SETTINGS["fisher"],
+            seed=SETTINGS["seed"],
+            **opts,
+        ).save(paths["factors"])
+
+    paths = {
+        name: out / f
+        for name, f in [
+            ("factors", "factors.h5"),
+            ("store", "grads.h5"),
+            ("result", "result.h5"),
+            ("report", "report.html"),
+            ("stages", "stages.json"),
+        ]
+    }
+    factors_key = _key("factors", inputs, "modules", "strategy", "fisher", "seed")
+    stages.run("factors", factors_key, paths["factors"], fit, Factors.load, log, seconds)
+    factors = Factors.load(paths["factors"])
+
+    store_key = _key("store", inputs, "modules", "codec", "seed")
+    stages.run(
+        "store",
+        store_key,
+        paths["store"],
+        lambda: GradientStore.build(
+            paths["store"],
+            model,
+            train,
+            modules=factors.modules,
+            codec=SETTINGS["codec"],
+            seed=SETTINGS["seed"],
+            **opts,
+        ),
+        GradientStore.open,
+        log,
+        seconds,
+        resumable=True,
+    )
+    store = GradientStore.open(paths["store"])
+
+    result_key = _key("result", {"in": [factors_key, store_key], "q": QUERIES}, "refine")
+    stages.run(
+        "result",
+        result_key,
+        paths["result"],
+        lambda: score(model, factors, queries, store, refine=SETTINGS["refine"], **opts).save(
+            paths["result"]
+        ),
+        InfluenceResult.load,
+        log,
+        seconds,
+    )
+    result = InfluenceResult.load(paths["result"])
+
+    run = DemoRun(out, size, quick, train, result, QUERIES, paths, seconds, stages.reused)
+    started = time.perf_counter()
+    write_demo_report(run)
+    seconds["report"] = time.perf_counter() - started
+    return run
+
+
+def write_demo_report(run: DemoRun) -> Path:
+    """``report.html`` for a demo run (the static report of :mod:`influencekit.widgets`)."""
+    from ..widgets.report import write_report
+
+    title = f"influencekit demo: {run.size} model{' (quick)' if run.quick else ''}"
+    facts = {
+        "model": f"shipped GPT-2 '{run.size}'",
+        "training sequences": f"{len(run.train):,} fortunes quotes in "
+        f"{len({ex.metadata.get('theme') for ex in run.train})} themes",
+        "factors": f"{SETTINGS['strategy']} ({SETTINGS['fisher']} Fisher) on {SETTINGS['modules']}",
+        "store": f"codec {SETTINGS['codec']}, top {SETTINGS['refine']} rescored exactly",
+    }
+    return write_report(
+        run.paths["report"],
+        run.result,
+        run.train,
+        queries=run.queries,
+        title=title,
+        k=TOP_K,
+        facts=facts,
+    )
+
+
+def _n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _key(stage: str, inputs: dict, *settings: str) -> str:
+    """SHA-256 of a stage's inputs and the named entries of :data:`SETTINGS`."""
+    chosen = {name: SETTINGS[name] for name in settings}
+    text = json.dumps({"stage": stage, **inputs, **chosen}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class _Stages:
+    """``stages.json``: which stage outputs are finished, and for which inputs (key)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.reused: list[str] = []
+        try:
+            self.done = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, json.JSONDecodeError):
+            self.done = {}  # unreadable bookkeeping only costs recomputation
+
+    def run(self, name, key, path, make, load, log, seconds, *, resumable=False) -> None:
+        """Reuse ``path`` if recorded under ``key`` and loadable; otherwise make it."""
+        record = self.done.get(name, {})
+        if record.get("key") == key and record.get("finished") and self._loads(load, path):
+            self.reused.append(name)
+            seconds[name] = 0.0
+            log(f"{name}: reusing {path} (inputs unchanged)")
+            return
+        if not (resumable and record.get("key") == key):
+            _remove(path)  # made for other inputs, or never finished: start over
+        self._record(name, {"key": key, "finished": False})
+        started = time.perf_counter()
+        make()
+        seconds[name] = time.perf_counter() - started
+        self._record(name, {"key": key, "finished": True, "seconds": round(seconds[name], 2)})
+        log(f"{name}: wrote {path} in {seconds[name]:.1f} s")
+
+    @staticmethod
+    def _loads(load, path: Path) -> bool:
+        try:
+            load(path)
+        except (InfluenceKitError, OSError):
+            return False
+        return True
+
+    def _record(self, name: str, record: dict) -> None:
+        self.done[name] = record
+        tmp = temp_name(self.path)
+        tmp.write_text(json.dumps(self.done, indent=1))
+        os.replace(tmp, self.path)
+
+
+def _remove(path: Path) -> None:
+    """Delete a demo output, with a store's part folder."""
+    path.unlink(missing_ok=True)
+    shutil.rmtree(path.with_name(path.name + ".d"), ignore_errors=True)
+
+
+def summary(run: DemoRun, k: int = 3) -> str:
+    """The terminal summary: per query its top ``k`` sequences with scores, where its source
+    quote ranks, the share of the top list from its theme, and the layer shares per block."""
+    from ..widgets.report import format_score
+
+    result, train = run.result, run.train
+    ranks = source_ranks(run)
+    lines = []
+    for q, query in enumerate(run.queries):
+        top = result.top(q, TOP_K)
+        themes = query["theme"] if isinstance(query["theme"], list) else [query["theme"]]
+        on_theme = np.mean([train[i].metadata.get("theme") in themes for i, _ in top])
+        lines.append(
+            f"\n[{query['kind']}] {query['id']}: {query['prompt']!r} -> {query['completion']!r}"
+        )
+        found = (
+            f"source {query['source']} ranks {ranks[query['id']]}; " if "source" in query else ""
+        )
+        blocks = block_shares(result, q)
+        lines.append(
+            f"  {found}top {TOP_K}: {on_theme:.0%} from its theme; layer shares "
+            + " ".join(f"{name}={share:.0%}" for name, share in blocks.items())
+        )
+        for rank, (i, value) in enumerate(top[:k], start=1):
+            ex = train[i]
+            text = ex.text if len(ex.text) <= 70 else ex.text[:67] + "..."
+            lines.append(f"  {rank}. {format_score(value):>8}  {ex.id:<18} {text}")
+    return "\n".join(lines)
+
+
+def source_ranks(run: DemoRun) -> dict[str, int]:
+    """For each query restating a corpus quote: that quote's rank (1 = most influential)."""
+    position = {ex.id: i for i, ex in enumerate(run.train)}
+    column = {train_id: i for i, train_id in enumerate(run.result.train_ids)}
+    ranks = {}
+    for q, query in enumerate(run.queries):
+        if "source" in query and query["source"] in position:
+            row = run.result.scores[q]
+            ranks[query["id"]] = 1 + int((row > row[column[query["source"]]]).sum())
+    return ranks
+
+
+def block_shares(result: InfluenceResult, q: int) -> dict[str, float]:
+    """:meth:`InfluenceResult.layer_shares` of the top ``TOP_K``, summed per transformer block
+    (``h0``, ``h1``, ...; a layer name without a block number stands alone)."""
+    shares: dict[str, float] = {}
+    for name, share in zip(result.layers, result.layer_shares(q, TOP_K), strict=True):
+        digits = [part for part in name.split(".") if part.isdigit()]
+        block = f"h{digits[0]}" if digits else name
+        shares[block] = shares.get(block, 0.0) + float(share)
+    return shares
