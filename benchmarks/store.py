@@ -26,6 +26,8 @@ Usage:
     python benchmarks/store.py                # full run (about 25 minutes on 2 CPU cores)
     python benchmarks/store.py --quick        # smoke run, small model, well under a minute
     python benchmarks/store.py --codecs kron:64,eig:64 --sequences 768 --device cuda
+    python benchmarks/store.py --demo small   # the shipped, trained demo model and corpus
+                                              # (22 demo queries; no RSS measurement)
 """
 
 from __future__ import annotations
@@ -206,7 +208,7 @@ def rss_child(args, setting) -> None:
     print(json.dumps({"rss_mib": rss_kib / 1024}))
 
 
-def report(rows, rss, setting, n_params) -> None:
+def report(rows, rss, train, n_params) -> None:
     print(
         f"\n{'codec':<11} {'seqs':>5} {'bytes/ex':>10} {'build x':>8} {'read x':>7} "
         f"{'answer x':>9} {'pearson':>8} {'top10':>6} {'read x':>7} {'answer x':>9} "
@@ -222,7 +224,7 @@ def report(rows, rss, setting, n_params) -> None:
         )
     print(
         f"\ntargets: build x <= 1.3, read x >= 0.7, answer x >= 20 at pearson >= 0.95 "
-        f"({n_params / 1e6:.1f}M-parameter model, {setting.n_sequences} sequences; the dense "
+        f"({n_params / 1e6:.1f}M-parameter model, {len(train)} sequences; the dense "
         f"row uses the first {DENSE_MAX}, its answer x is scaled to the same count). "
         f"refine: top_k=10, refine={REFINE}, full-rank queries."
     )
@@ -239,6 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--sequences", type=int, default=None, help="default 1024 (48 quick)")
     parser.add_argument("--codecs", default=",".join(CODECS), help="comma-separated codecs")
+    parser.add_argument(
+        "--demo", choices=["small", "large"], default=None, help="shipped model and corpus"
+    )
     parser.add_argument("--rss-codec", default="lowrank:8", help="codec of the RSS measurement")
     parser.add_argument("--rss-child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -249,12 +254,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.rss_child:
         return rss_child(args, setting)
     device = torch.device(args.device)
-    model = build_model(setting, device)
-    train, queries = build_data(setting)
+    if args.demo:
+        model, tokenizer = ik.demo.load_demo_model(args.demo, device=device)
+        train = ik.demo.load_corpus(tokenizer, limit=args.sequences)
+        queries = ik.demo.QUERIES
+    else:
+        model = build_model(setting, device)
+        train, queries = build_data(setting)
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"torch {torch.__version__} | device {device} | threads {torch.get_num_threads()}\n"
-        f"model: GPT-2 n_layer={setting.n_layer} n_embd={setting.n_embd}, "
+        f"model: {'demo ' + args.demo if args.demo else 'GPT-2'} "
+        f"n_layer={model.config.n_layer} n_embd={model.config.n_embd}, "
         f"{n_params / 1e6:.1f}M params; {len(train)} sequences, {train.n_tokens} tokens; "
         f"{len(queries)} queries; modules mlp",
         flush=True,
@@ -279,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
             print(f"  {codec}: {json.dumps(shown)}", flush=True)
+        if args.demo:  # the RSS child rebuilds the synthetic setting only
+            return report(rows, rss, train, n_params)
         factors.save(root / "factors.h5")
         small_n = max(1, len(train) // 4)
         small = root / "rss-small.h5"
@@ -293,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
             small_n,
             len(train),
         )
-    report(rows, rss, setting, n_params)
+    report(rows, rss, train, n_params)
 
 
 if __name__ == "__main__":

@@ -213,3 +213,36 @@ def test_demo_rejects_an_unknown_model_size(capsys):
     assert "invalid choice: 'huge'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="small, large"):
         demo.model_dir("huge")
+
+
+def test_an_unfinished_store_is_resumed_not_rebuilt(quick_demo, tmp_path):
+    """A store stage recorded as started but not finished (a killed run) is continued by the
+    store's own resume: the committed part files are kept as they are."""
+    import shutil
+
+    out, _ = quick_demo
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    stages = json.loads((copy / "stages.json").read_text())
+    stages["store"]["finished"] = False
+    (copy / "stages.json").write_text(json.dumps(stages))
+    parts = sorted((copy / "grads.h5.d").glob("part-*.h5"))
+    stamps = [p.stat().st_mtime_ns for p in parts]
+    run = demo.run_demo(copy, quick=True, progress=False, log=lambda _: None)
+    assert "store" not in run.reused and "factors" in run.reused
+    assert sorted((copy / "grads.h5.d").glob("part-*.h5")) == parts
+    assert [p.stat().st_mtime_ns for p in parts] == stamps
+    assert json.loads((copy / "stages.json").read_text())["store"]["finished"]
+
+
+def test_unreadable_stage_records_mean_recomputing(quick_demo, tmp_path):
+    import shutil
+
+    out, _ = quick_demo
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    (copy / "stages.json").write_text("{not json")
+    run = demo.run_demo(copy, quick=True, progress=False, log=lambda _: None)
+    assert run.reused == []
+    before = ik.InfluenceResult.load(out / "result.h5")
+    np.testing.assert_allclose(run.result.layer_scores, before.layer_scores, rtol=1e-5)

@@ -128,3 +128,14 @@ def test_script_payloads_stay_inert_in_the_browser(browser, tmp_path, tokenizer)
     assert "<script>window.__xss = 'script'</script>" in page.inner_text("#q0")
     assert page.title() == XSS[3]
     page.close()
+
+
+def test_a_top_k_result_reports_its_kept_rows_without_shares(tmp_path, tokenizer):
+    texts = ["a b c", "d e f", "g h i"]
+    train = ik.TextDataset.from_texts(texts, tokenizer, ids=["a", "b", "c"])
+    kept = np.array([[[5.0], [2.0]]])  # query 0 keeps training rows 2 and 0
+    result = ik.InfluenceResult(kept, ["l"], train.ids, ["q"], indices=np.array([[2, 0]]))
+    page = write_report(tmp_path / "r.html", result, train, k=10).read_text()
+    rows = page.split("<tbody>")[1].split("</tbody>")[0].split("<tr")[1:]
+    assert len(rows) == 2 and "g h i" in rows[0] and "a b c" in rows[1]
+    assert "%" not in page.split("<tbody>")[1].split("</tbody>")[0]  # no share of a partial sum

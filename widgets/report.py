@@ -180,7 +180,8 @@ def _examples_by_id(result, dataset) -> dict:
 
 def _section(result, q: int, query: dict, examples: dict, k: int) -> str:
     top = result.top(q, k)
-    positive = float(np.clip(result.scores[q], 0, None).sum())
+    # a share of the query's total positive influence needs every score, not just a top k
+    positive = 0.0 if result.is_top_k else float(np.clip(result.scores[q], 0, None).sum())
     themes = query.get("theme") or []
     themes = [themes] if isinstance(themes, str) else list(themes)
     rows = []

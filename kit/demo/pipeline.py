@@ -48,6 +48,13 @@ SETTINGS = {
     "batch_size": 8,
 }
 TOP_K = 10  # rows per query in the summary and the report
+OUTPUTS = {
+    "factors": "factors.h5",
+    "store": "grads.h5",
+    "result": "result.h5",
+    "report": "report.html",
+    "stages": "stages.json",
+}
 
 
 @dataclass
@@ -112,23 +119,29 @@ def run_demo(
     """
     out = Path(out) if out is not None else default_out(size, quick)
     out.mkdir(parents=True, exist_ok=True)
-    stages = _Stages(out / "stages.json")
-    seconds: dict[str, float] = {}
+    paths = {name: out / filename for name, filename in OUTPUTS.items()}
+    stages = _Stages(paths["stages"], log)
 
     started = time.perf_counter()
     model, tokenizer = load_model(model_dir(size), device=device)
     train = TextDataset.from_records(demo_records(quick), tokenizer, MAX_LENGTH)
     queries = as_queries(QUERIES)
-    seconds["load"] = time.perf_counter() - started
+    stages.seconds["load"] = time.perf_counter() - started
     log(
         f"model {size} ({_n_params(model):,} parameters), {len(train)} training sequences, "
         f"{len(queries)} queries"
     )
     inputs = {"model": model_fingerprint(model), "train": train.fingerprint()}
     opts = {"device": device, "progress": progress, "batch_size": SETTINGS["batch_size"]}
+    factors_key = _key("factors", inputs, "modules", "strategy", "fisher", "seed")
+    store_key = _key("store", inputs, "modules", "codec", "seed")
+    result_key = _key("result", {"in": [factors_key, store_key], "q": QUERIES}, "refine")
 
-    def fit():
-        return fit_factors(
+    factors = stages.run(
+        "factors",
+        factors_key,
+        paths["factors"],
+        lambda path: fit_factors(
             model,
             train,
             SETTINGS["modules"],
@@ -136,29 +149,15 @@ def run_demo(
             fisher=SETTINGS["fisher"],
             seed=SETTINGS["seed"],
             **opts,
-        ).save(paths["factors"])
-
-    paths = {
-        name: out / f
-        for name, f in [
-            ("factors", "factors.h5"),
-            ("store", "grads.h5"),
-            ("result", "result.h5"),
-            ("report", "report.html"),
-            ("stages", "stages.json"),
-        ]
-    }
-    factors_key = _key("factors", inputs, "modules", "strategy", "fisher", "seed")
-    stages.run("factors", factors_key, paths["factors"], fit, Factors.load, log, seconds)
-    factors = Factors.load(paths["factors"])
-
-    store_key = _key("store", inputs, "modules", "codec", "seed")
-    stages.run(
+        ).save(path),
+        Factors.load,
+    )
+    store = stages.run(
         "store",
         store_key,
         paths["store"],
-        lambda: GradientStore.build(
-            paths["store"],
+        lambda path: GradientStore.build(
+            path,
             model,
             train,
             modules=factors.modules,
@@ -167,30 +166,21 @@ def run_demo(
             **opts,
         ),
         GradientStore.open,
-        log,
-        seconds,
-        resumable=True,
+        resumable=True,  # an interrupted build continues where it stopped
     )
-    store = GradientStore.open(paths["store"])
-
-    result_key = _key("result", {"in": [factors_key, store_key], "q": QUERIES}, "refine")
-    stages.run(
+    result = stages.run(
         "result",
         result_key,
         paths["result"],
-        lambda: score(model, factors, queries, store, refine=SETTINGS["refine"], **opts).save(
-            paths["result"]
+        lambda path: score(model, factors, queries, store, refine=SETTINGS["refine"], **opts).save(
+            path
         ),
         InfluenceResult.load,
-        log,
-        seconds,
     )
-    result = InfluenceResult.load(paths["result"])
-
-    run = DemoRun(out, size, quick, train, result, QUERIES, paths, seconds, stages.reused)
+    run = DemoRun(out, size, quick, train, result, QUERIES, paths, stages.seconds, stages.reused)
     started = time.perf_counter()
     write_demo_report(run)
-    seconds["report"] = time.perf_counter() - started
+    stages.seconds["report"] = time.perf_counter() - started
     return run
 
 
@@ -231,38 +221,40 @@ def _key(stage: str, inputs: dict, *settings: str) -> str:
 class _Stages:
     """``stages.json``: which stage outputs are finished, and for which inputs (key)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, log: Callable[[str], None]) -> None:
         self.path = path
+        self.log = log
         self.reused: list[str] = []
+        self.seconds: dict[str, float] = {}
         try:
             self.done = json.loads(path.read_text()) if path.exists() else {}
         except (OSError, json.JSONDecodeError):
             self.done = {}  # unreadable bookkeeping only costs recomputation
 
-    def run(self, name, key, path, make, load, log, seconds, *, resumable=False) -> None:
-        """Reuse ``path`` if recorded under ``key`` and loadable; otherwise make it."""
+    def run(self, name: str, key: str, path: Path, make, load, *, resumable: bool = False):
+        """``load(path)``, after making it with ``make(path)`` unless it was already made
+        under ``key`` and still loads."""
         record = self.done.get(name, {})
-        if record.get("key") == key and record.get("finished") and self._loads(load, path):
-            self.reused.append(name)
-            seconds[name] = 0.0
-            log(f"{name}: reusing {path} (inputs unchanged)")
-            return
-        if not (resumable and record.get("key") == key):
-            _remove(path)  # made for other inputs, or never finished: start over
+        if record.get("key") == key and record.get("finished"):
+            try:
+                loaded = load(path)
+            except (InfluenceKitError, OSError):
+                pass  # damaged or deleted since: make it again
+            else:
+                self.reused.append(name)
+                self.seconds[name] = 0.0
+                self.log(f"{name}: reusing {path} (inputs unchanged)")
+                return loaded
+        interrupted = record.get("key") == key and not record.get("finished")
+        if not (resumable and interrupted):
+            _remove(path)  # made for other inputs, or damaged since: start over
         self._record(name, {"key": key, "finished": False})
         started = time.perf_counter()
-        make()
-        seconds[name] = time.perf_counter() - started
-        self._record(name, {"key": key, "finished": True, "seconds": round(seconds[name], 2)})
-        log(f"{name}: wrote {path} in {seconds[name]:.1f} s")
-
-    @staticmethod
-    def _loads(load, path: Path) -> bool:
-        try:
-            load(path)
-        except (InfluenceKitError, OSError):
-            return False
-        return True
+        make(path)
+        self.seconds[name] = time.perf_counter() - started
+        self._record(name, {"key": key, "finished": True, "seconds": round(self.seconds[name], 2)})
+        self.log(f"{name}: wrote {path} in {self.seconds[name]:.1f} s")
+        return load(path)
 
     def _record(self, name: str, record: dict) -> None:
         self.done[name] = record
