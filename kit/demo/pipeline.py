@@ -44,7 +44,7 @@ SETTINGS = {
     "fisher": "sampled",
     "seed": 0,
     "codec": "lowrank:8",
-    "refine": 20,  # rescore each query's 20 best candidates exactly: exact top lists
+    "refine": 100,  # rescore each query's 100 best candidates exactly (see docs/demo.md)
     "batch_size": 8,
 }
 TOP_K = 10  # rows per query in the summary and the report
