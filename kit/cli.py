@@ -155,6 +155,7 @@ def cmd_demo(args) -> None:
     for name, path in run.paths.items():
         print(f"wrote {name:<8} {path}")
     print(f"\nopen {run.paths['report'].resolve().as_uri()}")
+    print("continue in Jupyter with notebooks/01_quickstart.ipynb (in the repository)")
 
 
 def cmd_fit(args) -> None:
@@ -301,9 +302,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (InfluenceKitError, FileNotFoundError, ValueError) as err:
+    except (InfluenceKitError, OSError, ValueError) as err:  # OSError: unwritable --out, ...
         print(f"influencekit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Every file the kit writes is atomic or resumable: say so instead of a traceback.
+        print(
+            f"\ninfluencekit {args.command}: interrupted; files written so far are complete, "
+            "and the same command continues where it stopped",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 

@@ -246,3 +246,25 @@ def test_unreadable_stage_records_mean_recomputing(quick_demo, tmp_path):
     assert run.reused == []
     before = ik.InfluenceResult.load(out / "result.h5")
     np.testing.assert_allclose(run.result.layer_scores, before.layer_scores, rtol=1e-5)
+
+
+def test_demo_into_an_unwritable_place_fails_with_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["demo", "--quick", "--quiet", "--out", str(blocker / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("influencekit demo: error:") and str(blocker) in err
+    assert "Traceback" not in err
+
+
+def test_an_interrupted_demo_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    from influencekit.demo import pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "fit_factors", interrupted)
+    assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path / "out")]) == 130
+    assert "continues where it stopped" in capsys.readouterr().err
+    stages = json.loads((tmp_path / "out" / "stages.json").read_text())
+    assert stages["factors"]["finished"] is False and not (tmp_path / "out" / "factors.h5").exists()
