@@ -1,6 +1,6 @@
 """Codecs: how each training gradient ``G_z`` of one layer is kept, and how queries meet it.
 
-Every codec keeps the per-layer structure and supports three operations:
+Every codec keeps the per-layer structure and supports four operations:
 
 - ``encode(a, s)``: from a batch's per-token inputs ``a`` ``(B, T, d_in)`` and output
   gradients ``s`` ``(B, T, d_out)`` (padding zeroed) to the arrays stored per example;
@@ -8,7 +8,9 @@ Every codec keeps the per-layer structure and supports three operations:
   or rank-r factors ``(U Σ, V)``) in the form that meets the stored arrays;
 - ``contract(query, stored)``: ``⟨P_q, G_z⟩`` (or its compressed estimate) for every query
   and stored example, ``(Q, B)``. Stored gradients are never expanded to full matrices,
-  except ``lowrank`` against a dense query, one block at a time, when that is cheaper.
+  except ``lowrank`` against a dense query, one block at a time, when that is cheaper;
+- ``gram(a, b)``: ``⟨G_a, G_b⟩`` (or its compressed estimate) between two batches of stored
+  examples, ``(Ba, Bb)``, also without expanding them.
 
 The codecs (``spec`` strings, recorded in the store):
 
@@ -52,6 +54,7 @@ KINDS = ("dense", "kron", "lowrank", "eig")
 DEFAULT_CODEC = "lowrank:8"  # chosen from benchmarks/store.py: see docs/store-format.md
 OVERSAMPLE = 8  # extra columns of the lowrank range finder
 POWER_ITERATIONS = 2
+GRAM_ELEMENTS = 2**24  # lowrank gram: at most this many (a, b, k, j) products at once
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,10 @@ class DenseCodec:
         # One (Q, O·I) × (O·I, B) matmul: much faster than the equivalent einsum on CPU.
         return query.flatten(1) @ stored["g"].flatten(1).T
 
+    def gram(self, a: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
+        """``⟨G_a, G_b⟩`` for every pair of stored examples, ``(Ba, Bb)``; exact."""
+        return a["g"].flatten(1) @ b["g"].flatten(1).T
+
 
 class ProjectionCodec:
     """``P_out G_z P_inᵀ`` for fixed projections ``p_out (k_out, d_out)``, ``p_in (k_in, d_in)``.
@@ -140,6 +147,14 @@ class ProjectionCodec:
 
     def contract(self, query: Tensor, stored: dict[str, Tensor]) -> Tensor:
         return query.flatten(1) @ stored["c"].flatten(1).T
+
+    def gram(self, a: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
+        """``⟨c_a, c_b⟩`` for every pair, ``(Ba, Bb)``: the inner product in the projected space.
+
+        For ``kron`` an unbiased estimate of ``⟨G_a, G_b⟩`` (``E[PᵀP] = I`` on each side, the
+        two sides drawn independently); for ``eig`` the part within the leading directions.
+        """
+        return a["c"].flatten(1) @ b["c"].flatten(1).T
 
 
 class LowRankCodec:
@@ -200,6 +215,21 @@ class LowRankCodec:
         # A dense query needs d_out·d_in work per pair anyway: rebuild this block's G_z once.
         g = u.transpose(1, 2) @ v
         return query.flatten(1) @ g.flatten(1).T
+
+    def gram(self, a: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
+        """``⟨u_aᵀ v_a, u_bᵀ v_b⟩`` for every pair, ``(Ba, Bb)``, from the factors alone."""
+        # ⟨Σ_k u_k v_kᵀ, Σ_j u'_j v'_jᵀ⟩ = Σ_kj (u_k · u'_j)(v_k · v'_j): R² dot products of
+        # length d_out + d_in per pair, no d_out × d_in matrix. The (rows, Bb, R, R) products
+        # are formed for a few rows of ``a`` at a time, so memory stays bounded for large B.
+        ub, vb = b["u"], b["v"]
+        per_row = ub.shape[0] * a["u"].shape[1] * ub.shape[1]
+        step = max(1, GRAM_ELEMENTS // max(1, per_row))
+        out = [ub.new_zeros(0, ub.shape[0])]
+        for lo in range(0, a["u"].shape[0], step):
+            left = torch.einsum("ako,bjo->abkj", a["u"][lo : lo + step], ub)
+            right = torch.einsum("aki,bji->abkj", a["v"][lo : lo + step], vb)
+            out.append((left * right).sum(dim=(2, 3)))
+        return torch.cat(out)
 
 
 def _dense(p: Tensor | LowRank) -> Tensor:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 from torch import nn
 
 from influencekit.data import Example, TextDataset
@@ -171,6 +172,76 @@ class GradientStore:
                 found[first + row] = ids[:n].tolist()
         return [found[int(i)] for i in indices]
 
+    def _layer_positions(self, layers: list[int] | None) -> list[int]:
+        if layers is None:
+            return list(range(len(self.codecs)))
+        layers = [int(j) for j in layers]
+        if any(not 0 <= j < len(self.codecs) for j in layers):
+            raise IndexError(f"{self.path}: layers must lie in 0..{len(self.codecs) - 1}")
+        return layers
+
+    def rows(
+        self, indices: list[int], layers: list[int] | None = None
+    ) -> list[dict[str, np.ndarray]]:
+        """The stored arrays of the examples ``indices``, reading only their rows.
+
+        One dict per layer position in ``layers`` (default all), mapping array name to
+        ``(len(indices), ...)`` in the order of ``indices`` (repeats allowed), as on disk.
+
+        Example:
+            >>> store.rows([7, 2, 7], layers=[0])[0]["u"].shape   # doctest: +SKIP
+            (3, 8, 64)
+        """
+        layers = self._layer_positions(layers)
+        asked = np.asarray([int(i) for i in indices], dtype=np.int64)
+        if asked.size and not 0 <= asked.min() <= asked.max() < len(self):
+            raise IndexError(f"{self.path}: indices must lie in 0..{len(self) - 1}")
+        expected = [self.codecs[j].arrays() for j in layers]
+        out = [
+            {name: np.empty((len(asked), *shape), self.dtype) for name, shape in arrays.items()}
+            for arrays in expected
+        ]
+        wanted = np.unique(asked)  # h5py reads a list of rows only if increasing and unique
+        for path, first, count in self._part_ranges():
+            lo, hi = np.searchsorted(wanted, [first, first + count])
+            if lo == hi:
+                continue
+            rows = (wanted[lo:hi] - first).tolist()
+            dest = np.flatnonzero((asked >= first) & (asked < first + count))
+            src = np.searchsorted(rows, asked[dest] - first)
+            with _open_part(path) as f:
+                for j, shapes, arrays in zip(layers, expected, out, strict=True):
+                    got = _read_rows(f, path, j, rows, shapes)
+                    for name, value in got.items():
+                        arrays[name][dest] = value[src]
+        return out
+
+    def gram(self, indices: list[int], layers: list[int] | None = None) -> np.ndarray:
+        """``⟨G_a, G_b⟩`` between the stored examples ``indices``, summed over ``layers``.
+
+        ``(n, n)`` float64, symmetric: the inner products of the concatenated per-layer
+        gradients (sum-of-token-losses, as stored), each layer through its codec's ``gram``
+        (exact for ``dense``; for ``kron``/``eig`` in the projected space; for ``lowrank``
+        of the stored rank-``R`` approximations). ``layers``: positions (default all). Reads
+        the chosen rows one layer at a time. A one-token sequence has a zero gradient.
+
+        Example:
+            >>> g = store.gram([0, 5, 9])                                  # doctest: +SKIP
+            >>> norms = np.sqrt(np.diag(g))                                # doctest: +SKIP
+            >>> cosine = g / np.outer(norms, norms)                        # doctest: +SKIP
+        """
+        layers = self._layer_positions(layers)
+        # Each distinct example once; repeats are copied from its row and column at the end.
+        asked = np.asarray([int(i) for i in indices], dtype=np.int64)
+        unique, inverse = np.unique(asked, return_inverse=True)
+        total = np.zeros((len(unique), len(unique)))
+        for j in layers:
+            (arrays,) = self.rows(unique.tolist(), [j])
+            x = {name: torch.from_numpy(value).double() for name, value in arrays.items()}
+            total += self.codecs[j].gram(x, x).numpy()
+        total = (total + total.T) / 2  # X Xᵀ need not round symmetrically
+        return total[np.ix_(inverse.ravel(), inverse.ravel())]
+
     @property
     def ids(self) -> list[str]:
         """Ids of the stored examples, in order (read part by part; token ids are not kept)."""
@@ -261,17 +332,32 @@ class GradientStore:
                 rows = max(chunk, wanted // chunk * chunk)
                 for lo in range(0, count, rows):
                     hi = min(count, lo + rows)
-                    yield first + lo, [_read_rows(f, path, j, lo, hi) for j in layers]
+                    yield (
+                        first + lo,
+                        [
+                            _read_rows(f, path, j, slice(lo, hi), self.codecs[j].arrays())
+                            for j in layers
+                        ],
+                    )
 
 
 def _open_part(path: Path):
     return open_h5(path, PART_FORMAT, VERSION)
 
 
-def _read_rows(f: h5py.File, path: Path, layer: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+def _read_rows(
+    f: h5py.File, path: Path, layer: int, rows: slice | list[int], shapes: dict[str, tuple]
+) -> dict[str, np.ndarray]:
+    """One layer's arrays at ``rows`` (a slice, or a list of increasing unique rows), checked
+    against the codec's array names and shapes: a part missing one array is damaged."""
     key = f"layers/{layer:04d}"
     try:
         group = f[key]
-        return {name: group[name][lo:hi] for name in group}
+        got = {name: group[name][rows] for name in group}
     except (OSError, KeyError) as err:
-        raise FileFormatError(f"{path}: cannot read /{key} rows {lo}..{hi - 1} ({err})") from err
+        lo, hi = (rows.start, rows.stop - 1) if isinstance(rows, slice) else (rows[0], rows[-1])
+        raise FileFormatError(f"{path}: cannot read /{key} rows {lo}..{hi} ({err})") from err
+    found = {name: tuple(value.shape[1:]) for name, value in got.items()}
+    if found != {name: tuple(shape) for name, shape in shapes.items()}:
+        raise FileFormatError(f"{path}: /{key} holds arrays {found}, expected {dict(shapes)}")
+    return got
