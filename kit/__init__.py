@@ -11,7 +11,7 @@ Example:
     >>> result.top(0, k=5)  # doctest: +SKIP
 """
 
-from . import demo  # the shipped corpus, models and demo (imports the modules below)
+from . import analysis, demo, themes  # demo: the shipped corpus and models (uses the rest)
 from .data import Example, Query, TextDataset, as_queries, load_queries
 from .errors import (
     DataError,
@@ -28,7 +28,7 @@ from .result import InfluenceResult
 from .scoring import score, token_scores
 from .store import GradientStore
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "DataError",
@@ -45,6 +45,7 @@ __all__ = [
     "Query",
     "StoreWriteError",
     "TextDataset",
+    "analysis",
     "as_queries",
     "demo",
     "fit_factors",
@@ -53,5 +54,6 @@ __all__ = [
     "model_fingerprint",
     "score",
     "select_modules",
+    "themes",
     "token_scores",
 ]

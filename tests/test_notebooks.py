@@ -53,3 +53,13 @@ def test_notebooks_are_committed_without_outputs(path):
     for cell in notebook.cells:
         if cell.cell_type == "code":
             assert not cell.get("outputs") and cell.get("execution_count") is None
+
+
+def test_analysis_notebook_runs_and_plots(tmp_path):
+    notebook = _run("02_analysis.ipynb", tmp_path)
+    printed = _text(notebook)
+    assert "small: 369 training quotes" in printed and "large: 369 training quotes" in printed
+    assert "mean recall of the exact top 10" in printed
+    assert "alpha" in printed and "favours" in printed
+    for png in ("overlap-vs-theme.png", "tail.png"):
+        assert (tmp_path / png).stat().st_size > 1000

@@ -1,0 +1,373 @@
+"""Themes: cluster training sequences (typically a query's most influential ones) by topic.
+
+Three ways to say two sequences are alike, one clustering for all of them:
+
+- ``"tfidf"``: their words (TF-IDF, reduced by truncated SVD when the vocabulary is large);
+- ``"gradient"``: what the model took from them: the cosine of their per-layer training
+  gradients, read from a gradient store (``store.gram``) or given as vectors or a Gram matrix;
+- ``"embedding"``: how the model represents them: the mean hidden state of one layer.
+
+Each becomes one unit vector per sequence (for a Gram matrix: the rows of ``V sqrt(Λ)`` of
+its cosine matrix, which reproduce it exactly), clustered by k-means; with ``n_clusters=None``
+the k with the best cosine silhouette wins. Every cluster is described by its class-based
+TF-IDF terms (words frequent in it and rare in the others), its size and the member nearest
+its centre.
+
+Example:
+    >>> texts = ["the cat sat on the mat", "a cat and a kitten", "my cat likes the mat",
+    ...          "stocks fell on the market", "the market and stocks rose", "bonds and stocks"]
+    >>> themes = cluster(texts, n_clusters=2)
+    >>> same = themes.labels[0] == themes.labels[2] != themes.labels[3]
+    >>> sorted(themes.sizes.tolist()), bool(same)
+    ([3, 3], True)
+    >>> "stocks" in themes.terms[themes.labels[3]]
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import DataError
+
+METHODS = ("tfidf", "gradient", "embedding")
+WORD = r"(?u)\b[a-zA-Z][a-zA-Z]+\b"  # words of 2+ letters: no numbers or punctuation
+
+
+@dataclass
+class Themes:
+    """The clusters of a list of texts.
+
+    ``labels[i]`` is the cluster of text ``i``; ``terms[c]`` its top distinguishing words;
+    ``sizes[c]`` its member count; ``representatives[c]`` the index of its member nearest the
+    centre. From :func:`for_query` / :func:`across`: ``indices[i]`` is the training index of
+    text ``i``, ``shares[c]`` the cluster's share of the query's positive influence, and
+    ``matrix[q, c]`` that share per query.
+    """
+
+    labels: np.ndarray
+    terms: list[list[str]]
+    sizes: np.ndarray
+    representatives: list[int]
+    texts: list[str]
+    method: str
+    silhouette: float | None = None
+    indices: np.ndarray | None = None
+    shares: np.ndarray | None = None
+    matrix: np.ndarray | None = None
+    query_ids: list[str] = field(default_factory=list)
+
+    @property
+    def n_clusters(self) -> int:
+        return len(self.sizes)
+
+    def members(self, c: int) -> list[int]:
+        """Positions (into ``texts``) of cluster ``c``'s members."""
+        return np.flatnonzero(self.labels == c).tolist()
+
+    def summary(self, width: int = 60) -> str:
+        """One line per cluster: size, influence share (if any), terms, representative."""
+        lines = []
+        for c in range(self.n_clusters):
+            share = f" {self.shares[c]:6.1%}" if self.shares is not None else ""
+            text = self.texts[self.representatives[c]]
+            text = text if len(text) <= width else text[: width - 3] + "..."
+            lines.append(
+                f"{c:>2} n={self.sizes[c]:<3}{share}  {', '.join(self.terms[c][:5]):<40} | {text}"
+            )
+        return "\n".join(lines)
+
+
+def cluster(
+    texts: list[str],
+    method: str = "tfidf",
+    n_clusters: int | None = None,
+    *,
+    vectors: np.ndarray | None = None,
+    gram: np.ndarray | None = None,
+    max_clusters: int = 10,
+    n_terms: int = 8,
+    seed: int = 0,
+) -> Themes:
+    """Cluster ``texts``; see the module docstring.
+
+    ``method="tfidf"`` needs only the texts. ``"gradient"`` and ``"embedding"`` need the
+    sequences' vectors (``vectors``, ``(n, d)``) or their Gram matrix (``gram``, ``(n, n)``,
+    e.g. ``store.gram(indices)``); :func:`for_query` and :func:`across` fetch them for you.
+    ``n_clusters=None`` picks k in ``2 .. max_clusters`` by silhouette.
+
+    Example:
+        >>> vectors = np.eye(3)[[0, 0, 1]]   # two alike, one apart
+        >>> cluster(["a b", "c d", "e f"], "gradient", 2, vectors=vectors).labels
+        array([0, 0, 1])
+    """
+    texts = [str(t) for t in texts]
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if not texts:
+        raise DataError("cluster: no texts to cluster")
+    if n_clusters is not None and not 1 <= n_clusters <= len(texts):
+        raise ValueError(f"n_clusters must be in 1..{len(texts)} (the texts), got {n_clusters}")
+    units = _unit_vectors(texts, method, vectors, gram, seed)
+    labels, silhouette = _kmeans(units, n_clusters, max_clusters, seed)
+    k = int(labels.max()) + 1
+    return Themes(
+        labels=labels,
+        terms=class_tfidf_terms(texts, labels, n_terms),
+        sizes=np.bincount(labels, minlength=k),
+        representatives=_representatives(units, labels),
+        texts=texts,
+        method=method,
+        silhouette=silhouette,
+    )
+
+
+def for_query(
+    result,
+    dataset,
+    q: int,
+    top_k: int = 50,
+    method: str = "tfidf",
+    n_clusters: int | None = None,
+    *,
+    store=None,
+    model=None,
+    **options,
+) -> Themes:
+    """Cluster query ``q``'s ``top_k`` most influential sequences; adds each cluster's share
+    of their positive influence (``shares``) and their training indices (``indices``).
+
+    ``method="gradient"`` reads their gradients from ``store`` (the store the result was
+    scored against); ``"embedding"`` runs ``model`` over them (``options``: ``layer``).
+
+    Example:
+        >>> themes = for_query(result, train, 0, top_k=50)   # doctest: +SKIP
+        >>> print(themes.summary())                          # doctest: +SKIP
+    """
+    top = result.top(q, top_k)
+    indices = np.array([i for i, _ in top], dtype=np.int64)
+    scores = np.array([s for _, s in top])
+    themes = _cluster_indices(result, dataset, indices, method, n_clusters, store, model, options)
+    themes.shares = _shares(themes.labels, scores, themes.n_clusters)
+    themes.query_ids = [result.query_ids[q]]
+    return themes
+
+
+def across(
+    result,
+    dataset,
+    top_k: int = 20,
+    method: str = "tfidf",
+    n_clusters: int | None = None,
+    *,
+    store=None,
+    model=None,
+    **options,
+) -> Themes:
+    """Cluster the union of every query's ``top_k`` sequences; ``matrix[q, c]`` is the share
+    of query ``q``'s positive top-``k`` influence that falls in cluster ``c``.
+
+    Example:
+        >>> themes = across(result, train, top_k=20)   # doctest: +SKIP
+        >>> themes.matrix.shape                         # doctest: +SKIP
+        (22, 7)
+    """
+    tops = [result.top(q, top_k) for q in range(len(result.query_ids))]
+    indices = np.array(sorted({i for top in tops for i, _ in top}), dtype=np.int64)
+    themes = _cluster_indices(result, dataset, indices, method, n_clusters, store, model, options)
+    position = {int(i): p for p, i in enumerate(indices)}
+    matrix = np.zeros((len(tops), themes.n_clusters))
+    for q, top in enumerate(tops):
+        labels = themes.labels[[position[i] for i, _ in top]]
+        matrix[q] = _shares(labels, np.array([s for _, s in top]), themes.n_clusters)
+    themes.matrix = matrix
+    themes.query_ids = list(result.query_ids)
+    return themes
+
+
+def class_tfidf_terms(texts: list[str], labels: np.ndarray, n_terms: int = 8) -> list[list[str]]:
+    """Each cluster's ``n_terms`` most distinguishing words by class-based TF-IDF.
+
+    A cluster's term frequency (its word counts over its total) is weighted by
+    ``log(1 + A / f_t)``, with ``A`` the mean word count per cluster and ``f_t`` the word's
+    count over all clusters: frequent here and rare elsewhere ranks first.
+
+    Example:
+        >>> class_tfidf_terms(["red apple", "red cherry", "blue sky"], np.array([0, 0, 1]), 1)
+        [['red'], ['blue']]
+    """
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    k = int(labels.max()) + 1
+    try:
+        counts = CountVectorizer(stop_words="english", token_pattern=WORD).fit(texts)
+    except ValueError:  # no words at all (only stop words, numbers or symbols)
+        return [[] for _ in range(k)]
+    words = counts.get_feature_names_out()
+    per_text = counts.transform(texts)
+    per_class = np.vstack([np.asarray(per_text[labels == c].sum(axis=0)) for c in range(k)])
+    tf = per_class / np.maximum(per_class.sum(axis=1, keepdims=True), 1)
+    idf = np.log(1 + per_class.sum(axis=1).mean() / np.maximum(per_class.sum(axis=0), 1))
+    weight = tf * idf
+    return [
+        [str(words[j]) for j in np.argsort(-weight[c], kind="stable")[:n_terms] if weight[c, j] > 0]
+        for c in range(k)
+    ]
+
+
+def mean_hidden_states(
+    model, dataset, indices=None, *, layer: int = -1, batch_size: int = 16, device=None
+) -> np.ndarray:
+    """``(n, hidden)``: each sequence's hidden state at ``layer`` averaged over its tokens.
+
+    ``layer`` indexes ``output_hidden_states`` (0 = embeddings, -1 = the last block).
+
+    Example:
+        >>> vectors = mean_hidden_states(model, train, [0, 5, 9])   # doctest: +SKIP
+    """
+    import torch
+
+    from .data import collate, padding_id
+    from .models import resolve_device
+
+    indices = range(len(dataset)) if indices is None else [int(i) for i in indices]
+    examples = [dataset[i] for i in indices]
+    device = resolve_device(model, device)
+    pad = padding_id(dataset.tokenizer)
+    out = []
+    with torch.no_grad():
+        for lo in range(0, len(examples), batch_size):
+            chunk = examples[lo : lo + batch_size]
+            ids = [ex.input_ids for ex in chunk]
+            batch = collate(ids, [1] * len(ids), list(range(len(ids))), pad).to(device)
+            hidden = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                output_hidden_states=True,
+            ).hidden_states[layer]
+            mask = batch.attention_mask.unsqueeze(-1).to(hidden.dtype)
+            out.append(((hidden * mask).sum(1) / mask.sum(1)).double().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+# -- internals --------------------------------------------------------------------------------
+
+
+def _cluster_indices(result, dataset, indices, method, n_clusters, store, model, options):
+    """Cluster the training sequences ``indices`` of ``result`` (texts from ``dataset``)."""
+    if method == "gradient" and store is None:
+        raise ValueError("method='gradient' needs store= (the gradient store scored against)")
+    if method == "embedding" and model is None:
+        raise ValueError("method='embedding' needs model= (to compute hidden states)")
+    by_id = {ex.id: ex for ex in dataset}
+    ids = [result.train_ids[i] for i in indices]
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise DataError(f"themes: training id {missing[0]!r} of the result is not in the dataset")
+    texts = [by_id[i].text for i in ids]
+    vectors = gram = None
+    if method == "gradient":
+        stored = store.ids
+        if [stored[i] for i in indices] != ids:
+            raise DataError("themes: the store's ids differ from the result's at these indices")
+        gram = store.gram(indices.tolist())
+    elif method == "embedding":
+        where = {ex_id: p for p, ex_id in enumerate(dataset.ids)}
+        positions = [where[i] for i in ids]
+        vectors = mean_hidden_states(model, dataset, positions, layer=options.pop("layer", -1))
+    themes = cluster(texts, method, n_clusters, vectors=vectors, gram=gram, **options)
+    themes.indices = np.asarray(indices, dtype=np.int64)
+    return themes
+
+
+def _unit_vectors(texts, method, vectors, gram, seed) -> np.ndarray:
+    """One row per text, unit length, whose dot products are the cosine similarities."""
+    if method == "tfidf":
+        vectors = _tfidf(texts, seed)
+    elif gram is not None:
+        vectors = _from_gram(np.asarray(gram, dtype=np.float64), len(texts))
+    elif vectors is None:
+        raise ValueError(f"method={method!r} needs vectors= or gram= (or use for_query/across)")
+    vectors = np.asarray(vectors, dtype=np.float64)
+    if vectors.shape[0] != len(texts):
+        raise ValueError(f"got {vectors.shape[0]} vectors for {len(texts)} texts")
+    if not np.isfinite(vectors).all():
+        raise DataError("themes: the vectors or Gram matrix contain NaN or inf")
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+
+
+def _tfidf(texts: list[str], seed: int) -> np.ndarray:
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    try:
+        matrix = TfidfVectorizer(
+            stop_words="english", token_pattern=WORD, sublinear_tf=True
+        ).fit_transform(texts)
+    except ValueError:  # nothing but stop words: every text alike
+        return np.ones((len(texts), 1))
+    # Short texts share few words: LSA (truncated SVD) lets synonyms' co-occurrence count.
+    dims = min(100, matrix.shape[1] - 1, len(texts) - 1)
+    if dims >= 2 and matrix.shape[1] > 100:
+        return TruncatedSVD(dims, random_state=seed).fit_transform(matrix)
+    return matrix.toarray()
+
+
+def _from_gram(gram: np.ndarray, n: int) -> np.ndarray:
+    """Rows ``V sqrt(Λ₊)`` of the cosine matrix of ``gram``: their dot products equal it."""
+    if gram.shape != (n, n):
+        raise ValueError(f"gram must be ({n}, {n}) for {n} texts, got {gram.shape}")
+    scale = np.sqrt(np.clip(np.diag(gram), 0, None))
+    cosine = gram / np.outer(np.where(scale > 0, scale, 1), np.where(scale > 0, scale, 1))
+    values, vecs = np.linalg.eigh((cosine + cosine.T) / 2)
+    keep = values > 1e-10 * max(values.max(), 1e-300)
+    return vecs[:, keep] * np.sqrt(values[keep])
+
+
+def _kmeans(units: np.ndarray, n_clusters, max_clusters: int, seed: int):
+    """Labels (renumbered by decreasing size) and the silhouette of the chosen k."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    n = len(units)
+    distinct = len(np.unique(units.round(12), axis=0))
+    if n_clusters is None:
+        candidates = list(range(2, min(max_clusters, distinct - 1, n - 1) + 1)) or [1]
+    else:
+        candidates = [min(n_clusters, distinct)]
+    best = None
+    for k in candidates:
+        labels = (
+            KMeans(k, n_init=10, random_state=seed).fit_predict(units)
+            if k > 1
+            else (np.zeros(n, dtype=np.int64))
+        )
+        score = silhouette_score(units, labels, metric="cosine") if 1 < k < n else None
+        if best is None or (score is not None and (best[1] is None or score > best[1])):
+            best = (labels, score)
+    labels, score = best
+    order = np.argsort(-np.bincount(labels), kind="stable")  # cluster 0 = the largest
+    renumber = np.empty_like(order)
+    renumber[order] = np.arange(len(order))
+    return renumber[labels].astype(np.int64), score
+
+
+def _representatives(units: np.ndarray, labels: np.ndarray) -> list[int]:
+    """Per cluster, the member most similar (cosine) to the cluster's mean direction."""
+    reps = []
+    for c in range(int(labels.max()) + 1):
+        members = np.flatnonzero(labels == c)
+        centre = units[members].mean(axis=0)
+        reps.append(int(members[np.argmax(units[members] @ centre)]))
+    return reps
+
+
+def _shares(labels: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
+    """Each cluster's part of the positive influence in ``scores`` (zeros if there is none)."""
+    positive = np.clip(scores, 0, None)
+    total = positive.sum()
+    sums = np.bincount(labels, weights=positive, minlength=k)
+    return sums / total if total > 0 else np.zeros(k)

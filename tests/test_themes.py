@@ -1,0 +1,178 @@
+"""Theme clustering: planted themes are recovered, by words, by gradients, by hidden states."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import normalized_mutual_info_score
+
+import influencekit as ik
+from influencekit import themes
+
+PLANTED = {
+    "sea": "ship sail harbour anchor wave captain deck tide crew boat",
+    "space": "star planet orbit rocket moon galaxy comet telescope astronaut nebula",
+    "kitchen": "soup bread oven recipe salt butter flour chef pepper dough",
+    "court": "judge lawyer verdict trial jury witness appeal sentence court evidence",
+}
+FILLER = "the a and it was then very so with of on in".split()
+
+
+def planted_texts(n_per_theme: int = 15, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Short texts of 4 theme words among filler words; the theme is the label."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for theme, words in PLANTED.items():
+        vocab = words.split()
+        for _ in range(n_per_theme):
+            chosen = list(rng.choice(vocab, 4, replace=False)) + list(rng.choice(FILLER, 4))
+            rng.shuffle(chosen)
+            texts.append(" ".join(chosen))
+            labels.append(theme)
+    return texts, labels
+
+
+@pytest.mark.parametrize("n_clusters", [None, 4])
+def test_tfidf_recovers_planted_themes(n_clusters):
+    texts, labels = planted_texts()
+    found = themes.cluster(texts, "tfidf", n_clusters)
+    assert found.n_clusters == 4
+    assert normalized_mutual_info_score(labels, found.labels) >= 0.9
+    assert sorted(found.sizes.tolist()) == [15, 15, 15, 15]
+    # each cluster's top terms are its theme's words
+    for c in range(4):
+        theme = labels[found.members(c)[0]]
+        assert set(found.terms[c][:3]) <= set(PLANTED[theme].split()), (theme, found.terms[c])
+
+
+def test_representative_is_a_member_near_the_centre():
+    texts, _ = planted_texts()
+    found = themes.cluster(texts, n_clusters=4)
+    for c, rep in enumerate(found.representatives):
+        assert found.labels[rep] == c
+
+
+def test_gradient_method_recovers_planted_directions_from_vectors_and_gram():
+    """Vectors near 3 planted directions (with different norms: cosine must ignore scale)."""
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(3, 40))
+    truth = np.repeat(np.arange(3), 12)
+    vectors = centres[truth] + 0.3 * rng.normal(size=(36, 40))
+    vectors *= rng.uniform(0.1, 10, size=(36, 1))
+    texts = [f"text {i}" for i in range(36)]
+    by_vectors = themes.cluster(texts, "gradient", vectors=vectors)
+    by_gram = themes.cluster(texts, "gradient", gram=vectors @ vectors.T)
+    for found in (by_vectors, by_gram):
+        assert found.n_clusters == 3
+        assert normalized_mutual_info_score(truth, found.labels) == pytest.approx(1.0)
+    np.testing.assert_array_equal(by_vectors.labels, by_gram.labels)
+
+
+def test_gram_embedding_reproduces_the_cosine_matrix():
+    rng = np.random.default_rng(2)
+    vectors = rng.normal(size=(10, 4))  # rank 4 < n: the embedding must drop null directions
+    units = themes._from_gram(vectors @ vectors.T, 10)
+    norms = np.linalg.norm(vectors, axis=1)
+    np.testing.assert_allclose(units @ units.T, (vectors @ vectors.T) / np.outer(norms, norms))
+
+
+def test_class_tfidf_prefers_words_frequent_here_and_rare_elsewhere():
+    texts = ["apple apple pie", "apple tart", "pie chart", "bar chart chart"]
+    terms = themes.class_tfidf_terms(texts, np.array([0, 0, 1, 1]), n_terms=2)
+    assert terms[0][0] == "apple" and terms[1][0] == "chart"
+
+
+def test_bad_arguments_are_refused_with_the_field_named():
+    with pytest.raises(ValueError, match="method must be one of"):
+        themes.cluster(["a b"], "words")
+    with pytest.raises(ik.DataError, match="no texts"):
+        themes.cluster([])
+    with pytest.raises(ValueError, match=r"n_clusters must be in 1\.\.2"):
+        themes.cluster(["a b", "c d"], n_clusters=3)
+    with pytest.raises(ValueError, match="needs vectors= or gram="):
+        themes.cluster(["a b", "c d"], "gradient")
+    with pytest.raises(ik.DataError, match="NaN"):
+        themes.cluster(["a", "b", "c"], "gradient", vectors=np.array([[1.0], [np.nan], [2.0]]))
+    with pytest.raises(ValueError, match=r"gram must be \(3, 3\)"):
+        themes.cluster(["a", "b", "c"], "gradient", gram=np.eye(2))
+
+
+def _planted_result(labels: list[str]):
+    """A result whose query 0 prefers 'sea' texts and query 1 prefers 'court' texts."""
+    n = len(labels)
+    scores = np.zeros((2, n, 2))
+    for i, theme in enumerate(labels):
+        scores[0, i] = [2.0, 1.0] if theme == "sea" else [0.1, 0.0]
+        scores[1, i] = [0.5, 0.5] if theme == "court" else [-0.1, 0.0]
+    ids = [str(i) for i in range(n)]
+    return ik.InfluenceResult(scores, ["l0", "l1"], ids, ["q-sea", "q-court"])
+
+
+def test_for_query_shares_follow_the_planted_influence(tokenizer):
+    texts, labels = planted_texts(10)
+    train = ik.TextDataset.from_texts(texts, tokenizer, ids=[str(i) for i in range(40)])
+    result = _planted_result(labels)
+    found = themes.for_query(result, train, 0, top_k=20, n_clusters=2)
+    assert found.query_ids == ["q-sea"] and len(found.indices) == 20
+    # the 10 sea texts carry 30 of the 31 units of positive influence in the top 20
+    sea = found.labels[[labels[i] == "sea" for i in found.indices]]
+    assert len(set(sea.tolist())) == 1
+    assert found.shares[sea[0]] == pytest.approx(30 / 31)
+    assert found.shares.sum() == pytest.approx(1.0)
+
+
+def test_across_builds_a_query_by_theme_matrix(tokenizer):
+    texts, labels = planted_texts(10)
+    train = ik.TextDataset.from_texts(texts, tokenizer, ids=[str(i) for i in range(40)])
+    result = _planted_result(labels)
+    found = themes.across(result, train, top_k=10, n_clusters=2)
+    assert found.matrix.shape == (2, found.n_clusters)
+    np.testing.assert_allclose(found.matrix.sum(axis=1), 1.0)
+    # each query's top 10 is all one theme: all its influence lands in one cluster
+    assert sorted(found.matrix.max(axis=1).tolist()) == [1.0, 1.0]
+    assert found.matrix[0].argmax() != found.matrix[1].argmax()
+
+
+def test_embedding_method_runs_the_model(tokenizer):
+    from tiny_models import make_model
+
+    texts, labels = planted_texts(5)
+    train = ik.TextDataset.from_texts(texts, tokenizer, ids=[str(i) for i in range(20)])
+    model = make_model("gpt2", len(tokenizer))
+    result = _planted_result(labels)
+    found = themes.for_query(result, train, 0, top_k=12, method="embedding", model=model)
+    assert found.method == "embedding" and len(found.labels) == 12
+    vectors = themes.mean_hidden_states(model, train, found.indices[:3])
+    assert vectors.shape == (3, model.config.n_embd) and np.isfinite(vectors).all()
+
+
+def test_gradient_method_needs_the_store():
+    result = ik.InfluenceResult(np.ones((1, 3, 1)), ["l"], ["a", "b", "c"], ["q"])
+    with pytest.raises(ValueError, match="needs store="):
+        themes.for_query(result, [], 0, method="gradient")
+
+
+def test_gradient_method_reads_the_store_gram(tokenizer, tmp_path):
+    """for_query(method="gradient") clusters by the cosine of the stored gradients of exactly
+    the query's top sequences, and refuses a store whose ids are not the result's."""
+    from tiny_models import make_model
+
+    texts, _ = planted_texts(4)
+    ids = [f"t{i}" for i in range(len(texts))]
+    train = ik.TextDataset.from_texts(texts, tokenizer, ids=ids)
+    model = make_model("gpt2", len(tokenizer), dtype=torch.float32)
+    factors = ik.fit_factors(model, train, "mlp", progress=False)
+    store = ik.GradientStore.build(tmp_path / "g.h5", model, train, codec="dense", progress=False)
+    result = ik.score(model, factors, [("The chef", " bakes bread.")], store, progress=False)
+    found = themes.for_query(
+        result, train, 0, top_k=10, method="gradient", n_clusters=3, store=store
+    )
+    expected = themes.cluster(
+        [texts[i] for i in found.indices], "gradient", 3, gram=store.gram(found.indices.tolist())
+    )
+    np.testing.assert_array_equal(found.labels, expected.labels)
+    assert found.shares.sum() == pytest.approx(1.0) or found.shares.sum() == 0.0
+    other = ik.InfluenceResult(result.layer_scores, result.layers, ids[::-1], result.query_ids)
+    with pytest.raises(ik.DataError, match="store's ids differ"):
+        themes.for_query(other, train, 0, top_k=5, method="gradient", store=store)
