@@ -158,6 +158,7 @@ def test_quick_demo_writes_every_output(quick_demo):
     for q in demo.QUERIES:
         assert f"{q['id']}:" in printed
     assert "layer shares" in printed and "report.html" in printed
+    assert printed.count("  themes: ") == len(demo.QUERIES)
     for name in ("factors.h5", "grads.h5", "result.h5", "report.html"):
         assert str(out / name) in printed
 
@@ -171,6 +172,7 @@ def test_report_holds_each_query_top_sequences(quick_demo):
     for q, query in enumerate(demo.QUERIES):
         section = page.split(f'<section class="query" id="q{q}">')[1].split("</section>")[0]
         assert html.escape(query["prompt"]) in section
+        assert "Themes of the top 30" in section
         for i, _ in result.top(q, 10):
             train_id = result.train_ids[i]
             assert html.escape(train_id) in section and html.escape(texts[train_id]) in section

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import influencekit as ik
+from influencekit import themes
 from influencekit.widgets.report import write_report
 
 XSS = [
@@ -31,7 +32,10 @@ def _hostile_report(path: Path, tokenizer) -> Path:
     result = ik.InfluenceResult(scores, ["layer<0>", "layer&1"], train.ids, [XSS[0]])
     queries = [{"id": XSS[1], "prompt": XSS[2], "completion": XSS[3], "kind": XSS[0]}]
     facts = {XSS[1]: XSS[2]}
-    return write_report(path, result, train, queries=queries, k=4, facts=facts, title=XSS[3])
+    found = themes.for_query(result, train, 0, top_k=4, n_clusters=2)
+    return write_report(
+        path, result, train, queries=queries, k=4, facts=facts, title=XSS[3], themes=[found]
+    )
 
 
 def test_every_text_is_escaped(tmp_path, tokenizer):
@@ -39,6 +43,7 @@ def test_every_text_is_escaped(tmp_path, tokenizer):
     assert page.count("<script>") == 1  # the page's own script, nothing else
     assert "<img" not in page and 'onerror="' not in page and 'onmouseover="' not in page
     assert "&lt;script&gt;window.__xss = &#x27;script&#x27;&lt;/script&gt;" in page
+    assert "Themes of the top 4" in page  # the themes table (representatives) is escaped too
 
 
 def test_report_refuses_ids_missing_from_the_dataset(tmp_path, tokenizer):
@@ -113,8 +118,9 @@ def test_demo_report_renders_without_errors_and_switches_queries(browser, quick_
     page.click("nav a[href='#q2']")
     assert page.locator("#q2").is_visible() and not page.locator("#q5").is_visible()
     assert page.input_value("#query-picker") == "q2"
-    rows = page.locator("#q2 table.top tbody tr")
+    rows = page.locator("#q2 table.top:not(.themes) tbody tr")
     assert rows.count() == 10
+    assert page.locator("#q2 table.themes tbody tr").count() >= 1
     page.close()
 
 

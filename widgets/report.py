@@ -46,6 +46,7 @@ section.query{flex:1;background:#fff;border:1px solid #ddd;border-radius:6px;pad
 body.js section.query{display:none}
 body.js section.query.shown{display:block}
 h2{font-size:17px;margin:0 0 6px}
+h3{font-size:15px;margin:16px 0 0}
 .prompt{font-family:ui-monospace,monospace;background:#f2f2f2;padding:6px 8px;border-radius:4px}
 .completion{background:#ffe9a8}
 .badge{display:inline-block;font-size:12px;background:#e8eef7;color:#23395d;border-radius:10px;
@@ -88,20 +89,28 @@ def write_report(
     title: str = "influencekit report",
     k: int = 10,
     facts: dict[str, str] | None = None,
+    themes: list | None = None,
 ) -> Path:
     """Write one HTML page: per query, its top ``k`` training sequences and layer shares.
 
     ``dataset`` supplies the text (and ``theme`` metadata) of each training id in ``result``.
     ``queries`` (dicts with ``id``, ``prompt``, ``completion`` and optionally ``kind``,
     ``theme``, ``source``) default to the prompts recorded in ``result.meta``. ``facts`` are
-    shown as a small table of the run's settings. The file is written atomically.
+    shown as a small table of the run's settings. ``themes`` (one
+    :class:`influencekit.themes.Themes` per query, from ``themes.for_query``) adds each query's
+    clusters with their influence shares. The file is written atomically.
 
     Example:
         >>> write_report("report.html", result, train, k=10)   # doctest: +SKIP
     """
     queries = _queries(result, queries)
     examples = _examples_by_id(result, dataset)
-    sections = [_section(result, q, query, examples, k) for q, query in enumerate(queries)]
+    if themes is not None and len(themes) != len(queries):
+        raise DataError(f"write_report: {len(themes)} themes for {len(queries)} queries")
+    sections = [
+        _section(result, q, query, examples, k, themes[q] if themes else None)
+        for q, query in enumerate(queries)
+    ]
     options = "".join(
         f'<option value="q{q}">{escape(str(query.get("id", q)))}</option>'
         for q, query in enumerate(queries)
@@ -178,7 +187,7 @@ def _examples_by_id(result, dataset) -> dict:
     return examples
 
 
-def _section(result, q: int, query: dict, examples: dict, k: int) -> str:
+def _section(result, q: int, query: dict, examples: dict, k: int, found=None) -> str:
     top = result.top(q, k)
     # a share of the query's total positive influence needs every score, not just a top k
     positive = 0.0 if result.is_top_k else float(np.clip(result.scores[q], 0, None).sum())
@@ -211,7 +220,26 @@ def _section(result, q: int, query: dict, examples: dict, k: int) -> str:
 <table class="top"><thead><tr><th>#</th><th>score</th><th title="share of the query's total
 positive influence">share</th><th>id</th><th>theme</th><th>text</th></tr></thead>
 <tbody>{"".join(rows)}</tbody></table>
+{_themes_table(found)}
 </section>"""
+
+
+def _themes_table(found) -> str:
+    """The query's theme clusters, largest influence share first."""
+    if found is None:
+        return ""
+    rows = []
+    for c in np.argsort(-found.shares, kind="stable"):
+        example = escape(found.texts[found.representatives[c]])
+        rows.append(
+            f"<tr><td class='num'>{found.shares[c]:.0%}</td><td class='num'>{found.sizes[c]}</td>"
+            f"<td>{escape(', '.join(found.terms[c][:6]))}</td><td>{example}</td></tr>"
+        )
+    return (
+        f"<h3>Themes of the top {len(found.labels)}</h3><table class='top themes'><thead><tr>"
+        "<th title='share of their positive influence'>share</th><th>size</th><th>terms</th>"
+        f"<th>representative</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
 def _source_note(result, q: int, source: str | None) -> str:

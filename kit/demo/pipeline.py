@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import themes
 from ..data import TextDataset, as_queries
 from ..errors import InfluenceKitError
 from ..factors import Factors, fit_factors
@@ -48,6 +49,7 @@ SETTINGS = {
     "batch_size": 8,
 }
 TOP_K = 10  # rows per query in the summary and the report
+THEME_TOP_K = 30  # sequences per query clustered into themes (TF-IDF)
 OUTPUTS = {
     "factors": "factors.h5",
     "store": "grads.h5",
@@ -70,6 +72,7 @@ class DemoRun:
     paths: dict[str, Path]
     seconds: dict[str, float] = field(default_factory=dict)
     reused: list[str] = field(default_factory=list)
+    themes: list = field(default_factory=list)  # per query: influencekit.themes.Themes
 
 
 def default_out(size: str = "small", quick: bool = False) -> Path:
@@ -179,6 +182,11 @@ def run_demo(
     )
     run = DemoRun(out, size, quick, train, result, QUERIES, paths, stages.seconds, stages.reused)
     started = time.perf_counter()
+    run.themes = [
+        themes.for_query(result, train, q, top_k=THEME_TOP_K) for q in range(len(QUERIES))
+    ]
+    stages.seconds["themes"] = time.perf_counter() - started
+    started = time.perf_counter()
     write_demo_report(run)
     stages.seconds["report"] = time.perf_counter() - started
     return run
@@ -195,6 +203,7 @@ def write_demo_report(run: DemoRun) -> Path:
         f"{len({ex.metadata.get('theme') for ex in run.train})} themes",
         "factors": f"{SETTINGS['strategy']} ({SETTINGS['fisher']} Fisher) on {SETTINGS['modules']}",
         "store": f"codec {SETTINGS['codec']}, top {SETTINGS['refine']} rescored exactly",
+        "themes": f"TF-IDF clusters of each query's top {THEME_TOP_K}",
     }
     return write_report(
         run.paths["report"],
@@ -204,6 +213,7 @@ def write_demo_report(run: DemoRun) -> Path:
         title=title,
         k=TOP_K,
         facts=facts,
+        themes=run.themes or None,
     )
 
 
@@ -296,7 +306,15 @@ def summary(run: DemoRun, k: int = 3) -> str:
             ex = train[i]
             text = ex.text if len(ex.text) <= 70 else ex.text[:67] + "..."
             lines.append(f"  {rank}. {format_score(value):>8}  {ex.id:<18} {text}")
+        if run.themes:
+            lines.append("  themes: " + theme_line(run.themes[q]))
     return "\n".join(lines)
+
+
+def theme_line(found, n: int = 3) -> str:
+    """The ``n`` clusters with the largest influence shares: share and first terms each."""
+    order = np.argsort(-found.shares, kind="stable")[:n]
+    return " · ".join(f"{found.shares[c]:.0%} {', '.join(found.terms[c][:3])}" for c in order)
 
 
 def source_ranks(run: DemoRun) -> dict[str, int]:
