@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -171,11 +172,13 @@ def test_report_holds_each_query_top_sequences(quick_demo):
     assert "http://" not in page and "https://" not in page  # nothing fetched
     for q, query in enumerate(demo.QUERIES):
         section = page.split(f'<section class="query" id="q{q}">')[1].split("</section>")[0]
+        text_only = re.sub(r"<[^>]+>", "", section)  # token rows: the text is split into spans
         assert html.escape(query["prompt"]) in section
         assert "Themes of the top 30" in section
+        assert section.count("<span class='tokens'>") == 3  # the top 3 rows token by token
         for i, _ in result.top(q, 10):
             train_id = result.train_ids[i]
-            assert html.escape(train_id) in section and html.escape(texts[train_id]) in section
+            assert html.escape(train_id) in section and html.escape(texts[train_id]) in text_only
 
 
 def test_rerun_reuses_every_stage_and_redoes_a_damaged_one(quick_demo, tmp_path):

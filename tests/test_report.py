@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import os
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 import influencekit as ik
 from influencekit import themes
-from influencekit.widgets.report import write_report
+from influencekit.widgets.report import format_score, write_report
 
 XSS = [
     "<script>window.__xss = 'script'</script>",
@@ -33,9 +34,11 @@ def _hostile_report(path: Path, tokenizer) -> Path:
     queries = [{"id": XSS[1], "prompt": XSS[2], "completion": XSS[3], "kind": XSS[0]}]
     facts = {XSS[1]: XSS[2]}
     found = themes.for_query(result, train, 0, top_k=4, n_clusters=2)
+    tokens = [{i: np.linspace(-1, 1, len(train[i].input_ids)) for i, _ in result.top(0, 2)}]
     return write_report(
-        path, result, train, queries=queries, k=4, facts=facts, title=XSS[3], themes=[found]
-    )
+        path, result, train, queries=queries, k=4, facts=facts, title=XSS[3], themes=[found],
+        token_maps=tokens,
+    )  # fmt: skip
 
 
 def test_every_text_is_escaped(tmp_path, tokenizer):
@@ -44,6 +47,7 @@ def test_every_text_is_escaped(tmp_path, tokenizer):
     assert "<img" not in page and 'onerror="' not in page and 'onmouseover="' not in page
     assert "&lt;script&gt;window.__xss = &#x27;script&#x27;&lt;/script&gt;" in page
     assert "Themes of the top 4" in page  # the themes table (representatives) is escaped too
+    assert page.count("class='tok' style") >= 2 * 8  # two rows shown token by token
 
 
 def test_report_refuses_ids_missing_from_the_dataset(tmp_path, tokenizer):
@@ -52,6 +56,29 @@ def test_report_refuses_ids_missing_from_the_dataset(tmp_path, tokenizer):
     with pytest.raises(ik.DataError, match="'zzz'"):
         write_report(tmp_path / "r.html", result, train)
     assert not (tmp_path / "r.html").exists()
+
+
+def test_token_rows_show_every_token_with_its_exact_score(tmp_path, tokenizer):
+    train = ik.TextDataset.from_texts(
+        ["the cat sat on the mat", "a b c"], tokenizer, ids=["a", "b"]
+    )
+    result = ik.InfluenceResult(np.array([[[2.0], [1.0]]]), ["l"], ["a", "b"], ["q"])
+    n = len(train[0].input_ids)
+    scores = np.arange(n, dtype=float) - 2.0
+    page = write_report(tmp_path / "r.html", result, train, token_maps=[{0: scores}]).read_text()
+    row = page.split("<tbody>")[1].split("</tr>")[0]
+    titles = row.split("title='")[1:]
+    assert len(titles) == n
+    decoded = [tokenizer.decode([t]) for t in train[0].input_ids]
+    for title, token, value in zip(titles, decoded, scores, strict=True):
+        assert title.startswith(html.escape(f"{token!r}: {format_score(value)}"))
+    # one scale, symmetric about zero: the largest |score| is fully dark, -2 a quarter as dark
+    largest = float(np.abs(scores).max())
+    assert "rgba(43,108,176,1.00)" in row and f"rgba(197,48,48,{2 / largest:.2f})" in row
+    with pytest.raises(ik.DataError, match="3 token scores for"):
+        write_report(tmp_path / "r.html", result, train, token_maps=[{0: np.zeros(3)}])
+    with pytest.raises(ik.DataError, match="2 token_maps for 1 queries"):
+        write_report(tmp_path / "r.html", result, train, token_maps=[{}, {}])
 
 
 def test_report_refuses_a_wrong_number_of_query_descriptions(tmp_path, tokenizer):
@@ -121,6 +148,9 @@ def test_demo_report_renders_without_errors_and_switches_queries(browser, quick_
     rows = page.locator("#q2 table.top:not(.themes) tbody tr")
     assert rows.count() == 10
     assert page.locator("#q2 table.themes tbody tr").count() >= 1
+    token = page.locator("#q2 span.tokens span.tok").first
+    token.hover()
+    assert ": " in token.get_attribute("title")
     page.close()
 
 

@@ -62,6 +62,8 @@ tr.source td{background:#eef8ee}
 .bar{height:12px;background:#2b6cb0;border-radius:2px}
 .bar.neg{background:#c53030}
 .note{font-size:13px;color:#555}
+.tokens{white-space:pre-wrap}
+.tok{border-radius:2px}
 """
 
 SCRIPT = """
@@ -90,6 +92,7 @@ def write_report(
     k: int = 10,
     facts: dict[str, str] | None = None,
     themes: list | None = None,
+    token_maps: list[dict[int, np.ndarray]] | None = None,
 ) -> Path:
     """Write one HTML page: per query, its top ``k`` training sequences and layer shares.
 
@@ -98,17 +101,30 @@ def write_report(
     ``theme``, ``source``) default to the prompts recorded in ``result.meta``. ``facts`` are
     shown as a small table of the run's settings. ``themes`` (one
     :class:`influencekit.themes.Themes` per query, from ``themes.for_query``) adds each query's
-    clusters with their influence shares. The file is written atomically.
+    clusters with their influence shares. ``token_maps`` (per query, ``{training index: token
+    scores}`` from :func:`influencekit.token_scores`) shows those rows token by token, coloured
+    by each position's share of the pair's score, with the exact score in each token's
+    ``title``. The file is written atomically.
 
     Example:
         >>> write_report("report.html", result, train, k=10)   # doctest: +SKIP
     """
     queries = _queries(result, queries)
     examples = _examples_by_id(result, dataset)
-    if themes is not None and len(themes) != len(queries):
-        raise DataError(f"write_report: {len(themes)} themes for {len(queries)} queries")
+    for name, given in (("themes", themes), ("token_maps", token_maps)):
+        if given is not None and len(given) != len(queries):
+            raise DataError(f"write_report: {len(given)} {name} for {len(queries)} queries")
+    tokenizer = getattr(dataset, "tokenizer", None)
     sections = [
-        _section(result, q, query, examples, k, themes[q] if themes else None)
+        _section(
+            result,
+            q,
+            query,
+            examples,
+            k,
+            themes[q] if themes else None,
+            _token_cells(token_maps[q], result, examples, tokenizer) if token_maps else {},
+        )
         for q, query in enumerate(queries)
     ]
     options = "".join(
@@ -187,7 +203,9 @@ def _examples_by_id(result, dataset) -> dict:
     return examples
 
 
-def _section(result, q: int, query: dict, examples: dict, k: int, found=None) -> str:
+def _section(
+    result, q: int, query: dict, examples: dict, k: int, found=None, tokens: dict | None = None
+) -> str:
     top = result.top(q, k)
     # a share of the query's total positive influence needs every score, not just a top k
     positive = 0.0 if result.is_top_k else float(np.clip(result.scores[q], 0, None).sum())
@@ -201,7 +219,8 @@ def _section(result, q: int, query: dict, examples: dict, k: int, found=None) ->
         rows.append(
             f"<tr{css}><td class='num'>{rank}</td><td class='num'>{format_score(value)}</td>"
             f"<td class='num'>{share}</td><td class='id'>{escape(ex.id)}</td>"
-            f"<td>{escape(str(ex.metadata.get('theme', '')))}</td><td>{escape(ex.text)}</td></tr>"
+            f"<td>{escape(str(ex.metadata.get('theme', '')))}</td>"
+            f"<td>{(tokens or {}).get(i) or escape(ex.text)}</td></tr>"
         )
     badges = "".join(
         f'<span class="badge">{escape(str(b))}</span>' for b in [query.get("kind"), *themes] if b
@@ -215,13 +234,51 @@ def _section(result, q: int, query: dict, examples: dict, k: int, found=None) ->
     return f"""<section class="query" id="q{q}">
 <h2>{escape(str(query.get("id", q)))} {badges}</h2>
 <p class="prompt">{escape(query.get("prompt", ""))}<span class="completion">{completion}</span></p>
-{source_note}{on_theme}
+{source_note}{on_theme}{_token_legend() if tokens else ""}
 <div class="layers">{_layer_bars(result, q, k)}</div>
 <table class="top"><thead><tr><th>#</th><th>score</th><th title="share of the query's total
 positive influence">share</th><th>id</th><th>theme</th><th>text</th></tr></thead>
 <tbody>{"".join(rows)}</tbody></table>
 {_themes_table(found)}
 </section>"""
+
+
+def _token_cells(token_map: dict, result, examples: dict, tokenizer) -> dict[int, str]:
+    """Per training index, its text as token spans on one colour scale for the whole query
+    (symmetric about zero), each span's ``title`` the token and its exact score."""
+    if tokenizer is None or not token_map:
+        return {}
+    scale = max(float(np.abs(scores).max()) for scores in token_map.values()) or 1.0
+    cells = {}
+    for i, scores in token_map.items():
+        ids = examples[result.train_ids[i]].input_ids
+        if len(ids) != len(scores):
+            raise DataError(
+                f"write_report: {len(scores)} token scores for {len(ids)} tokens of training "
+                f"id {result.train_ids[i]!r}"
+            )
+        spans = []
+        for token_id, value in zip(ids, scores, strict=True):
+            token = tokenizer.decode([int(token_id)])
+            colour = "43,108,176" if value >= 0 else "197,48,48"
+            alpha = min(1.0, abs(float(value)) / scale)
+            title = f"{token!r}: {format_score(float(value))}"
+            spans.append(
+                f"<span class='tok' style='background:rgba({colour},{alpha:.2f})' "
+                f"title='{escape(title)}'>{escape(token)}</span>"
+            )
+        cells[i] = f"<span class='tokens'>{''.join(spans)}</span>"
+    return cells
+
+
+def _token_legend() -> str:
+    return (
+        "<p class='note'>The top rows are shown token by token: "
+        "<span class='tok' style='background:rgba(43,108,176,.8)'>blue</span> positions raise "
+        "the completion's log-probability, <span class='tok' style='background:rgba(197,48,48,"
+        ".8)'>red</span> ones lower it (darker = more; one scale per query). A position's score "
+        "is that of the prediction made at it; hover a token for its exact score.</p>"
+    )
 
 
 def _themes_table(found) -> str:

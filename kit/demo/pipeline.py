@@ -32,7 +32,7 @@ from ..factors import Factors, fit_factors
 from ..h5io import temp_name
 from ..models import load_model, model_fingerprint
 from ..result import InfluenceResult
-from ..scoring import score
+from ..scoring import score, token_scores
 from ..store import GradientStore
 from .corpus import DATA_DIR, MAX_LENGTH, load_records
 from .queries import QUERIES
@@ -50,6 +50,7 @@ SETTINGS = {
 }
 TOP_K = 10  # rows per query in the summary and the report
 THEME_TOP_K = 30  # sequences per query clustered into themes (TF-IDF)
+TOKEN_ROWS = 3  # per query, the top sequences shown token by token in the report
 OUTPUTS = {
     "factors": "factors.h5",
     "store": "grads.h5",
@@ -73,6 +74,7 @@ class DemoRun:
     seconds: dict[str, float] = field(default_factory=dict)
     reused: list[str] = field(default_factory=list)
     themes: list = field(default_factory=list)  # per query: influencekit.themes.Themes
+    token_maps: list = field(default_factory=list)  # per query: {train index: token scores}
 
 
 def default_out(size: str = "small", quick: bool = False) -> Path:
@@ -187,6 +189,15 @@ def run_demo(
     ]
     stages.seconds["themes"] = time.perf_counter() - started
     started = time.perf_counter()
+    run.token_maps = [
+        {
+            i: token_scores(model, factors, query, train[i], device=device)
+            for i, _ in result.top(q, TOKEN_ROWS)
+        }
+        for q, query in enumerate(queries)
+    ]
+    stages.seconds["tokens"] = time.perf_counter() - started
+    started = time.perf_counter()
     write_demo_report(run)
     stages.seconds["report"] = time.perf_counter() - started
     return run
@@ -214,6 +225,7 @@ def write_demo_report(run: DemoRun) -> Path:
         k=TOP_K,
         facts=facts,
         themes=run.themes or None,
+        token_maps=run.token_maps or None,
     )
 
 
