@@ -24,7 +24,6 @@ def _q(qid, prompt, completion, kind, theme, source=None) -> dict:
 
 
 QUERIES: list[dict] = [
-    # computers-0000-ish: "A computer scientist is someone who fixes things that aren't broken."
     _q(
         "cs-fact",
         "A computer scientist is someone who",
