@@ -18,14 +18,7 @@ from pathlib import Path
 import numpy as np
 from transformers.utils import logging as hf_logging
 
-from influencekit.demo.pipeline import TOP_K, run_demo, source_ranks
-
-
-def on_theme(run, q: int) -> float:
-    query = run.queries[q]
-    themes = query["theme"] if isinstance(query["theme"], list) else [query["theme"]]
-    top = run.result.top(q, TOP_K)
-    return float(np.mean([run.train[i].metadata.get("theme") in themes for i, _ in top]))
+from influencekit.demo.pipeline import TOP_K, run_demo, source_ranks, top_theme_share
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     for q, query in enumerate(runs["small"].queries):
         r = [str(ranks[s].get(query["id"], "–")) for s in runs]
-        t = [f"{on_theme(run, q):.0%}" for run in runs.values()]
+        t = [f"{top_theme_share(run, q):.0%}" for run in runs.values()]
         print(f"{query['id']:<16}{query['kind']:<11}{r[0]:>11}{r[1]:>11}{t[0]:>16}{t[1]:>16}")
     for kind in ("fact", "paraphrase", "flip", "cross"):
         qs = [q for q, query in enumerate(runs["small"].queries) if query["kind"] == kind]
@@ -56,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         for size, run in runs.items():
             ids = [run.queries[q]["id"] for q in qs if run.queries[q]["id"] in ranks[size]]
             ranked = [ranks[size][i] for i in ids]
-            theme = np.mean([on_theme(run, q) for q in qs])
+            theme = np.mean([top_theme_share(run, q) for q in qs])
             found = (
                 f"source at rank 1 in {sum(r == 1 for r in ranked)}/{len(ranked)} "
                 f"(median rank {np.median(ranked):.0f}), "

@@ -94,6 +94,19 @@ class InfluenceResult:
         index = self.indices[q] if self.indices is not None else np.arange(len(row))
         return [(int(index[i]), float(row[i])) for i in order]
 
+    def rank(self, q: int, i: int) -> int:
+        """Where training sequence ``i`` ranks for query ``q``: 1 + how many score higher.
+
+        Example:
+            >>> r = InfluenceResult(np.array([[[1.0], [5.0], [3.0]]]), ["l"], list("abc"), ["q"])
+            >>> r.rank(0, 2)
+            2
+        """
+        if self.indices is not None:
+            raise ValueError("a top-k result keeps only each query's best scores: rank needs all")
+        row = self.scores[q]
+        return 1 + int((row > row[i]).sum())
+
     def layer_shares(self, q: int, k: int = 10) -> np.ndarray:
         """Each layer's part of the summed score of query ``q``'s top ``k`` sequences.
 

@@ -320,8 +320,9 @@ def _from_gram(gram: np.ndarray, n: int) -> np.ndarray:
     """Rows ``V sqrt(Λ₊)`` of the cosine matrix of ``gram``: their dot products equal it."""
     if gram.shape != (n, n):
         raise ValueError(f"gram must be ({n}, {n}) for {n} texts, got {gram.shape}")
-    scale = np.sqrt(np.clip(np.diag(gram), 0, None))
-    cosine = gram / np.outer(np.where(scale > 0, scale, 1), np.where(scale > 0, scale, 1))
+    norms = np.sqrt(np.clip(np.diag(gram), 0, None))
+    norms[norms == 0] = 1  # a zero gradient stays a zero row
+    cosine = gram / np.outer(norms, norms)
     values, vecs = np.linalg.eigh((cosine + cosine.T) / 2)
     keep = values > 1e-10 * max(values.max(), 1e-300)
     return vecs[:, keep] * np.sqrt(values[keep])

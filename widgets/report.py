@@ -306,9 +306,8 @@ def _source_note(result, q: int, source: str | None) -> str:
         return ""
     rank = ""
     if source in result.train_ids and not result.is_top_k:
-        row = result.scores[q]
-        position = 1 + int((row > row[result.train_ids.index(source)]).sum())
-        rank = f": rank {position:,} of {len(row):,}"
+        position = result.rank(q, result.train_ids.index(source))
+        rank = f": rank {position:,} of {len(result.train_ids):,}"
     return (
         f"<p class='note'>Restates corpus quote <b>{escape(source)}</b>{rank} (green when in "
         "the list below).</p>"

@@ -39,11 +39,11 @@ def load_corpus(tokenizer, *, limit: int | None = None) -> TextDataset:
     """
     records = load_records()
     if limit is not None and limit < len(records):
-        records = _even_sample(records, limit)
+        records = even_sample(records, limit)
     return TextDataset.from_records(records, tokenizer, MAX_LENGTH)
 
 
-def _even_sample(records: list[dict], limit: int) -> list[dict]:
+def even_sample(records: list[dict], limit: int) -> list[dict]:
     """The first ``limit // n_themes`` records of every theme (the rest to the first themes)."""
     by_theme: dict[str, list[dict]] = {}
     for r in records:

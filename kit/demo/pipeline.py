@@ -34,7 +34,7 @@ from ..models import load_model, model_fingerprint
 from ..result import InfluenceResult
 from ..scoring import score, token_scores
 from ..store import GradientStore
-from .corpus import DATA_DIR, MAX_LENGTH, load_records
+from .corpus import DATA_DIR, MAX_LENGTH, even_sample, load_records
 from .queries import QUERIES
 
 SIZES = ("small", "large")
@@ -95,15 +95,8 @@ def demo_records(quick: bool) -> list[dict]:
     if not quick:
         return records
     sources = {q["source"] for q in QUERIES if "source" in q}
-    themes = list(dict.fromkeys(r["theme"] for r in records))
-    per_theme = QUICK_EXAMPLES // len(themes)
-    seen: dict[str, int] = {}
-    keep = []
-    for r in records:
-        seen[r["theme"]] = seen.get(r["theme"], 0) + 1
-        if seen[r["theme"]] <= per_theme or r["id"] in sources:
-            keep.append(r)
-    return keep
+    keep = {r["id"] for r in even_sample(records, QUICK_EXAMPLES)} | sources
+    return [r for r in records if r["id"] in keep]
 
 
 def run_demo(
@@ -301,8 +294,7 @@ def summary(run: DemoRun, k: int = 3) -> str:
     lines = []
     for q, query in enumerate(run.queries):
         top = result.top(q, TOP_K)
-        themes = query["theme"] if isinstance(query["theme"], list) else [query["theme"]]
-        on_theme = np.mean([train[i].metadata.get("theme") in themes for i, _ in top])
+        on_theme = top_theme_share(run, q)
         lines.append(
             f"\n[{query['kind']}] {query['id']}: {query['prompt']!r} -> {query['completion']!r}"
         )
@@ -329,16 +321,22 @@ def theme_line(found, n: int = 3) -> str:
     return " · ".join(f"{found.shares[c]:.0%} {', '.join(found.terms[c][:3])}" for c in order)
 
 
+def top_theme_share(run: DemoRun, q: int) -> float:
+    """The fraction of query ``q``'s top ``TOP_K`` quotes whose theme is one of the query's."""
+    query = run.queries[q]
+    themes = query["theme"] if isinstance(query["theme"], list) else [query["theme"]]
+    top = run.result.top(q, TOP_K)
+    return float(np.mean([run.train[i].metadata.get("theme") in themes for i, _ in top]))
+
+
 def source_ranks(run: DemoRun) -> dict[str, int]:
     """For each query restating a corpus quote: that quote's rank (1 = most influential)."""
-    position = {ex.id: i for i, ex in enumerate(run.train)}
     column = {train_id: i for i, train_id in enumerate(run.result.train_ids)}
-    ranks = {}
-    for q, query in enumerate(run.queries):
-        if "source" in query and query["source"] in position:
-            row = run.result.scores[q]
-            ranks[query["id"]] = 1 + int((row > row[column[query["source"]]]).sum())
-    return ranks
+    return {
+        query["id"]: run.result.rank(q, column[query["source"]])
+        for q, query in enumerate(run.queries)
+        if query.get("source") in column
+    }
 
 
 def block_shares(result: InfluenceResult, q: int) -> dict[str, float]:
