@@ -42,9 +42,12 @@ class InfluenceResult:
     query_ids: list[str]
     meta: dict = field(default_factory=dict)
     indices: np.ndarray | None = None  # (n_queries, k) training indices of a top-k result
+    _scores: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.layer_scores = np.asarray(self.layer_scores, dtype=np.float64)
+        # A read-only view: `scores` is summed once, so the result must not change under it.
+        self.layer_scores = np.asarray(self.layer_scores, dtype=np.float64).view()
+        self.layer_scores.flags.writeable = False
         columns = len(self.train_ids)
         if self.indices is not None:
             self.indices = np.asarray(self.indices, dtype=np.int64)
@@ -71,6 +74,8 @@ class InfluenceResult:
                 f"{int(bad.sum())} non-finite score(s), first: query {self.query_ids[q]!r}, "
                 f"training id {self.train_ids[i]!r}, layer {self.layers[layer]}"
             )
+        self._scores = self.layer_scores.sum(axis=-1)
+        self._scores.flags.writeable = False
 
     @property
     def is_top_k(self) -> bool:
@@ -79,8 +84,9 @@ class InfluenceResult:
 
     @property
     def scores(self) -> np.ndarray:
-        """``(n_queries, n_train)``: total influence, the sum of ``layer_scores`` over layers."""
-        return self.layer_scores.sum(axis=-1)
+        """``(n_queries, n_train)``: total influence, the sum of ``layer_scores`` over layers
+        (summed once; read-only, like ``layer_scores``)."""
+        return self._scores
 
     def top(self, q: int, k: int = 10, *, largest: bool = True) -> list[tuple[int, float]]:
         """The ``k`` most (or least, ``largest=False``) influential ``(train_index, score)``."""
