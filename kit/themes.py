@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from .errors import DataError
 
@@ -42,9 +43,10 @@ class Themes:
 
     ``labels[i]`` is the cluster of text ``i``; ``terms[c]`` its top distinguishing words;
     ``sizes[c]`` its member count; ``representatives[c]`` the index of its member nearest the
-    centre. From :func:`for_query` / :func:`across`: ``indices[i]`` is the training index of
-    text ``i``, ``shares[c]`` the cluster's share of the query's positive influence, and
-    ``matrix[q, c]`` that share per query.
+    centre; ``coords[i]`` places text ``i`` on a 2-D map (the top two principal components of
+    the vectors that were clustered), for plotting. From :func:`for_query` / :func:`across`:
+    ``indices[i]`` is the training index of text ``i``, ``shares[c]`` the cluster's share of
+    the query's positive influence, and ``matrix[q, c]`` that share per query.
     """
 
     labels: np.ndarray
@@ -58,6 +60,7 @@ class Themes:
     shares: np.ndarray | None = None
     matrix: np.ndarray | None = None
     query_ids: list[str] = field(default_factory=list)
+    coords: np.ndarray | None = None
 
     @property
     def n_clusters(self) -> int:
@@ -110,8 +113,11 @@ def cluster(
         raise DataError("cluster: no texts to cluster")
     if n_clusters is not None and not 1 <= n_clusters <= len(texts):
         raise ValueError(f"n_clusters must be in 1..{len(texts)} (the texts), got {n_clusters}")
-    units = _unit_vectors(texts, method, vectors, gram, seed)
-    labels, silhouette = _kmeans(units, n_clusters, max_clusters, seed)
+    # One BLAS/OpenMP thread: these problems are small, and on a busy machine more threads
+    # made clustering 10-20x slower (benchmarks/widgets.py, the explorer's Themes tab).
+    with threadpool_limits(limits=1):
+        units = _unit_vectors(texts, method, vectors, gram, seed)
+        labels, silhouette = _kmeans(units, n_clusters, max_clusters, seed)
     k = int(labels.max()) + 1
     return Themes(
         labels=labels,
@@ -121,6 +127,7 @@ def cluster(
         texts=texts,
         method=method,
         silhouette=silhouette,
+        coords=_plane(units),
     )
 
 
@@ -354,6 +361,17 @@ def _kmeans(units: np.ndarray, n_clusters, max_clusters: int, seed: int):
     renumber = np.empty_like(order)
     renumber[order] = np.arange(len(order))
     return renumber[labels].astype(np.int64), score
+
+
+def _plane(units: np.ndarray) -> np.ndarray:
+    """``(n, 2)``: each unit vector's coordinates along the two directions of greatest
+    variance (zeros where there are fewer)."""
+    centred = units - units.mean(axis=0)
+    if len(units) < 2 or not centred.any():
+        return np.zeros((len(units), 2))
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    plane = centred @ vt[:2].T
+    return np.pad(plane, ((0, 0), (0, 2 - plane.shape[1])))
 
 
 def _representatives(units: np.ndarray, labels: np.ndarray) -> list[int]:
