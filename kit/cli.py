@@ -7,6 +7,8 @@
     influencekit score --model DIR --factors F.h5 --store S.h5 --queries Q.jsonl --out RESULT.h5
                        [--top-k K] [--query-rank R] [--damping X] [--refine K]
     influencekit score ... --train FILE ...  # training gradients on the fly instead of a store
+    influencekit report RESULT.h5 --train FILE --out report.html [--model DIR --factors F.h5]
+                                           # the explorer as one offline HTML page
     influencekit info FILE.h5
 
 Every output is an HDF5 file any HDF5 tool can read. Errors the kit raises on purpose are
@@ -125,6 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--refine", type=int, default=None, help="rescore top K exactly (store)")
     sc.add_argument("--show", type=int, default=5, help="rows printed per query (5)")
 
+    rep = sub.add_parser("report", help="write a result as one self-contained HTML page")
+    rep.add_argument("result", help="result HDF5 file from `influencekit score`")
+    _add_train_args(rep)
+    rep.add_argument("--out", required=True, help="HTML file to write")
+    rep.add_argument("--model", default=None, help="model directory: adds token heatmaps")
+    rep.add_argument("--factors", default=None, help="factors file (with --model)")
+    rep.add_argument("--device", default=None, help="cpu, cuda, ... (with --model)")
+    rep.add_argument("--rows", type=int, default=20, help="top sequences per query (20)")
+    rep.add_argument("--token-rows", type=int, default=3, help="rows shown by token (3)")
+    rep.add_argument("--title", default=None, help="page title (default: the result's name)")
+
     info = sub.add_parser("info", help="describe an influencekit HDF5 file")
     info.add_argument("file")
     return parser
@@ -239,6 +252,46 @@ def cmd_score(args) -> None:
     print(f"\nwrote {args.out}")
 
 
+def cmd_report(args) -> None:
+    from .result import InfluenceResult
+    from .widgets import InfluenceExplorer
+
+    if (args.model is None) != (args.factors is None):
+        raise ValueError("token heatmaps need both --model and --factors (or neither)")
+    result = InfluenceResult.load(args.result)
+    model = factors = None
+    if args.model is not None:
+        from .factors import Factors
+
+        model, train = _load(args)
+        factors = Factors.load(args.factors)
+    elif args.chunk:
+        raise ValueError("--chunk windows are cut by the tokenizer: give --model and --factors")
+    else:
+        train = _examples_without_tokenizer(args.train)
+    explorer = InfluenceExplorer(result, train, model, factors, k=args.rows)
+    title = args.title or f"influencekit: {Path(args.result).name}"
+    facts = {"result": str(args.result), "training data": str(args.train)}
+    path = explorer.to_html(args.out, title=title, facts=facts, token_rows=args.token_rows)
+    print(f"wrote {path} ({len(result.query_ids)} queries, {len(result.train_ids):,} sequences)")
+
+
+def _examples_without_tokenizer(path: str) -> list:
+    """The records of a training JSONL as examples with text and metadata but no tokens,
+    enough for a page without token heatmaps (ids as ``TextDataset.from_jsonl`` makes them)."""
+    from .data import Example, _read_jsonl
+    from .errors import DataError
+
+    examples = []
+    for number, record in _read_jsonl(path):
+        if not isinstance(record.get("text"), str):
+            raise DataError(f'{path}, line {number}: no "text" string')
+        rid = str(record.get("id", number))
+        meta = {k: v for k, v in record.items() if k not in ("text", "id")}
+        examples.append(Example(len(examples), rid, record["text"], (), meta))
+    return examples
+
+
 def format_top_table(result, train, k: int = 3) -> str:
     """A plain-text table: each query, then its top-``k`` training sequences with scores."""
     lines = []
@@ -293,6 +346,7 @@ COMMANDS = {
     "fit": cmd_fit,
     "build": cmd_build,
     "score": cmd_score,
+    "report": cmd_report,
     "info": cmd_info,
 }
 

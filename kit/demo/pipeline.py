@@ -32,7 +32,7 @@ from ..factors import Factors, fit_factors
 from ..h5io import temp_name
 from ..models import load_model, model_fingerprint
 from ..result import InfluenceResult
-from ..scoring import score, token_scores
+from ..scoring import score
 from ..store import GradientStore
 from .corpus import DATA_DIR, MAX_LENGTH, even_sample, load_records
 from .queries import QUERIES
@@ -48,7 +48,8 @@ SETTINGS = {
     "refine": 100,  # rescore each query's 100 best candidates exactly (see docs/demo.md)
     "batch_size": 8,
 }
-TOP_K = 10  # rows per query in the summary and the report
+TOP_K = 10  # rows per query in the summary
+REPORT_ROWS = 20  # rows per query in the report's table
 THEME_TOP_K = 30  # sequences per query clustered into themes (TF-IDF)
 TOKEN_ROWS = 3  # per query, the top sequences shown token by token in the report
 OUTPUTS = {
@@ -74,7 +75,6 @@ class DemoRun:
     seconds: dict[str, float] = field(default_factory=dict)
     reused: list[str] = field(default_factory=list)
     themes: list = field(default_factory=list)  # per query: influencekit.themes.Themes
-    token_maps: list = field(default_factory=list)  # per query: {train index: token scores}
 
 
 def default_out(size: str = "small", quick: bool = False) -> Path:
@@ -182,23 +182,16 @@ def run_demo(
     ]
     stages.seconds["themes"] = time.perf_counter() - started
     started = time.perf_counter()
-    run.token_maps = [
-        {
-            i: token_scores(model, factors, query, train[i], device=device)
-            for i, _ in result.top(q, TOKEN_ROWS)
-        }
-        for q, query in enumerate(queries)
-    ]
-    stages.seconds["tokens"] = time.perf_counter() - started
-    started = time.perf_counter()
-    write_demo_report(run)
+    write_demo_report(run, model, factors)  # token rows are computed here, for the page
     stages.seconds["report"] = time.perf_counter() - started
     return run
 
 
-def write_demo_report(run: DemoRun) -> Path:
-    """``report.html`` for a demo run (the static report of :mod:`influencekit.widgets`)."""
-    from ..widgets.report import write_report
+def write_demo_report(run: DemoRun, model=None, factors=None) -> Path:
+    """``report.html`` for a demo run: the explorer's static page (:mod:`influencekit.widgets`),
+    with each query's top ``TOKEN_ROWS`` shown token by token when ``model`` and ``factors``
+    are given."""
+    from ..widgets import InfluenceExplorer
 
     title = f"influencekit demo: {run.size} model{' (quick)' if run.quick else ''}"
     facts = {
@@ -209,17 +202,16 @@ def write_demo_report(run: DemoRun) -> Path:
         "store": f"codec {SETTINGS['codec']}, top {SETTINGS['refine']} rescored exactly",
         "themes": f"TF-IDF clusters of each query's top {THEME_TOP_K}",
     }
-    return write_report(
-        run.paths["report"],
+    explorer = InfluenceExplorer(
         run.result,
         run.train,
+        model,
+        factors,
+        run.themes or None,
         queries=run.queries,
-        title=title,
-        k=TOP_K,
-        facts=facts,
-        themes=run.themes or None,
-        token_maps=run.token_maps or None,
+        k=REPORT_ROWS,
     )
+    return explorer.to_html(run.paths["report"], title=title, facts=facts, token_rows=TOKEN_ROWS)
 
 
 def _n_params(model) -> int:
@@ -287,7 +279,7 @@ def _remove(path: Path) -> None:
 def summary(run: DemoRun, k: int = 3) -> str:
     """The terminal summary: per query its top ``k`` sequences with scores, where its source
     quote ranks, the share of the top list from its theme, and the layer shares per block."""
-    from ..widgets.report import format_score
+    from ..widgets.views import format_score
 
     result, train = run.result, run.train
     ranks = source_ranks(run)
