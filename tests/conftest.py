@@ -37,3 +37,39 @@ def quick_demo(tmp_path_factory):
         status = main(["demo", "--quick", "--out", str(out), "--quiet"])
     assert status == 0, printed.getvalue()
     return out, printed.getvalue()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian chromium driven by Playwright (see ``browser_pages.launch``)."""
+    from browser_pages import launch
+
+    with launch() as launched:
+        yield launched
+
+
+@pytest.fixture(scope="session")
+def artifacts():
+    """Where browser tests leave screenshots: ``$INFLUENCEKIT_ARTIFACTS`` or ``test-artifacts``."""
+    import os
+    from pathlib import Path
+
+    default = Path(__file__).resolve().parent.parent / "test-artifacts"
+    folder = Path(os.environ.get("INFLUENCEKIT_ARTIFACTS", default))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory):
+    """``(model, factors, result, train)`` of the tiny example: a 2-block GPT-2 trained on
+    TINY_CORPUS, EK-FAC factors and the four example queries scored on the fly."""
+    import influencekit as ik
+
+    from tiny_example import QUERIES, corpus_records, train_tiny_model
+
+    model, tokenizer = ik.load_model(train_tiny_model(tmp_path_factory.mktemp("tiny") / "m"))
+    train = ik.TextDataset.from_records(corpus_records(), tokenizer, max_length=64)
+    factors = ik.fit_factors(model, train, "mlp", progress=False)
+    result = ik.score(model, factors, QUERIES, train, progress=False)
+    return model, factors, result, train
