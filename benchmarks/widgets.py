@@ -27,6 +27,35 @@ then measures, in one run:
 - a row click on the shipped small demo model (200 quotes, one query), which computes the
   pair's token scores, and the same click again, served from the explorer's cache
   (``--no-tokens`` skips it).
+- with ``--live`` (off by default: a few minutes), the LIVE widget through a real kernel:
+  the result (``result.save``), the dataset as training JSONL (id, text, theme) and the
+  queries (JSON) go into a temporary folder with a notebook that loads them without a model
+  (``InfluenceResult.load``; ``Example(index, id, text, (), {"theme": ...})`` per JSONL
+  line) and shows ``InfluenceExplorer(result, examples, queries=queries)`` and a ``.picked``
+  label that an ``explorer.observe(..., "selection")`` callback fills with the selection's
+  JSON. Voilà serves it on 127.0.0.1 (``tests/live.py``'s ``voila_server``, offline) and
+  chromium opens it ``--repeats`` times; each load starts a fresh kernel and runs the
+  cell, then times, once per load: ``first render`` (navigation start until the table's
+  rows are visible: kernel start, imports, the cell's run, the page's scripts, the widgets'
+  state over the websocket; reported on its own row, with a breakdown below the table), a
+  ``query switch`` (an option of the ipywidgets dropdown picked until the first
+  ``.ik-ranked .ik-id`` is that query's top id, computed here from the result), a ``row
+  click`` (``tr[data-row='2']`` until ``.picked`` reads ``"rank": 3``: Python answered),
+  the first opening of the Themes tab (until a ``.ik-themes .ik-cluster`` is visible: the
+  kernel clusters then) and a query switch with the Themes tab open (until the table shows
+  the new top id). All are timed IN THE PAGE with ``performance.now()``: from a capturing
+  listener for the input event the widget reacts to (``change`` for the dropdown, ``click``
+  for a row, ``pointerdown`` for a Lumino tab; Playwright's own latency is not counted)
+  until a MutationObserver first sees the condition hold (the DOM updated; the next frame
+  is in the breakdown). The breakdown splits each round trip with the page's websocket
+  frames (logged by a wrapped ``WebSocket``) and the kernel's own time handling the
+  page's update messages (the notebook wraps ``ipywidgets.Widget._handle_msg`` and sums
+  ``time.perf_counter`` spans into a hidden label): input event → message sent, sent →
+  first reply (the kernel's "busy": the transport's round trip), kernel handler, sent →
+  the last reply before the DOM changed, that reply → DOM (ipywidgets' and the
+  component's JavaScript), DOM → next frame. Console errors, page errors and requests
+  off 127.0.0.1 are printed when there are any. Needs voila (test extras), psutil and
+  tests/live.py; when they cannot be imported the live rows are skipped with a note.
 
 ``budget`` is the median against a 100 ms interactive budget (median / 100 ms): below 1x
 feels immediate. The machine is shared and noisy: read the medians and ratios, not single
@@ -40,6 +69,7 @@ Usage:
     python benchmarks/widgets.py --quick              # 1 000 sequences x 10 queries
     python benchmarks/widgets.py --train 20000 --queries 100 --repeats 7
     python benchmarks/widgets.py --no-browser --profile
+    python benchmarks/widgets.py --live --no-tokens   # + the live widget in Voilà (~3 min)
 """
 
 from __future__ import annotations
@@ -400,6 +430,311 @@ def browser_steps(page_path: Path, n_queries: int, repeats: int):
     return times, errors
 
 
+# -- the live widget, through a kernel --------------------------------------------------------
+
+# The notebook Voilà runs: the saved result and the dataset as JSONL, no model or tokenizer.
+# Before any widget exists it wraps ``Widget._handle_msg`` (each widget binds it when its comm
+# opens), so the kernel's time handling each update from the page (the observers, the state
+# it sends back, its serialisation) adds up in a hidden label, read after each step.
+LIVE_NOTEBOOK = """\
+import time
+
+started = time.perf_counter()
+import json
+
+import ipywidgets as w
+
+import influencekit as ik
+from influencekit.data import Example
+from influencekit.widgets import InfluenceExplorer
+
+handled = {"n": 0, "ms": 0.0, "imports": (time.perf_counter() - started) * 1e3}
+kernel_ms = w.Label(layout=w.Layout(display="none")).add_class("kernel-ms")
+plain = w.Widget._handle_msg
+
+
+def timed(self, msg):
+    started = time.perf_counter()
+    try:
+        return plain(self, msg)
+    finally:
+        if msg["content"]["data"].get("method") == "update":
+            handled["n"] += 1
+            handled["ms"] += (time.perf_counter() - started) * 1e3
+            kernel_ms.value = json.dumps(handled)
+
+
+w.Widget._handle_msg = timed
+
+started = time.perf_counter()
+result = ik.InfluenceResult.load("result.h5")
+handled["load result"] = (time.perf_counter() - started) * 1e3
+started = time.perf_counter()
+with open("train.jsonl", encoding="utf-8") as f:
+    records = [json.loads(line) for line in f]
+examples = [
+    Example(i, r["id"], r["text"], (), {"theme": r["theme"]}) for i, r in enumerate(records)
+]
+with open("queries.json", encoding="utf-8") as f:
+    queries = json.load(f)
+handled["read dataset"] = (time.perf_counter() - started) * 1e3
+started = time.perf_counter()
+explorer = InfluenceExplorer(result, examples, queries=queries)
+handled["build explorer"] = (time.perf_counter() - started) * 1e3
+kernel_ms.value = json.dumps(handled)
+picked = w.Label(layout=w.Layout(width="100%")).add_class("picked")
+explorer.observe(lambda change: setattr(picked, "value", json.dumps(change["new"])), "selection")
+w.VBox([explorer, picked, kernel_ms])
+"""
+
+# Set before Voilà's scripts run: logs every kernel websocket frame ([time, "in"/"out",
+# bytes]) and the socket's opening, and notes when the table's first row is in the DOM, when
+# it is visible, and when the frame after that has run.
+LIVE_INIT = """
+window.__live = { ws: [] };
+(() => {
+  const log = window.__live.ws;
+  const size = (d) => (typeof d === "string" ? d.length : (d.byteLength ?? d.size ?? 0));
+  const Native = window.WebSocket;
+  window.WebSocket = class extends Native {
+    constructor(...args) {
+      super(...args);
+      this.addEventListener("open", () => { window.__live.socket ??= performance.now(); });
+      this.addEventListener("message", (e) => log.push([performance.now(), "in", size(e.data)]));
+    }
+    send(data) {
+      log.push([performance.now(), "out", size(data)]);
+      return super.send(data);
+    }
+  };
+  new MutationObserver((_, observer) => {
+    const row = document.querySelector(".ik-ranked tr[data-row]");
+    if (!row) return;
+    window.__live.rows ??= performance.now();
+    if (!row.getClientRects().length) return;
+    observer.disconnect();
+    window.__live.visible = performance.now();
+    requestAnimationFrame(() => setTimeout(() => { window.__live.frame = performance.now(); }, 0));
+  }).observe(document, { childList: true, subtree: true, attributes: true });
+})();
+"""
+
+# Arms one timed step: the first TRIGGER event (captured on window, so before any handler)
+# starts the clock; a MutationObserver checks CHECK (a function body of ``arg``) on every
+# DOM change after it, and notes the first time it holds and the frame after; the websocket
+# frames in between come along. ``window.__step`` resolves to it all.
+ARM = """
+({ trigger, check, arg }) => {
+  const holds = new Function("arg", check);
+  const ws = window.__live.ws;
+  const step = { start: null, from: ws.length };
+  const onEvent = () => { step.start ??= performance.now(); };
+  window.addEventListener(trigger, onEvent, true);
+  window.__step = new Promise((resolve, reject) => {
+    let done = false;
+    const observer = new MutationObserver(() => {
+      if (done || step.start === null || !holds(arg)) return;
+      done = true;
+      step.dom = performance.now();
+      observer.disconnect();
+      clearTimeout(timer);
+      window.removeEventListener(trigger, onEvent, true);
+      requestAnimationFrame(() => setTimeout(() => {
+        step.frame = performance.now();
+        step.ws = ws.slice(step.from);
+        resolve(step);
+      }, 0));
+    });
+    observer.observe(document.body,
+      { childList: true, subtree: true, characterData: true, attributes: true });
+    const timer = setTimeout(() => {
+      observer.disconnect();
+      reject(new Error(`not done in 180 s: ${check}`));
+    }, 180000);
+  });
+  window.__step.catch(() => {});  // reported when awaited, not as an unhandled rejection
+}
+"""
+TOP_ID = (
+    "const c = document.querySelector('.ik-ranked .ik-id'); return !!c && c.textContent === arg;"
+)
+PICKED = "const p = document.querySelector('.picked'); return !!p && p.textContent.includes(arg);"
+CLUSTERS = (
+    "const c = document.querySelector('.ik-themes .ik-cluster');"
+    "return !!c && c.getClientRects().length > 0;"
+)
+KERNEL = "JSON.parse(document.querySelector('.kernel-ms')?.textContent || '{\"n\": -1}')"
+# Waits until no websocket frame has come for QUIET ms (the step's trailing messages).
+SETTLED = """
+async (quiet) => {
+  const ws = window.__live.ws;
+  for (;;) {
+    const n = ws.length;
+    await new Promise((done) => setTimeout(done, quiet));
+    if (ws.length === n) return;
+  }
+}
+"""
+
+
+SETUP = ("imports", "load result", "read dataset", "build explorer")  # timed in the notebook
+
+
+def write_live(folder: Path, result, dataset, queries) -> Path:
+    """The result, the dataset as training JSONL, the queries and the notebook in ``folder``."""
+    import nbformat
+
+    result.save(folder / "result.h5")
+    with open(folder / "train.jsonl", "w", encoding="utf-8") as f:
+        for ex in dataset:
+            f.write(json.dumps({"id": ex.id, "text": ex.text, "theme": ex.metadata["theme"]}))
+            f.write("\n")
+    (folder / "queries.json").write_text(json.dumps(queries), encoding="utf-8")
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(LIVE_NOTEBOOK)])
+    nbformat.write(notebook, folder / "explore.ipynb")
+    return folder / "explore.ipynb"
+
+
+def split_step(step: dict, kernel: float) -> dict:
+    """Where a step's time went, from its websocket frames (page clock, ms from the event)."""
+    start, dom = step["start"], step["dom"]
+    ws = [(t - start, way, size) for t, way, size in step["ws"] if t >= start]
+    sent = next((t for t, way, _ in ws if way == "out"), float("nan"))
+    replies = [(t, size) for t, way, size in ws if way == "in" and sent <= t <= dom - start]
+    first = replies[0][0] if replies else float("nan")
+    last = replies[-1][0] if replies else float("nan")
+    return {
+        "event → sent": sent,
+        "sent → 1st reply": first - sent,
+        "kernel": kernel,
+        "sent → last reply": last - sent,
+        "last reply → DOM": dom - start - last,
+        "DOM → frame": step["frame"] - dom,
+        "msgs": len(replies),
+        "KiB": sum(size for _, size in replies) / 1024,
+    }
+
+
+def timed_step(page, trigger: str, check: str, arg, target, option=None) -> tuple[float, dict]:
+    """``(ms from the input event until CHECK held, its split)`` of one step: arm, select
+    ``option`` (an index) of the ``target`` locator or click it, wait for the page; then wait
+    for the kernel's time on it."""
+    page.evaluate(SETTLED, 300)
+    before = page.evaluate(KERNEL)
+    page.evaluate(ARM, {"trigger": trigger, "check": check, "arg": arg})
+    if option is None:
+        target.click()
+    else:
+        target.select_option(index=option)
+    step = page.evaluate("window.__step")
+    page.wait_for_function(f"n => {KERNEL}.n > n", arg=before["n"], polling="raf", timeout=60_000)
+    page.evaluate(SETTLED, 300)  # every update handled and its label sent
+    kernel = page.evaluate(KERNEL)["ms"] - before["ms"]
+    return step["dom"] - step["start"], split_step(step, kernel)
+
+
+def live_steps(result, dataset, queries, repeats: int):
+    """``({step: [ms, ...]}, {step: [split, ...]}, first-render details, problems)``, or
+    ``None`` when the live helpers (tests/live.py: Voilà, psutil) cannot be imported."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    try:
+        from playwright.sync_api import sync_playwright
+
+        import live
+    except ImportError as err:
+        print(f"--live skipped: {err}")
+        return None
+
+    n_queries = len(queries)
+    top_id = [result.train_ids[result.top(q, 1)[0][0]] for q in range(n_queries)]
+
+    def other_query(now: int, after: int) -> int:
+        """The first query from ``after`` on whose top sequence differs from query ``now``'s."""
+        for q in (x % n_queries for x in range(after, after + n_queries)):
+            if q != now and top_id[q] != top_id[now]:
+                return q
+        raise RuntimeError("every query has the same top sequence")
+
+    times: dict[str, list[float]] = {}
+    splits: dict[str, list[dict]] = {}
+    first: list[dict] = []
+    problems: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        notebook = write_live(Path(tmp), result, dataset, queries)
+        with live.voila_server(notebook) as url, sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+            context = browser.new_context(viewport={"width": 1400, "height": 1000})
+            context.add_init_script(LIVE_INIT)
+            for k in range(repeats):  # each load of the page starts a kernel and runs the cell
+                page = context.new_page()
+                events = live.watch(page)
+                page.goto(url, wait_until="commit", timeout=300_000)
+                live.wait_for_widgets(page, ".ik-ranked tr[data-row]", timeout=300)
+                page.wait_for_function("window.__live.frame", timeout=60_000)
+                page.wait_for_function(f"{KERNEL}.n >= 0", timeout=60_000)
+                loaded = page.evaluate(
+                    "() => { const nav = performance.getEntriesByType('navigation')[0];"
+                    "return { ...window.__live, ws: undefined, byte: nav.responseStart,"
+                    "html: nav.domContentLoadedEventEnd }; }"
+                )
+                loaded["kernel"] = page.evaluate(KERNEL)
+                first.append(loaded)
+
+                picker = page.locator(".widget-dropdown select")
+                q = other_query(0, 1 + k)
+                q2 = other_query(q, q + 7)
+                row = page.locator(".ik-ranked tr[data-row='2']")
+                tab = page.locator(".lm-TabBar-tab", has_text="Themes")
+                steps = [  # a click on a row counts from "click", on a tab from "pointerdown"
+                    ("live: query switch", "change", TOP_ID, top_id[q], picker, q),
+                    ("live: row click", "click", PICKED, '"rank": 3', row, None),
+                    ("live: open Themes tab (first)", "pointerdown", CLUSTERS, None, tab, None),
+                    ("live: query switch, Themes open", "change", TOP_ID, top_id[q2], picker, q2),
+                ]
+                for name, *how in steps:
+                    took, split = timed_step(page, *how)
+                    times.setdefault(name, []).append(took)
+                    splits.setdefault(name, []).append(split)
+                problems += [f"page error: {e}" for e in events["errors"]]
+                problems += [m for m in events["console"] if m.startswith("error")]
+                problems += [f"request off 127.0.0.1: {u}" for u in events["foreign"]]
+                page.close()
+            browser.close()
+    times = {
+        "live: first render (kernel + run)": [x["visible"] for x in first],
+        **times,
+    }
+    return times, splits, first, problems
+
+
+def print_live(splits: dict, first: list[dict], problems: list[str]) -> None:
+    """Where the live steps' time goes (medians), and the page's problems."""
+    med = statistics.median
+    kernel = [x["kernel"] for x in first]
+    print(
+        "live first render, from navigation (page clock, medians): "
+        f"first byte {med([x['byte'] for x in first]):.0f} ms, "
+        f"HTML done {med([x['html'] for x in first]):.0f} ms, "
+        f"kernel socket open {med([x['socket'] for x in first]):.0f} ms, "
+        f"rows in DOM {med([x['rows'] for x in first]):.0f} ms, "
+        f"visible {med([x['visible'] for x in first]):.0f} ms, "
+        f"next frame {med([x['frame'] for x in first]):.0f} ms; in the kernel: "
+        + ", ".join(f"{key} {med([k[key] for k in kernel]):.0f} ms" for key in SETUP)
+    )
+    columns = list(next(iter(splits.values()))[0])
+    print("live round trips, medians (ms from the input event, page clock; kernel: its handler):")
+    widths = [max(9, len(c) + 2) for c in columns]
+    print(f"{'  step':<38}" + "".join(f"{c:>{n}}" for c, n in zip(columns, widths, strict=True)))
+    for step, parts in splits.items():
+        cells = [med([p[c] for p in parts]) for c in columns]
+        row = "".join(f"{v:>{n}.1f}" for v, n in zip(cells, widths, strict=True))
+        print(f"  {step:<36}{row}")
+    if problems:
+        print(f"live page problems ({len(problems)}): {problems[:5]}")
+
+
 # -- the table --------------------------------------------------------------------------------
 
 
@@ -430,9 +765,9 @@ def token_steps(repeats: int) -> dict:
     }
 
 
-def print_table(python: dict, browser: dict) -> None:
+def print_table(python: dict, browser: dict, live: dict | None = None) -> None:
     print(f"{'step':<38}{'median ms':>10}{'min ms':>9}{'budget':>8}{'layout ms':>11}")
-    for step, values in python.items():
+    for step, values in {**python, **(live or {})}.items():
         median = statistics.median(values)
         print(f"{step:<38}{median:>10.1f}{min(values):>9.1f}{median / BUDGET_MS:>7.2f}x")
     for step, pairs in browser.items():
@@ -459,6 +794,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="cProfile slow Python steps")
     parser.add_argument("--keep", type=Path, default=None, help="write the page here too")
     parser.add_argument("--no-tokens", action="store_true", help="skip the demo-model timing")
+    parser.add_argument(
+        "--live", action="store_true", help="also time the live widget through Voilà (minutes)"
+    )
     args = parser.parse_args(argv)
     n_train = args.train or (1000 if args.quick else 10_000)
     n_queries = args.queries or (10 if args.quick else 50)
@@ -487,9 +825,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         if args.keep:
             args.keep.write_bytes(page.read_bytes())
+    live = live_steps(result, dataset, queries, args.repeats) if args.live else None
 
     print()
-    print_table(python, browser)
+    print_table(python, browser, live[0] if live else None)
     print()
     print(f"page (to_html, {n_queries} queries): {page_mb:.2f} MB")
     print(
@@ -507,6 +846,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{os.cpu_count()} CPUs; load average {load:.1f} at the start, {now:.1f} at the end")
     if errors:
         print(f"page errors ({len(errors)}): {errors[:3]}")
+    if live:
+        print_live(*live[1:])
     for step, text in profiles.items():
         print(f"\n-- cProfile of {step} (> {BUDGET_MS:.0f} ms) --\n{text}")
 

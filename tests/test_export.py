@@ -126,6 +126,9 @@ def test_demo_report_in_a_browser(browser, quick_demo, artifacts):
     assert tip.is_visible()
     shown_token, shown_score, _ = tip.inner_text().split("\n")
     assert f"{shown_token}: {shown_score.removeprefix('score ')}" == token.get_attribute("title")
+    written = np.frombuffer(base64.b64decode(data["queries"][5]["tokens"][2]["scores"]["$bytes"]))
+    assert float(shown_score.removeprefix("score ")) == pytest.approx(written[2], rel=1e-9)
+    assert json.loads(shown_token) == data["queries"][5]["tokens"][2]["tokens"][2]
     page.screenshot(path=artifacts / "export-sequences.png", full_page=True)
     page.keyboard.press("ArrowDown")  # the table takes arrow keys
     assert page.locator("#ik-pair").inner_text().startswith(f"Per layer: #3 {expected[2]}")
@@ -137,6 +140,12 @@ def test_demo_report_in_a_browser(browser, quick_demo, artifacts):
     assert heat.locator("tr").count() == 1 + len(data["queries"][5]["matrix"]["layers"])
     heat.locator("td[data-column='4']").first.click()
     assert "ik-selected" in rows.nth(4).get_attribute("class")
+    assert heat.locator("th.ik-grp").all_inner_texts() == ["lower", "middle", "upper"]
+    colours = "cells => cells.map(e => e.style.background)"
+    before = page.locator("#ik-matrix td").evaluate_all(colours)
+    page.locator("#ik-matrix .ik-toggle input").check()  # each column on its own scale
+    after = page.locator("#ik-matrix td").evaluate_all(colours)
+    assert before != after and len(before) == len(after)
     page.screenshot(path=artifacts / "export-layers.png", full_page=True)
 
     page.click("[data-tab=themes]")

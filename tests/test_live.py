@@ -61,7 +61,7 @@ def served(tiny_trained, tmp_path_factory):
         yield url, result, train
 
 
-def test_live_explorer_round_trips_through_the_kernel(browser, served, artifacts):
+def test_live_explorer_round_trips_through_the_kernel(browser, served, artifacts, tiny_trained):
     import live
 
     url, result, train = served
@@ -95,6 +95,10 @@ def test_live_explorer_round_trips_through_the_kernel(browser, served, artifacts
     tip.wait_for(state="visible")
     shown_token, shown_score, _ = tip.inner_text().split("\n")
     assert f"{shown_token}: {shown_score.removeprefix('score ')}" == token.get_attribute("title")
+    model, factors, _, _ = tiny_trained  # the kernel's scores are the kit's token_scores
+    expected = ik.token_scores(model, factors, QUERIES[2], train[i])
+    assert float(shown_score.removeprefix("score ")) == pytest.approx(expected[1], rel=1e-5)
+    assert json.loads(shown_token) == train.tokenizer.decode([train[i].input_ids[1]])
     assert page.locator(".ik-layers .ik-bar-row").count() == len(result.layers)
     page.screenshot(path=artifacts / "live-sequences.png", full_page=True)
 

@@ -238,6 +238,7 @@ class LayerHeatmap(_Component):
     columns = traitlets.List(traitlets.Unicode()).tag(sync=True)
     values = traitlets.Bytes(b"").tag(sync=True)
     selected = traitlets.Int(-1).tag(sync=True)
+    normalize = traitlets.Bool(False).tag(sync=True)  # each column on its own scale (a checkbox)
 
     def __init__(
         self,

@@ -40,6 +40,9 @@ function fmt(value) {
   return sign + String(Number(value.toPrecision(4)));
 }
 
+// Ten significant digits with a sign: the "exact" score of hovers and titles.
+const exact = (value) => (value >= 0 ? "+" : "") + String(Number(value.toPrecision(10)));
+
 const pct = (value) => `${(100 * value).toFixed(Math.abs(value) < 0.1 ? 1 : 0)}%`;
 
 // Diverging colour: blue for positive, red for negative, opacity |value| / scale.

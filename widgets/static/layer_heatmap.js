@@ -1,7 +1,7 @@
 // LayerHeatmap: layers (rows) × columns (e.g. a query's top sequences), each cell coloured
 // by its signed value on one symmetric scale. Clicking a column sets `selected`.
 // Traits: title, layers, groups, columns (labels), values (float64 bytes, row-major
-// layers × columns), selected (column index or -1).
+// layers × columns), selected (column index or -1), normalize (each column on its own scale).
 
 function render({ model, el }) {
   el.classList.add("ik", "ik-matrix");
@@ -18,10 +18,28 @@ function render({ model, el }) {
       return;
     }
     const scale = maxAbs(values) || 1;
-    children.push(legend(scale, "the completion's log-probability"));
+    const perColumn = model.get("normalize");
+    // with `normalize`, each column on its own scale: where in the network each sequence acts
+    const columnScale = columns.map((_, c) => {
+      let top = 0;
+      for (let r = 0; r < layers.length; r++) top = Math.max(top, Math.abs(values[r * columns.length + c]));
+      return top || 1;
+    });
+    const toggle = node("label", "ik-toggle");
+    const box = node("input", "", null, { type: "checkbox" });
+    box.checked = perColumn;
+    box.addEventListener("change", () => {
+      model.set("normalize", box.checked);
+      model.save_changes();
+    });
+    toggle.append(box, node("span", "", " scale each column on its own"));
+    const key = perColumn
+      ? node("div", "ik-legend", "Each column: blue raises the completion's log-probability, red lowers it, darkest = that column's largest |value|.")
+      : legend(scale, "the completion's log-probability");
+    children.push(key, toggle);
     const table = node("table", "ik-heat");
     const head = node("tr");
-    head.append(node("th", "", "layer"));
+    head.append(node("th", "", ""), node("th", "", "layer"));
     columns.forEach((label, c) => {
       const th = node("th", c === selected ? "ik-col ik-selected" : "ik-col", c + 1, {
         "data-column": c,
@@ -31,7 +49,13 @@ function render({ model, el }) {
     });
     table.append(head);
     layers.forEach((name, r) => {
-      const row = node("tr", groups[r] && groups[r] !== groups[r - 1] ? "ik-group-start" : "");
+      const starts = r === 0 || groups[r] !== groups[r - 1];
+      const row = node("tr", starts && r > 0 ? "ik-group-start" : "");
+      if (starts) {
+        let span = 1;
+        while (r + span < layers.length && groups[r + span] === groups[r]) span++;
+        row.append(node("th", "ik-grp", groups[r] || "", { rowspan: span }));
+      }
       row.append(node("th", "ik-name", name, { title: `${name} (${groups[r] || "no group"})` }));
       columns.forEach((label, c) => {
         const value = values[r * columns.length + c];
@@ -39,7 +63,7 @@ function render({ model, el }) {
           "data-column": c,
           title: `${name} × ${label}: ${fmt(value)}`,
         });
-        cell.style.background = diverging(value, scale);
+        cell.style.background = diverging(value, perColumn ? columnScale[c] : scale);
         row.append(cell);
       });
       table.append(row);
@@ -55,7 +79,7 @@ function render({ model, el }) {
   };
   return redrawOn(
     model,
-    ["title", "layers", "groups", "columns", "values", "selected", "message"],
+    ["title", "layers", "groups", "columns", "values", "selected", "normalize", "message"],
     draw,
   );
 }

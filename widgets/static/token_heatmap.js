@@ -20,7 +20,7 @@ function render({ model, el }) {
       const value = scores[k];
       const span = node("span", "ik-tok", token, {
         "data-index": k,
-        title: `${JSON.stringify(token)}: ${fmt(value)}`,
+        title: `${JSON.stringify(token)}: ${exact(value)}`,
       });
       span.style.background = diverging(value, scale);
       text.append(span);
@@ -34,7 +34,7 @@ function render({ model, el }) {
       const span = event.target.closest(".ik-tok");
       if (!span) return tip.hide();
       const k = Number(span.dataset.index);
-      tip.show(event, [JSON.stringify(tokens[k]), `score ${fmt(scores[k])}`, `position ${k}`]);
+      tip.show(event, [JSON.stringify(tokens[k]), `score ${exact(scores[k])}`, `position ${k}`]);
       if (model.get("hovered") !== k) {
         model.set("hovered", k);
         model.save_changes();
