@@ -47,14 +47,23 @@ then measures, in one run:
   listener for the input event the widget reacts to (``change`` for the dropdown, ``click``
   for a row, ``pointerdown`` for a Lumino tab; Playwright's own latency is not counted)
   until a MutationObserver first sees the condition hold (the DOM updated; the next frame
-  is in the breakdown). The breakdown splits each round trip with the page's websocket
-  frames (logged by a wrapped ``WebSocket``) and the kernel's own time handling the
-  page's update messages (the notebook wraps ``ipywidgets.Widget._handle_msg`` and sums
-  ``time.perf_counter`` spans into a hidden label): input event → message sent, sent →
-  first reply (the kernel's "busy": the transport's round trip), kernel handler, sent →
-  the last reply before the DOM changed, that reply → DOM (ipywidgets' and the
-  component's JavaScript), DOM → next frame. Console errors, page errors and requests
-  off 127.0.0.1 are printed when there are any. Needs voila (test extras), psutil and
+  is in the breakdown). The breakdown splits each round trip (medians, ms): input event →
+  the update message sent on the websocket (the page logs every frame through a wrapped
+  ``WebSocket``); → the kernel starts handling it (inbound transport: Jupyter server, ZMQ);
+  → the kernel sends the reply the check waits for (the RankedTable's, the ``.picked``
+  Label's or the ThemeClusters' update: Python compute and serialisation); → that reply's
+  frame arrives (outbound transport: ipykernel's IOPub thread, ZMQ, the server, the
+  websocket; a page busy drawing an earlier message delays it too); → DOM changed
+  (ipywidgets' and the component's JavaScript); DOM → next frame; and the kernel's whole
+  handling of the update (``kernel``), the page's update messages (``updates``), and the
+  frames and KiB that came before the DOM changed. The kernel side comes from the
+  notebook, which wraps ``ipywidgets.Widget._handle_msg`` and ``_send`` and stamps them
+  with ``time.time()`` into a hidden label; the page puts them on its clock with
+  ``performance.timeOrigin`` (one machine, one clock). The first render's breakdown: the
+  page's first byte, HTML done (Voilà sends the rest once the cell has run), the kernel
+  websocket open, rows in the DOM and visible, and the cell's own imports, loading,
+  reading and building. Console errors, page errors and requests off 127.0.0.1 are
+  printed when there are any. Needs voila (test extras), psutil and
   tests/live.py; when they cannot be imported the live rows are skipped with a note.
 
 ``budget`` is the median against a 100 ms interactive budget (median / 100 ms): below 1x
@@ -75,6 +84,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import io
 import json
@@ -433,9 +443,10 @@ def browser_steps(page_path: Path, n_queries: int, repeats: int):
 # -- the live widget, through a kernel --------------------------------------------------------
 
 # The notebook Voilà runs: the saved result and the dataset as JSONL, no model or tokenizer.
-# Before any widget exists it wraps ``Widget._handle_msg`` (each widget binds it when its comm
-# opens), so the kernel's time handling each update from the page (the observers, the state
-# it sends back, its serialisation) adds up in a hidden label, read after each step.
+# Its first lines instrument the kernel for the breakdown (before any widget exists: each
+# widget binds ``_handle_msg`` when its comm opens): for each update from the page, the
+# wall-clock span of its handling (the observers, the state sent back, its serialisation)
+# and when each widget's reply left (``_send``), in a hidden label sent after each update.
 LIVE_NOTEBOOK = """\
 import time
 
@@ -448,27 +459,35 @@ import influencekit as ik
 from influencekit.data import Example
 from influencekit.widgets import InfluenceExplorer
 
-handled = {"n": 0, "ms": 0.0, "imports": (time.perf_counter() - started) * 1e3}
+trace = {"n": 0, "spans": [], "sent": [], "imports": (time.perf_counter() - started) * 1e3}
 kernel_ms = w.Label(layout=w.Layout(display="none")).add_class("kernel-ms")
-plain = w.Widget._handle_msg
+handle, send = w.Widget._handle_msg, w.Widget._send
 
 
-def timed(self, msg):
-    started = time.perf_counter()
+def timed_handle(self, msg):
+    if msg["content"]["data"].get("method") != "update":
+        return handle(self, msg)
+    trace["sent"] = []
+    started = time.time() * 1e3
     try:
-        return plain(self, msg)
+        return handle(self, msg)
     finally:
-        if msg["content"]["data"].get("method") == "update":
-            handled["n"] += 1
-            handled["ms"] += (time.perf_counter() - started) * 1e3
-            kernel_ms.value = json.dumps(handled)
+        trace["n"] += 1
+        trace["spans"] = [*trace["spans"][-7:], [started, time.time() * 1e3]]
+        kernel_ms.value = json.dumps(trace)
 
 
-w.Widget._handle_msg = timed
+def timed_send(self, msg, buffers=None):
+    if self is not kernel_ms:
+        trace["sent"].append([time.time() * 1e3, type(self).__name__])
+    return send(self, msg, buffers=buffers)
+
+
+w.Widget._handle_msg, w.Widget._send = timed_handle, timed_send
 
 started = time.perf_counter()
 result = ik.InfluenceResult.load("result.h5")
-handled["load result"] = (time.perf_counter() - started) * 1e3
+trace["load result"] = (time.perf_counter() - started) * 1e3
 started = time.perf_counter()
 with open("train.jsonl", encoding="utf-8") as f:
     records = [json.loads(line) for line in f]
@@ -477,11 +496,11 @@ examples = [
 ]
 with open("queries.json", encoding="utf-8") as f:
     queries = json.load(f)
-handled["read dataset"] = (time.perf_counter() - started) * 1e3
+trace["read dataset"] = (time.perf_counter() - started) * 1e3
 started = time.perf_counter()
 explorer = InfluenceExplorer(result, examples, queries=queries)
-handled["build explorer"] = (time.perf_counter() - started) * 1e3
-kernel_ms.value = json.dumps(handled)
+trace["build explorer"] = (time.perf_counter() - started) * 1e3
+kernel_ms.value = json.dumps(trace)
 picked = w.Label(layout=w.Layout(width="100%")).add_class("picked")
 explorer.observe(lambda change: setattr(picked, "value", json.dumps(change["new"])), "selection")
 w.VBox([explorer, picked, kernel_ms])
@@ -595,30 +614,37 @@ def write_live(folder: Path, result, dataset, queries) -> Path:
     return folder / "explore.ipynb"
 
 
-def split_step(step: dict, kernel: float) -> dict:
-    """Where a step's time went, from its websocket frames (page clock, ms from the event)."""
+def split_step(step: dict, kernel: dict, updates: int, origin: float, reply: str) -> dict:
+    """Where one step's time went (ms). Page times are ``performance.now()``; the kernel's
+    wall-clock stamps (``time.time()``) are put on the same clock with the page's
+    ``performance.timeOrigin`` (one machine, one clock). The reply is the websocket frame
+    that arrived last before the DOM changed, sent by the kernel's last ``reply`` widget
+    (while handling the step's last update: ``updates`` is how many the page sent)."""
     start, dom = step["start"], step["dom"]
-    ws = [(t - start, way, size) for t, way, size in step["ws"] if t >= start]
-    sent = next((t for t, way, _ in ws if way == "out"), float("nan"))
-    replies = [(t, size) for t, way, size in ws if way == "in" and sent <= t <= dom - start]
-    first = replies[0][0] if replies else float("nan")
-    last = replies[-1][0] if replies else float("nan")
+    sent = next((t for t, way, _ in step["ws"] if way == "out" and t >= start), float("nan"))
+    frames = [(t, size) for t, way, size in step["ws"] if way == "in" and sent <= t <= dom]
+    arrived = frames[-1][0] if frames else float("nan")
+    spans = [(a - origin, z - origin) for a, z in kernel["spans"][-updates:]]
+    began = spans[0][0]
+    left = max((t - origin for t, name in kernel["sent"] if name == reply), default=float("nan"))
     return {
-        "event → sent": sent,
-        "sent → 1st reply": first - sent,
-        "kernel": kernel,
-        "sent → last reply": last - sent,
-        "last reply → DOM": dom - start - last,
-        "DOM → frame": step["frame"] - dom,
-        "msgs": len(replies),
-        "KiB": sum(size for _, size in replies) / 1024,
+        "event→sent": sent - start,
+        "→kernel": began - sent,
+        "→reply out": left - began,
+        "→arrived": arrived - left,
+        "→DOM": dom - arrived,
+        "DOM→frame": step["frame"] - dom,
+        "kernel": sum(z - a for a, z in spans),
+        "updates": updates,
+        "msgs": len(frames),
+        "KiB": sum(size for _, size in frames) / 1024,
     }
 
 
-def timed_step(page, trigger: str, check: str, arg, target, option=None) -> tuple[float, dict]:
+def timed_step(page, trigger: str, check: str, arg, reply: str, target, option=None):
     """``(ms from the input event until CHECK held, its split)`` of one step: arm, select
-    ``option`` (an index) of the ``target`` locator or click it, wait for the page; then wait
-    for the kernel's time on it."""
+    ``option`` (an index) of the ``target`` locator or click it, wait for the page; then for
+    the kernel's trace of it (``reply``: the widget class whose update CHECK waits for)."""
     page.evaluate(SETTLED, 300)
     before = page.evaluate(KERNEL)
     page.evaluate(ARM, {"trigger": trigger, "check": check, "arg": arg})
@@ -628,9 +654,11 @@ def timed_step(page, trigger: str, check: str, arg, target, option=None) -> tupl
         target.select_option(index=option)
     step = page.evaluate("window.__step")
     page.wait_for_function(f"n => {KERNEL}.n > n", arg=before["n"], polling="raf", timeout=60_000)
-    page.evaluate(SETTLED, 300)  # every update handled and its label sent
-    kernel = page.evaluate(KERNEL)["ms"] - before["ms"]
-    return step["dom"] - step["start"], split_step(step, kernel)
+    page.evaluate(SETTLED, 300)  # every update handled and its trace sent
+    kernel = page.evaluate(KERNEL)
+    origin = page.evaluate("performance.timeOrigin")
+    updates = kernel["n"] - before["n"]
+    return step["dom"] - step["start"], split_step(step, kernel, updates, origin, reply)
 
 
 def live_steps(result, dataset, queries, repeats: int):
@@ -688,11 +716,13 @@ def live_steps(result, dataset, queries, repeats: int):
                 row = page.locator(".ik-ranked tr[data-row='2']")
                 tab = page.locator(".lm-TabBar-tab", has_text="Themes")
                 steps = [  # a click on a row counts from "click", on a tab from "pointerdown"
-                    ("live: query switch", "change", TOP_ID, top_id[q], picker, q),
-                    ("live: row click", "click", PICKED, '"rank": 3', row, None),
-                    ("live: open Themes tab (first)", "pointerdown", CLUSTERS, None, tab, None),
-                    ("live: query switch, Themes open", "change", TOP_ID, top_id[q2], picker, q2),
-                ]
+                    ("live: query switch", "change", TOP_ID, top_id[q], "RankedTable", picker, q),
+                    ("live: row click", "click", PICKED, '"rank": 3', "Label", row, None),
+                    ("live: open Themes tab (first)", "pointerdown", CLUSTERS, None,
+                     "ThemeClusters", tab, None),
+                    ("live: query switch, Themes open", "change", TOP_ID, top_id[q2],
+                     "RankedTable", picker, q2),
+                ]  # fmt: skip
                 for name, *how in steps:
                     took, split = timed_step(page, *how)
                     times.setdefault(name, []).append(took)
@@ -724,7 +754,7 @@ def print_live(splits: dict, first: list[dict], problems: list[str]) -> None:
         + ", ".join(f"{key} {med([k[key] for k in kernel]):.0f} ms" for key in SETUP)
     )
     columns = list(next(iter(splits.values()))[0])
-    print("live round trips, medians (ms from the input event, page clock; kernel: its handler):")
+    print("live round trips, medians in ms (the page's clock; see the module docstring):")
     widths = [max(9, len(c) + 2) for c in columns]
     print(f"{'  step':<38}" + "".join(f"{c:>{n}}" for c, n in zip(columns, widths, strict=True)))
     for step, parts in splits.items():
@@ -732,7 +762,9 @@ def print_live(splits: dict, first: list[dict], problems: list[str]) -> None:
         row = "".join(f"{v:>{n}.1f}" for v, n in zip(cells, widths, strict=True))
         print(f"  {step:<36}{row}")
     if problems:
-        print(f"live page problems ({len(problems)}): {problems[:5]}")
+        print(f"live page problems ({len(problems)}, each once with its count):")
+        for text, count in collections.Counter(problems).most_common():
+            print(f"  {count}x {text}")
 
 
 # -- the table --------------------------------------------------------------------------------

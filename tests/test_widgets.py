@@ -291,3 +291,11 @@ def test_tokens_need_the_query_text(small):
     explorer = InfluenceExplorer(bare, train, "model", "factors", k=3)
     explorer.select(1)
     assert "pass queries=" in explorer.tokens.message
+
+
+def test_themes_that_cannot_be_made_are_said_not_raised(small):
+    result, train = small
+    found = ik.themes.cluster(["a b", "c d"], n_clusters=2)  # no training indices
+    explorer = InfluenceExplorer(result, train, themes=found, k=3)
+    explorer.tabs.selected_index = 2
+    assert explorer.themes.names == [] and "for_query or themes.across" in explorer.themes.message

@@ -105,8 +105,10 @@ class InfluenceExplorer(w.VBox):
 
     def _select(self, r: int) -> None:
         """Show row ``r`` of the table (-1: none) in the detail views and ``selection``."""
+        if self.table.selected != r:
+            self.table.selected = r  # its observer comes back here, once, to do the rest
+            return
         q = self.query
-        self.table.selected = r
         self.matrix.selected = r
         self.selection = self.data.selection(q, r)
         self.pair.apply(self.data.pair_state(q, r))

@@ -21,7 +21,7 @@ from html import escape
 from pathlib import Path
 
 from ..h5io import temp_name
-from .components import STATIC, ThemeClusters, TokenHeatmap, module_source, stylesheet
+from .components import STATIC, TokenHeatmap, module_source, stylesheet
 from .views import NO_MODEL, ExplorerData
 
 # page slot → component module (page.js calls them by these names)
@@ -99,7 +99,7 @@ def write_html(
 def _query_payload(data: ExplorerData, q: int, token_rows: int) -> dict:
     rows = range(len(data.top(q)))
     token_rows = token_rows if data.can_score_tokens else 0
-    themes = _themes_payload(data, q)  # first: the table's cluster chips need the themes
+    themes = data.themes_state(q)  # first: the table's cluster chips need the themes
     return {
         "table": data.table_state(q),
         "matrix": data.matrix_state(q),
@@ -107,13 +107,6 @@ def _query_payload(data: ExplorerData, q: int, token_rows: int) -> dict:
         "tokens": [data.token_state(q, r) for r in [-1, *rows[:token_rows]]],
         "themes": themes,
     }
-
-
-def _themes_payload(data: ExplorerData, q: int) -> dict:
-    try:
-        return data.themes_state(q)
-    except (ValueError, ArithmeticError) as err:  # too few sequences to cluster, say
-        return ThemeClusters.state(message=f"No themes: {err}")
 
 
 def _split_common(states: list[dict]) -> tuple[dict, list[dict]]:

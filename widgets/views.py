@@ -24,6 +24,7 @@ from .components import (
     LayerBreakdown,
     LayerHeatmap,
     RankedTable,
+    ThemeClusters,
     TokenHeatmap,
     group_names,
     snippet,
@@ -271,9 +272,18 @@ class ExplorerData:
         if not self.has_themes:
             return {}
         found = self.themes_for(q)
+        if found.indices is None:  # not from for_query / across: the Themes tab says so
+            return {}
         return {int(i): int(c) for i, c in zip(found.indices, found.labels, strict=True)}
 
     def themes_state(self, q: int) -> dict:
+        """The Themes view of query ``q``; a message instead when clustering fails."""
+        try:
+            return self._themes_state(q)
+        except (ValueError, ArithmeticError) as err:  # DataError is a ValueError
+            return ThemeClusters.state(message=f"No themes: {err}")
+
+    def _themes_state(self, q: int) -> dict:
         found = self.themes_for(q)
         if found.indices is None:
             raise DataError("themes: give Themes from themes.for_query or themes.across")
