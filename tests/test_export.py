@@ -108,6 +108,7 @@ def test_demo_report_in_a_browser(browser, quick_demo, artifacts):
     """Pick a query, click a row, hover a token, use the layer heatmap and the Themes tab."""
     out, _ = quick_demo
     path = out / "report.html"
+    result = ik.InfluenceResult.load(out / "result.h5")
     page, events = open_page(browser, path.resolve().as_uri())
     data = page_data(path.read_text())
     assert page.locator("#ik-query option").count() == len(ik.demo.QUERIES)
@@ -134,6 +135,15 @@ def test_demo_report_in_a_browser(browser, quick_demo, artifacts):
     assert page.locator("#ik-pair").inner_text().startswith(f"Per layer: #3 {expected[2]}")
     rows.nth(5).click()  # a row past the page's token rows: says so
     assert "top 3 rows" in page.locator("#ik-tokens").inner_text()
+    page.click("[data-direction='-1']")  # the most negative sequences
+    lowest = [result.train_ids[i] for i, _ in result.top(5, 20, largest=False)]
+    assert [rows.nth(r).locator(".ik-id").inner_text() for r in range(rows.count())] == lowest
+    rows.nth(0).click()
+    assert page.locator("#ik-tokens .ik-tok").count() == len(
+        data["queries"][5]["lowers"]["tokens"][1]["tokens"]
+    )
+    page.click("[data-direction='1']")
+    assert rows.nth(0).locator(".ik-id").inner_text() == expected[0]
 
     page.click("[data-tab=layers]")
     heat = page.locator("#ik-matrix table.ik-heat")

@@ -96,11 +96,21 @@ def test_live_explorer_round_trips_through_the_kernel(browser, served, artifacts
     shown_token, shown_score, _ = tip.inner_text().split("\n")
     assert f"{shown_token}: {shown_score.removeprefix('score ')}" == token.get_attribute("title")
     model, factors, _, _ = tiny_trained  # the kernel's scores are the kit's token_scores
-    expected = ik.token_scores(model, factors, QUERIES[2], train[i])
-    assert float(shown_score.removeprefix("score ")) == pytest.approx(expected[1], rel=1e-5)
+    reference = ik.token_scores(model, factors, QUERIES[2], train[i])
+    assert float(shown_score.removeprefix("score ")) == pytest.approx(reference[1], rel=1e-5)
     assert json.loads(shown_token) == train.tokenizer.decode([train[i].input_ids[1]])
     assert page.locator(".ik-layers .ik-bar-row").count() == len(result.layers)
     page.screenshot(path=artifacts / "live-sequences.png", full_page=True)
+
+    # the most negative sequences (an ipywidgets ToggleButtons), then back
+    match = (
+        "ids => [...document.querySelectorAll('.ik-ranked .ik-id')].map(e => e.textContent)"
+        ".join('|') === ids.join('|')"
+    )
+    page.locator("button", has_text="most negative").click()
+    page.wait_for_function(match, arg=[train.ids[i] for i, _ in result.top(2, 8, largest=False)])
+    page.locator("button", has_text="most positive").click()
+    page.wait_for_function(match, arg=expected)
 
     # the Themes tab: clustered in the kernel on first open
     page.locator(".lm-TabBar-tab", has_text="Themes").click()

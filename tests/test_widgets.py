@@ -162,7 +162,7 @@ def test_explorer_shows_the_top_k_of_the_picked_query(small):
     # before any click: the top 4's layer shares, and no tokens
     assert floats(explorer.pair.values) == pytest.approx(result.layer_shares(0, 4).tolist())
     assert explorer.pair.percent and explorer.tokens.tokens == []
-    assert explorer.selection == {"query": 0, "query_id": "q0"}
+    assert explorer.selection == {"query": 0, "query_id": "q0", "direction": "raises"}
     assert "rank" in explorer.header.value and "s1" in explorer.header.value
 
 
@@ -174,6 +174,7 @@ def test_a_click_on_a_row_fills_the_selection_and_the_pair_views(small):
     assert explorer.selection == {
         "query": 0,
         "query_id": "q0",
+        "direction": "raises",
         "rank": 3,
         "train_index": i,
         "train_id": train.ids[i],
@@ -193,7 +194,7 @@ def test_picking_another_query_resets_the_views(small):
     explorer.select(2)
     explorer.picker.value = 1  # the dropdown, as the page changes it
     assert explorer.query == 1 and explorer.table.selected == -1
-    assert explorer.selection == {"query": 1, "query_id": "q1"}
+    assert explorer.selection == {"query": 1, "query_id": "q1", "direction": "raises"}
     assert [row["id"] for row in explorer.table.rows] == [train.ids[i] for i, _ in result.top(1, 3)]
     explorer.query = 0
     assert explorer.picker.value == 0
@@ -201,6 +202,26 @@ def test_picking_another_query_resets_the_views(small):
         explorer.query = 2
     with pytest.raises(ValueError, match=r"rank must be in 1\.\.3"):
         explorer.select(4)
+
+
+def test_the_most_negative_sequences_of_a_query(small):
+    result, train = small
+    explorer = InfluenceExplorer(result, train, k=3)
+    explorer.direction.value = -1  # the "most negative" button
+    bottom = result.top(0, 3, largest=False)
+    assert [row["id"] for row in explorer.table.rows] == [train.ids[i] for i, _ in bottom]
+    assert train.ids[3] == explorer.table.rows[0]["id"]  # s3 was pushed the other way
+    negative = np.clip(-result.scores[0], 0, None).sum()
+    expected = [-s / negative if s < 0 else np.nan for _, s in bottom]
+    assert floats(explorer.table.shares) == pytest.approx(expected, nan_ok=True)
+    columns = [i for i, _ in bottom]  # a full result: columns are training indices
+    summed = result.layer_scores[0, columns].sum(axis=0)
+    assert floats(explorer.pair.values) == pytest.approx((summed / summed.sum()).tolist())
+    assert explorer.select(1)["direction"] == "lowers" and explorer.selection["train_index"] == 3
+    explorer.query = 1  # the direction stays as picked
+    assert [row["id"] for row in explorer.table.rows] == [
+        train.ids[i] for i, _ in result.top(1, 3, largest=False)
+    ]
 
 
 def test_the_themes_tab_clusters_on_first_open(small):
@@ -237,6 +258,7 @@ def test_a_top_k_result_shows_its_kept_rows_without_shares(tokenizer):
     assert [row["id"] for row in explorer.table.rows] == ["c", "a"]
     assert np.isnan(floats(explorer.table.shares)).all()  # no share of a partial sum
     assert explorer.select(1)["train_index"] == 2
+    assert explorer.direction.disabled  # the lowest scores were not kept
 
 
 def test_the_explorer_refuses_what_does_not_fit(small, tokenizer):

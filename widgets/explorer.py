@@ -64,6 +64,15 @@ class InfluenceExplorer(w.VBox):
             description="Query",
             layout=w.Layout(width="min(100%, 720px)"),
         )
+        self.direction = w.ToggleButtons(
+            options=[("most positive", 1), ("most negative", -1)],
+            tooltips=[
+                "the sequences whose up-weighting raises the completion's log-probability most",
+                "those that lower it most (not kept by a top-k result)",
+            ],
+            disabled=not self.data.can_lower,
+            style={"button_width": "110px"},
+        )
         self.header = w.HTML()
         self.table = RankedTable()
         self.tokens = TokenHeatmap()
@@ -76,10 +85,12 @@ class InfluenceExplorer(w.VBox):
         self.table.layout = w.Layout(flex="1 1 55%", min_width="360px")
         sequences = w.HBox([self.table, detail], layout=w.Layout(flex_flow="row wrap"))
         self.tabs = w.Tab(children=[sequences, self.matrix, self.themes], titles=TABS)
-        super().__init__([self.picker, self.header, self.tabs], **kwargs)
+        controls = w.HBox([self.picker, self.direction], layout=w.Layout(flex_flow="row wrap"))
+        super().__init__([controls, self.header, self.tabs], **kwargs)
         self.add_class("ik-explorer")
         self._themes_query = None  # the query the Themes tab was last filled for
         self.picker.observe(lambda change: setattr(self, "query", change["new"]), "value")
+        self.direction.observe(lambda change: self._turn(change["new"]), "value")
         self.table.observe(lambda change: self._select(change["new"]), "selected")
         self.matrix.observe(lambda change: self._follow_column(change["new"]), "selected")
         self.tabs.observe(lambda change: self._refresh_themes(), "selected_index")
@@ -102,6 +113,11 @@ class InfluenceExplorer(w.VBox):
         self.table.apply(self.data.table_state(q))  # selected back to -1
         self.matrix.apply(self.data.matrix_state(q))
         self._select(-1)
+
+    def _turn(self, sign: int) -> None:
+        """Show the most positive (+1) or most negative (-1) sequences of the query."""
+        self.data.sign = sign
+        self._show_query(self.query)
 
     def _select(self, r: int) -> None:
         """Show row ``r`` of the table (-1: none) in the detail views and ``selection``."""

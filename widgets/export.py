@@ -41,6 +41,9 @@ body{margin:0;background:#fafafa}
 main{padding:12px 22px;max-width:1400px}
 .ik-picker{display:flex;gap:8px;align-items:center;flex-wrap:wrap}
 .ik-picker select{font-size:14px;padding:3px;max-width:100%}
+.ik-direction button{font:inherit;font-size:13px;border:1px solid #bbb;background:#eee;
+  padding:3px 10px;cursor:pointer}
+.ik-direction button[aria-pressed=true]{background:#23395d;color:#fff;border-color:#23395d}
 nav.ik-tabs{margin-top:10px;border-bottom:1px solid #ccc}
 nav.ik-tabs button{font:inherit;border:1px solid #ccc;border-bottom:none;background:#eee;
   padding:5px 14px;cursor:pointer;border-radius:4px 4px 0 0}
@@ -97,16 +100,28 @@ def write_html(
 
 
 def _query_payload(data: ExplorerData, q: int, token_rows: int) -> dict:
-    rows = range(len(data.top(q)))
-    token_rows = token_rows if data.can_score_tokens else 0
-    themes = data.themes_state(q)  # first: the table's cluster chips need the themes
-    return {
-        "table": data.table_state(q),
-        "matrix": data.matrix_state(q),
-        "pair": [data.pair_state(q, r) for r in [-1, *rows]],
-        "tokens": [data.token_state(q, r) for r in [-1, *rows[:token_rows]]],
-        "themes": themes,
-    }
+    """Query ``q``'s views: its most positive sequences, its most negative ones (``lowers``,
+    when the result has every score) and its themes."""
+    payload = {"themes": data.themes_state(q)}  # first: the table's chips need the themes
+    payload.update(_direction_payload(data, q, token_rows, sign=1))
+    if data.can_lower:
+        payload["lowers"] = _direction_payload(data, q, token_rows, sign=-1)
+    return payload
+
+
+def _direction_payload(data: ExplorerData, q: int, token_rows: int, sign: int) -> dict:
+    shown, data.sign = data.sign, sign
+    try:
+        rows = range(len(data.top(q)))
+        token_rows = token_rows if data.can_score_tokens else 0
+        return {
+            "table": data.table_state(q),
+            "matrix": data.matrix_state(q),
+            "pair": [data.pair_state(q, r) for r in [-1, *rows]],
+            "tokens": [data.token_state(q, r) for r in [-1, *rows[:token_rows]]],
+        }
+    finally:
+        data.sign = shown
 
 
 def _split_common(states: list[dict]) -> tuple[dict, list[dict]]:
@@ -152,6 +167,18 @@ def _scripts() -> str:
     return modules + (STATIC / "page.js").read_text("utf-8")
 
 
+def _direction_buttons(data: ExplorerData) -> str:
+    """The most positive / most negative switch (only when the result has every score)."""
+    if not data.can_lower:
+        return ""
+    return (
+        '<span class="ik-direction" role="group" aria-label="which sequences">'
+        '<button type="button" data-direction="1" aria-pressed="true">most positive</button>'
+        '<button type="button" data-direction="-1" aria-pressed="false">most negative</button>'
+        "</span>"
+    )
+
+
 def _page(data: ExplorerData, payload: dict, title: str, facts: dict[str, str]) -> str:
     options = "".join(
         f'<option value="{q}">{escape(data.query_label(q, 110))}</option>'
@@ -179,7 +206,7 @@ def _page(data: ExplorerData, payload: dict, title: str, facts: dict[str, str]) 
 <header class="ik-page-head"><h1>{escape(title)}</h1><p>{INTRO}</p></header>
 <main>
 <div class="ik-picker"><label for="ik-query"><b>Query</b></label>
-<select id="ik-query">{options}</select></div>
+<select id="ik-query">{options}</select>{_direction_buttons(data)}</div>
 {headers}
 <table class="ik-facts">{fact_rows}</table>
 <nav class="ik-tabs" role="tablist">{tabs}</nav>

@@ -85,6 +85,8 @@ class ExplorerData:
         self._themes = themes
         self._tokens: dict[tuple[int, int], np.ndarray] = {}
         self._tops = {}
+        # +1: the sequences that raise the completion's log-probability most; -1: lower it
+        self.sign = 1
 
     # -- queries -------------------------------------------------------------------------
 
@@ -130,24 +132,35 @@ class ExplorerData:
 
     # -- the ranked table and its layers -------------------------------------------------
 
-    def top(self, q: int) -> list[tuple[int, int, float]]:
-        """``(column, training index, score)`` of query ``q``'s top ``k``, best first."""
-        if q not in self._tops:
+    @property
+    def can_lower(self) -> bool:
+        """Whether the most negative sequences are known (a top-k result keeps only the top)."""
+        return not self.result.is_top_k
+
+    def top(self, q: int, sign: int | None = None) -> list[tuple[int, int, float]]:
+        """``(column, training index, score)`` of query ``q``'s ``k`` highest scores (``sign``
+        +1, by default ``self.sign``) or lowest (-1), the most extreme first."""
+        sign = self.sign if sign is None else sign
+        if sign < 0 and not self.can_lower:
+            raise ValueError("a top-k result keeps only each query's highest scores")
+        if (q, sign) not in self._tops:
             row = self.result.scores[q]
-            columns = np.argsort(-row, kind="stable")[: self.k]
+            columns = np.argsort(-sign * row, kind="stable")[: self.k]
             index = self.result.indices[q] if self.result.is_top_k else np.arange(len(row))
-            self._tops[q] = [(int(c), int(index[c]), float(row[c])) for c in columns]
-        return self._tops[q]
+            self._tops[q, sign] = [(int(c), int(index[c]), float(row[c])) for c in columns]
+        return self._tops[q, sign]
 
     def example(self, i: int):
         """The dataset example of training index ``i`` of the result."""
         return self.examples[self.result.train_ids[i]]
 
     def table_state(self, q: int) -> dict:
-        top = self.top(q)
-        # a share of all positive influence needs every score, not only a top k
-        positive = (
-            0.0 if self.result.is_top_k else float(np.clip(self.result.scores[q], 0, None).sum())
+        top, sign = self.top(q), self.sign
+        # the query's whole influence in this direction: it needs every score, not a top k
+        pulled = (
+            0.0
+            if self.result.is_top_k
+            else float(np.clip(sign * self.result.scores[q], 0, None).sum())
         )
         clusters = self._cluster_of(q)
         source = self.queries[q].get("source")
@@ -165,8 +178,12 @@ class ExplorerData:
                     "marked": ex.id == source,
                 }
             )
-            shares.append(value / positive if positive > 0 and value > 0 else np.nan)
+            shares.append(sign * value / pulled if pulled > 0 and sign * value > 0 else np.nan)
         title = f"Top {len(top)} of {len(self.result.train_ids):,} training sequences"
+        if sign < 0:
+            title = f"The {len(top)} most negative of {len(self.result.train_ids):,} sequences"
+            if self.result.meta.get("refined"):  # score(..., refine=K) rescored only the top K
+                title += " (from the store's compressed gradients: only top ones were rescored)"
         return RankedTable.state(rows, [v for _, _, v in top], shares, title=title)
 
     def matrix_state(self, q: int) -> dict:
@@ -185,13 +202,15 @@ class ExplorerData:
         """Layer bars of query ``q`` and its row ``r`` (``r < 0``: the top ``k`` together, as
         shares)."""
         if r < 0:
-            shares = self.result.layer_shares(q, self.k)
+            per_layer = self.result.layer_scores[q, [c for c, _, _ in self.top(q)]].sum(axis=0)
+            total = per_layer.sum()
+            shares = per_layer / total if total != 0 else np.zeros_like(per_layer)
             return LayerBreakdown.state(
                 self.result.layers,
                 shares,
                 groups=self.groups,
                 percent=True,
-                title=f"Share of the top {len(self.top(q))}'s influence per layer",
+                title=f"Share per layer of the {self._which(q)}'s summed influence",
             )
         column, i, _ = self.top(q)[r]
         return LayerBreakdown.state(
@@ -201,9 +220,17 @@ class ExplorerData:
             title=f"Per layer: #{r + 1} {self.example(i).id}",
         )
 
+    def _which(self, q: int) -> str:
+        n = len(self.top(q))
+        return f"top {n}" if self.sign > 0 else f"{n} most negative"
+
     def selection(self, q: int, r: int) -> dict:
         """What is selected, as plain values a notebook can read."""
-        base = {"query": q, "query_id": self.queries[q]["id"]}
+        base = {
+            "query": q,
+            "query_id": self.queries[q]["id"],
+            "direction": "raises" if self.sign > 0 else "lowers",
+        }
         if r < 0:
             return base
         _, i, value = self.top(q)[r]
@@ -289,7 +316,7 @@ class ExplorerData:
             raise DataError("themes: give Themes from themes.for_query or themes.across")
         per_query = found.matrix is not None and len(found.matrix) == self.n_queries
         shares = found.matrix[q] if per_query else found.shares
-        scores = dict((i, v) for _, i, v in self.top(q))
+        scores = dict((i, v) for _, i, v in self.top(q, sign=1))
         weights = [scores.get(int(i), 0.0) for i in found.indices]
         highlight = [int(int(i) in scores) for i in found.indices]
         what = "every query's" if per_query else "this query's"

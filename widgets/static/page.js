@@ -43,13 +43,17 @@ function pageModel(state) {
 
 const data = readData();
 const picker = document.getElementById("ik-query");
+// +1: each query's most positive sequences; -1: its most negative ones ("lowers")
+let direction = 1;
+const shown = (q) => (direction > 0 ? data.queries[q] : data.queries[q].lowers);
+
 // a query's state of each view before any row is picked
 const initial = (q) => ({
-  table: { ...data.queries[q].table, selected: -1 },
-  matrix: { ...data.queries[q].matrix, selected: -1 },
+  table: { ...shown(q).table, selected: -1 },
+  matrix: { ...shown(q).matrix, selected: -1 },
   themes: { ...data.themes_common, ...data.queries[q].themes, selected: -1 },
-  pair: data.queries[q].pair[0],
-  tokens: data.queries[q].tokens[0],
+  pair: shown(q).pair[0],
+  tokens: shown(q).tokens[0],
 });
 const models = {};
 for (const [name, module] of Object.entries(MODULES)) {
@@ -69,7 +73,7 @@ function showQuery(q) {
 
 // rows without precomputed tokens get the page's note for them
 function selectRow(r) {
-  const query = data.queries[Number(picker.value)];
+  const query = shown(Number(picker.value));
   models.table.set("selected", r);
   models.matrix.set("selected", r);
   models.pair.replace(query.pair[r + 1]);
@@ -79,6 +83,16 @@ function selectRow(r) {
 models.table.on("change:selected", () => selectRow(models.table.get("selected")));
 models.matrix.on("change:selected", () => selectRow(models.matrix.get("selected")));
 picker.addEventListener("change", () => showQuery(Number(picker.value)));
+
+document.querySelectorAll("[data-direction]").forEach((button) => {
+  button.addEventListener("click", () => {
+    direction = Number(button.dataset.direction);
+    document.querySelectorAll("[data-direction]").forEach((b) => {
+      b.setAttribute("aria-pressed", String(b === button));
+    });
+    showQuery(Number(picker.value));
+  });
+});
 
 document.querySelectorAll("[data-tab]").forEach((button) => {
   button.addEventListener("click", () => {

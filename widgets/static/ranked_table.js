@@ -24,7 +24,7 @@ function render({ model, el }) {
     for (const [label, hint] of [
       ["#", "rank"],
       ["score", "influence on the query"],
-      ["share", "share of the query's total positive influence"],
+      ["share", "share of the query's total influence of this sign (positive, or negative)"],
       ["id", "training sequence id"],
       ["text", "the sequence (hover for all of it)"],
       ["theme", "the sequence's theme (metadata) and cluster"],
