@@ -90,14 +90,15 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 10) -> None:
 
 
 @contextlib.contextmanager
-def voila_server(notebook: Path, *, timeout: float = 120) -> Iterator[str]:
+def voila_server(notebook: Path, *, timeout: float = 120, options: tuple = ()) -> Iterator[str]:
     """Serve ``notebook`` with Voilà on a free port of 127.0.0.1; yield the page's URL.
 
     Each load of the page starts a kernel and runs the notebook in it: the kernelspec
     "python3", whose ``python`` jupyter_client maps to ``sys.executable``, so the kernel runs
     in this venv, with one OpenMP/MKL thread. Voilà's output goes to ``<notebook>.voila.log``
     beside the notebook; its tail is in the error if Voilà exits or is not up in ``timeout``
-    seconds. On exit Voilà and its kernels are stopped, whatever happened.
+    seconds. On exit Voilà and its kernels are stopped, whatever happened. ``options`` are
+    more Voilà flags (``("--theme=dark",)``).
     """
     notebook = Path(notebook).resolve()
     log_path = notebook.with_suffix(".voila.log")
@@ -108,7 +109,7 @@ def voila_server(notebook: Path, *, timeout: float = 120) -> Iterator[str]:
     cmd = [
         sys.executable, "-m", "voila", notebook.name, "--no-browser", "--template=lab",
         "--Voila.ip=127.0.0.1", f"--port={port}", "--Voila.port_retries=0",
-        "--show_tracebacks=True",
+        "--show_tracebacks=True", *options,
     ]  # fmt: skip
     try:
         _offline_lab_template(templates)
