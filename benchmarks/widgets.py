@@ -91,6 +91,7 @@ import json
 import os
 import pstats
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -664,8 +665,6 @@ def timed_step(page, trigger: str, check: str, arg, reply: str, target, option=N
 def live_steps(result, dataset, queries, repeats: int):
     """``({step: [ms, ...]}, {step: [split, ...]}, first-render details, problems)``, or
     ``None`` when the live helpers (tests/live.py: Voilà, psutil) cannot be imported."""
-    import sys
-
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     try:
         from playwright.sync_api import sync_playwright
