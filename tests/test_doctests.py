@@ -24,3 +24,11 @@ def test_docstring_examples(name):
     module = importlib.import_module(name)
     outcome = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert outcome.failed == 0, f"{outcome.failed} docstring example(s) failed in {name}"
+
+
+def test_the_version_is_the_one_in_pyproject():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert re.search(r'^version = "([^"]+)"', text, re.M).group(1) == influencekit.__version__
