@@ -89,9 +89,9 @@ def test_explorer_notebook_runs_and_saves_widget_state(tmp_path):
     # nbclient records state from every comm_open / comm_msg "update" that the kernel sends
     # on iopub while a cell runs (binary traits as base64 buffers) and writes the last
     # state of every model to the notebook's metadata when execution ends.
-    notebook = _run("03_explorer.ipynb", tmp_path, store_widget_state=True)
+    notebook = _run("04_explorer.ipynb", tmp_path, store_widget_state=True)
     nbformat.validate(notebook)
-    nbformat.write(notebook, tmp_path / "03_explorer.executed.ipynb")  # kept to look at
+    nbformat.write(notebook, tmp_path / "04_explorer.executed.ipynb")  # kept to look at
 
     models = notebook.metadata["widgets"][WIDGET_STATE]["state"]
     by_name: dict[str, list[dict]] = {}
