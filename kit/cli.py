@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from .distributed import active, init_from_env, is_main
 from .errors import InfluenceKitError
 from .store.codecs import DEFAULT_CODEC
 
@@ -188,11 +190,12 @@ def cmd_fit(args) -> None:
         amp_dtype=AMP[args.amp],
         progress=not args.quiet,
     )
-    factors.save(args.out)
-    print(
-        f"wrote {args.out}: {factors.strategy} factors for {len(factors.modules)} layers "
-        f"on {factors.meta['n_examples']} sequences"
-    )
+    if is_main():  # under torchrun every process holds the same factors: one writes them
+        factors.save(args.out)
+        print(
+            f"wrote {args.out}: {factors.strategy} factors for {len(factors.modules)} layers "
+            f"on {factors.meta['n_examples']} sequences"
+        )
 
 
 def cmd_build(args) -> None:
@@ -214,7 +217,8 @@ def cmd_build(args) -> None:
         factors=Factors.load(args.factors) if args.factors else None,
         progress=not args.quiet,
     )
-    print(f"wrote {store}")
+    if is_main():
+        print(f"wrote {store}")
 
 
 def cmd_score(args) -> None:
@@ -247,9 +251,10 @@ def cmd_score(args) -> None:
         amp_dtype=AMP[args.amp],
         progress=not args.quiet,
     )
-    result.save(args.out)
-    print(format_top_table(result, shown, args.show))
-    print(f"\nwrote {args.out}")
+    if is_main():  # every process holds the whole result: one writes it
+        result.save(args.out)
+        print(format_top_table(result, shown, args.show))
+        print(f"\nwrote {args.out}")
 
 
 def cmd_report(args) -> None:
@@ -351,11 +356,26 @@ COMMANDS = {
 }
 
 
+def _under_torchrun(args) -> bool:
+    """Set up a ``torchrun`` launch: ``fit``, ``build`` and ``score`` split their work over
+    the processes; ``info`` and ``report`` run on rank 0 alone; ``demo`` refuses. Returns
+    whether this process should run the command."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    if args.command == "demo":
+        raise ValueError("run the demo in one process (it is not split over torchrun ranks)")
+    if args.command in ("fit", "build", "score"):
+        args.device = init_from_env(args.device)
+        return True
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``influencekit`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        if _under_torchrun(args):
+            COMMANDS[args.command](args)
     except (InfluenceKitError, OSError, ValueError) as err:  # OSError: unwritable --out, ...
         print(f"influencekit {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -367,6 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        if active():
+            torch.distributed.destroy_process_group()
     return 0
 
 

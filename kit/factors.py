@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .data import TextDataset, check_batch_size, example_batches, length_order
 from .errors import FileFormatError, ModelError, NonFiniteError
 from .h5io import atomic_h5, open_h5, read_array
@@ -341,20 +342,31 @@ class _Run:
         # Longest first: batches of similar length carry little padding, and a too-large batch
         # fails on the first step rather than the last. The sums do not depend on the order.
         order = length_order(self.train, self.indices)
+        # Under torchrun each process takes every world-th of these batches; sums are then
+        # all-reduced (see _summed).
         return capture_batches(
             self.model,
             self.layers,
-            example_batches(self.train, self.batch_size, order),
+            distributed.my_share(example_batches(self.train, self.batch_size, order)),
             device=self.device,
-            total=-(-len(order) // self.batch_size),
+            total=distributed.share_count(-(-len(order) // self.batch_size)),
             desc=desc,
-            progress=self.progress,
+            progress=self.progress and distributed.is_main(),
             example_ids=self.train.ids,
             targets=self.targets,
             seed=self.seed,
             dtype=self.dtype,
             amp_dtype=self.amp_dtype,
         )
+
+
+def _summed(sums: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], run: _Run):
+    """Every process's sums added up (a process given no batch contributes zeros)."""
+    for name, shape in shapes.items():
+        if name not in sums:
+            sums[name] = torch.zeros(shape, dtype=run.dtype, device=run.device)
+        distributed.all_sum(sums[name])
+    return sums
 
 
 def _accumulate(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
@@ -377,11 +389,17 @@ def _fit_eigenbases(fitted: dict[str, LayerFactors], run: _Run) -> None:
             a, s = x.a[real], x.s[real]
             _accumulate(a_sum, name, a.T @ a)
             _accumulate(s_sum, name, s.T @ s)
+    _summed(a_sum, {name: (lf.shape[1],) * 2 for name, lf in fitted.items()}, run)
+    _summed(s_sum, {name: (lf.shape[0],) * 2 for name, lf in fitted.items()}, run)
+    n_tokens = int(distributed.all_sum(torch.tensor([n_tokens], dtype=torch.int64))[0])
     for name, lf in fitted.items():
         # contiguous: row-major like a loaded file, so fresh and loaded factors score bit-equal
         lf.d_a, q_a = torch.linalg.eigh(a_sum[name].double().cpu() / n_tokens)
         lf.d_s, q_s = torch.linalg.eigh(s_sum[name].double().cpu() / n_tokens)
         lf.q_a, lf.q_s = q_a.contiguous(), q_s.contiguous()
+        # every process holds rank 0's decomposition (the same sums, but one answer for all)
+        for tensor in (lf.d_a, lf.q_a, lf.d_s, lf.q_s):
+            distributed.broadcast(tensor)
 
 
 def _rotated_grads(x: LayerIO, real: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor):
@@ -410,5 +428,6 @@ def _fit_lambda(fitted: dict[str, LayerFactors], run: _Run) -> None:
             else:
                 g = per_sequence_grads(x)
             _accumulate(lam_sum, name, g.square().sum(0))
+    _summed(lam_sum, {name: tuple(lf.shape) for name, lf in fitted.items()}, run)
     for name, lf in fitted.items():
         lf.lam = lam_sum[name].double().cpu() / len(run.indices)

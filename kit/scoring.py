@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .data import (
     Example,
     Query,
@@ -46,7 +47,7 @@ from .hooks import (
 from .lowrank import LowRank
 from .models import TrackedLayer, check_sequences_fit, resolve_device
 from .result import InfluenceResult
-from .store_scoring import TopK, stream_store
+from .store_scoring import TopK, combine, stream_store
 
 
 def query_tokens(
@@ -262,16 +263,17 @@ class _Scoring:
         forms = {name: cheaper_form(p) for name, p in forms.items()}
         keep = self.keeper(_n_queries(forms), len(train), top_k)
         batches = example_batches(train, self.batch_size, length_order(train))  # little padding
+        # under torchrun: every world-th batch (the same batches as one process makes)
         for batch, io in capture_batches(
             self.model,
             self.layers,
-            batches,
+            distributed.my_share(batches),
             device=self.device,
             dtype=self.dtype,
             amp_dtype=self.amp_dtype,
-            progress=self.progress,
+            progress=self.progress and distributed.is_main(),
             desc=desc,
-            total=-(-len(train) // self.batch_size),
+            total=distributed.share_count(-(-len(train) // self.batch_size)),
             example_ids=train.ids,
         ):
             part = [contract(io[layer.name], forms[layer.name]) for layer in self.layers]
@@ -280,6 +282,7 @@ class _Scoring:
                 keep.add(np.asarray(batch.indices), block)
             else:
                 keep[:, batch.indices, :] = block
+        combine(keep)
         return (keep.layer_scores, keep.indices) if isinstance(keep, TopK) else (keep, None)
 
     def from_store(self, store, pre: dict, forms: dict, top_k, refine):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import distributed
 from .models import TrackedLayer
 from .progress import progress_counter
 
@@ -57,6 +58,13 @@ class TopK:
         """Sort again after some scores were replaced (by refine)."""
         self._keep(self.indices, self.layer_scores)
 
+    def gather(self) -> None:
+        """Merge every process's top-k into the overall top-k (on every process)."""
+        if distributed.active():
+            self._keep(
+                distributed.gather_rows(self.indices), distributed.gather_rows(self.layer_scores)
+            )
+
 
 def stream_store(
     store,
@@ -69,12 +77,15 @@ def stream_store(
 ) -> None:
     """Contract every stored block with the compressed queries; feed ``(first, (Q, B, L))``.
 
-    ``keep`` is a :class:`TopK` or a dense ``(Q, N, L)`` array (filled in place).
+    ``keep`` is a :class:`TopK` or a dense ``(Q, N, L)`` array (filled in place). Under
+    ``torchrun`` each process reads every ``world``-th block, and the scores are then
+    combined (summed, or the top-k merged), so every process ends with all of them.
     """
     positions = [store.modules.index(layer.name) for layer in layers]
     codecs = [store.codecs[p] for p in positions]
-    with progress_counter(len(store), desc="scoring store", enabled=progress) as bar:
-        for first, arrays in store.blocks(positions):
+    rank, world = distributed.rank_and_world()
+    with progress_counter(len(store), desc="scoring store", enabled=progress and rank == 0) as bar:
+        for first, arrays in store.blocks(positions, every=(rank, world)):
             parts = []
             for codec, query, stored in zip(codecs, queries_by_layer, arrays, strict=True):
                 tensors = {
@@ -87,4 +98,14 @@ def stream_store(
                 keep.add(np.arange(first, first + block.shape[1]), block)
             else:
                 keep[:, first : first + block.shape[1]] = block
-            bar.update(block.shape[1])
+            bar.update(block.shape[1] * world)  # rank 0's pace stands for every process's
+    combine(keep)
+
+
+def combine(keep: TopK | np.ndarray) -> None:
+    """Put the processes' shares of ``keep`` together (nothing to do in one process): the
+    top-k lists are merged; a dense array, zero where another process scored, is summed."""
+    if isinstance(keep, TopK):
+        keep.gather()
+    else:
+        distributed.all_sum_numpy(keep)

@@ -314,13 +314,21 @@ class GradientStore:
     # -- streaming --------------------------------------------------------------------------
 
     def blocks(
-        self, layers: list[int] | None = None, *, block_bytes: int = BLOCK_BYTES
+        self,
+        layers: list[int] | None = None,
+        *,
+        block_bytes: int = BLOCK_BYTES,
+        every: tuple[int, int] = (0, 1),
     ) -> Iterator[tuple[int, list[dict[str, np.ndarray]]]]:
         """Yield ``(first_index, arrays)`` blocks; ``arrays[j]`` maps array name to ``(rows, ...)``.
 
-        ``layers`` picks layer positions (default all). Checksums are verified on every read;
-        a damaged chunk raises :class:`FileFormatError` naming the part file and dataset.
+        ``layers`` picks layer positions (default all). ``every=(offset, step)`` reads only
+        the blocks numbered ``offset, offset + step, ...`` (one process's share of a pass
+        split over ``step`` processes). Checksums are verified on every read; a damaged chunk
+        raises :class:`FileFormatError` naming the part file and dataset.
         """
+        offset, step = every
+        number = -1
         layers = list(range(len(self.codecs))) if layers is None else layers
         per_example = sum(self._layer_bytes(j) for j in layers)
         wanted = max(1, block_bytes // max(1, per_example))
@@ -331,6 +339,9 @@ class GradientStore:
                 chunk = int(f.attrs.get("chunk_rows", 1))
                 rows = max(chunk, wanted // chunk * chunk)
                 for lo in range(0, count, rows):
+                    number += 1
+                    if number % step != offset:
+                        continue
                     hi = min(count, lo + rows)
                     yield (
                         first + lo,
