@@ -388,7 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 130
     finally:
-        if active():
+        if active():  # leave together: a rank tearing down early can abort its peers
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
     return 0
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from influencekit import distributed
 from influencekit.data import TextDataset, check_batch_size, example_batches, length_order
 from influencekit.errors import (
     DataError,
@@ -95,6 +96,11 @@ def build_store(
     what differs. Examples already stored (same id) are skipped; an id stored with other
     tokens is refused.
 
+    Under ``torchrun`` (a process group of more than one process), every rank calls it with
+    the same arguments: each builds a shard of the pending examples and rank 0 stitches
+    them into this one store, the same as a single process would build
+    (:mod:`influencekit.store.shards`); every rank returns it.
+
     Example:
         >>> store = build_store("run/grads.h5", model, train, codec="kron:32")  # doctest: +SKIP
     """
@@ -125,6 +131,23 @@ def build_store(
         tokenizer_fingerprint=tokenizer_fingerprint(train.tokenizer),
         max_length=train.max_length,
     )
+    if distributed.active():  # under torchrun: a shard per process, stitched by rank 0
+        from .shards import build_sharded
+
+        return build_sharded(
+            path,
+            model,
+            train,
+            config=config,
+            spec=spec,
+            layers=layers,
+            chunk_size=chunk_size,
+            factors=factors,
+            batch_size=batch_size,
+            device=device,
+            amp_dtype=amp_dtype,
+            progress=progress,
+        )
     with _build_lock(path):
         _open_or_create(path, config, spec, layers, chunk_size, factors, train.tokenizer)
         store = GradientStore.open(path)  # its codecs hold the recorded projections, not redrawn

@@ -117,6 +117,19 @@ def test_scores_from_a_store_on_two_processes_equal_one(files):
         assert np.array_equal(one.layer_scores, two.layer_scores), extra
 
 
+def test_the_build_command_on_two_processes_makes_the_single_process_store(files):
+    root, common = files
+    build = ["build", *common, "--codec", "kron:8", "--chunk-size", "7"]
+    single(*build, "--out", str(root / "b1.h5"))
+    torchrun(*build, "--out", str(root / "b2.h5"))
+    one, two = ik.GradientStore.open(root / "b1.h5"), ik.GradientStore.open(root / "b2.h5")
+    assert one.ids == two.ids and len(one.part_paths()) == len(two.part_paths())
+    for (first1, arrays1), (first2, arrays2) in zip(one.blocks(), two.blocks(), strict=True):
+        assert first1 == first2
+        for layer1, layer2 in zip(arrays1, arrays2, strict=True):
+            assert all(np.array_equal(layer1[k], layer2[k]) for k in layer1)
+
+
 def test_the_demo_refuses_to_run_on_several_processes(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["demo", "--quick"]) == 2
