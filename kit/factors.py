@@ -392,14 +392,31 @@ def _fit_eigenbases(fitted: dict[str, LayerFactors], run: _Run) -> None:
     _summed(a_sum, {name: (lf.shape[1],) * 2 for name, lf in fitted.items()}, run)
     _summed(s_sum, {name: (lf.shape[0],) * 2 for name, lf in fitted.items()}, run)
     n_tokens = int(distributed.all_sum(torch.tensor([n_tokens], dtype=torch.int64))[0])
-    for name, lf in fitted.items():
-        # contiguous: row-major like a loaded file, so fresh and loaded factors score bit-equal
-        lf.d_a, q_a = torch.linalg.eigh(a_sum[name].double().cpu() / n_tokens)
-        lf.d_s, q_s = torch.linalg.eigh(s_sum[name].double().cpu() / n_tokens)
-        lf.q_a, lf.q_s = q_a.contiguous(), q_s.contiguous()
-        # every process holds rank 0's decomposition (the same sums, but one answer for all)
-        for tensor in (lf.d_a, lf.q_a, lf.d_s, lf.q_s):
-            distributed.broadcast(tensor)
+    # Each covariance is decomposed once, by one process: under torchrun the 2L
+    # decompositions are dealt out by position, all computed, then sent to the others.
+    rank, world = distributed.rank_and_world()
+    covariances = [
+        (lf, side, sums[name])
+        for name, lf in fitted.items()
+        for side, sums in (("a", a_sum), ("s", s_sum))
+    ]
+    # contiguous: row-major like a loaded file (fresh and loaded factors score bit-equal),
+    # and what a broadcast needs
+    mine = {
+        position: tuple(t.contiguous() for t in torch.linalg.eigh(total.double().cpu() / n_tokens))
+        for position, (_, _, total) in enumerate(covariances)
+        if position % world == rank
+    }
+    for position, (lf, side, total) in enumerate(covariances):
+        n = total.shape[0]
+        values, vectors = mine.get(position) or (
+            torch.zeros(n, dtype=torch.float64),
+            torch.zeros(n, n, dtype=torch.float64),
+        )
+        distributed.broadcast(values, src=position % world)
+        distributed.broadcast(vectors, src=position % world)
+        setattr(lf, f"d_{side}", values)
+        setattr(lf, f"q_{side}", vectors)
 
 
 def _rotated_grads(x: LayerIO, real: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor):
