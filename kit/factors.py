@@ -393,19 +393,22 @@ def _fit_eigenbases(fitted: dict[str, LayerFactors], run: _Run) -> None:
     _summed(s_sum, {name: (lf.shape[0],) * 2 for name, lf in fitted.items()}, run)
     n_tokens = int(distributed.all_sum(torch.tensor([n_tokens], dtype=torch.int64))[0])
     # Each covariance is decomposed once, by one process: under torchrun the 2L
-    # decompositions are dealt out by position, all computed, then sent to the others.
+    # decompositions are dealt out largest first (so each rank gets a like share of the
+    # O(n³) work), all computed, then sent to the others.
     rank, world = distributed.rank_and_world()
     covariances = [
         (lf, side, sums[name])
         for name, lf in fitted.items()
         for side, sums in (("a", a_sum), ("s", s_sum))
     ]
+    largest_first = sorted(range(len(covariances)), key=lambda p: -covariances[p][2].shape[0])
+    owner = {position: turn % world for turn, position in enumerate(largest_first)}
     # contiguous: row-major like a loaded file (fresh and loaded factors score bit-equal),
     # and what a broadcast needs
     mine = {
         position: tuple(t.contiguous() for t in torch.linalg.eigh(total.double().cpu() / n_tokens))
         for position, (_, _, total) in enumerate(covariances)
-        if position % world == rank
+        if owner[position] == rank
     }
     for position, (lf, side, total) in enumerate(covariances):
         n = total.shape[0]
@@ -413,8 +416,8 @@ def _fit_eigenbases(fitted: dict[str, LayerFactors], run: _Run) -> None:
             torch.zeros(n, dtype=torch.float64),
             torch.zeros(n, n, dtype=torch.float64),
         )
-        distributed.broadcast(values, src=position % world)
-        distributed.broadcast(vectors, src=position % world)
+        distributed.broadcast(values, src=owner[position])
+        distributed.broadcast(vectors, src=owner[position])
         setattr(lf, f"d_{side}", values)
         setattr(lf, f"q_{side}", vectors)
 
