@@ -334,19 +334,31 @@ def _numpy(compute: torch.dtype):
     return np.float64 if compute == torch.float64 else np.float32
 
 
-def _commit(path: Path, manifest: Manifest, examples: PartExamples, arrays) -> None:
-    """Write one part, then the manifest naming it: the only two steps that change the store."""
-    number = len(manifest.part_counts)
-    target = parts_dir(path) / part_name(number)
+def _commit(
+    path: Path,
+    manifest: Manifest,
+    examples: PartExamples,
+    arrays,
+    *,
+    number: int | None = None,
+    first: int | None = None,
+) -> None:
+    """Write one part, then the manifest naming it: the only two steps that change the store.
+
+    The part file is the store's next one; its header names it part ``number`` starting at
+    example ``first`` (by default its place in this store). A shard of a multi-process build
+    passes the part's place in the main store instead, where it will be linked.
+    """
+    local = len(manifest.part_counts)
     on_disk = np.dtype(manifest.config.dtype)
     arrays = [{k: v.astype(on_disk, copy=False) for k, v in layer.items()} for layer in arrays]
     _check_representable(arrays, manifest, examples)
     try:
         write_part(
-            target,
+            parts_dir(path) / part_name(local),
             uuid=manifest.uuid,
-            number=number,
-            first=manifest.n_examples,
+            number=local if number is None else number,
+            first=manifest.n_examples if first is None else first,
             examples=examples,
             arrays=arrays,
             max_length=manifest.config.max_length,
@@ -359,7 +371,7 @@ def _commit(path: Path, manifest: Manifest, examples: PartExamples, arrays) -> N
             raise
     except (OSError, RuntimeError) as err:
         raise StoreWriteError(
-            f"{path}: writing part {number} failed ({err}); the store keeps its "
+            f"{path}: writing part {local} failed ({err}); it keeps its "
             f"{manifest.n_examples} committed examples. Free space (or fix the cause) and run "
             "the same build again to resume."
         ) from err

@@ -61,7 +61,7 @@ from influencekit.progress import progress_counter
 
 from .build import (
     _build_lock,
-    _check_representable,
+    _commit,
     _Encoder,
     _open_or_create,
     _pending,
@@ -80,7 +80,6 @@ from .layout import (
     read_manifest,
     read_part_examples,
     write_manifest,
-    write_part,
 )
 from .reader import GradientStore
 
@@ -258,7 +257,10 @@ def _build_shard(
                     [list(train[i].input_ids) for i in chunk],
                 )
                 arrays = encoder.encode(train, chunk)
-                _commit_shard(shard, manifest, plan.number(j), plan.first(j), examples, arrays)
+                # headed for the main store: its number and first example there
+                _commit(
+                    shard, manifest, examples, arrays, number=plan.number(j), first=plan.first(j)
+                )
                 bar.update(len(chunk))
 
 
@@ -325,39 +327,6 @@ def _off_plan(shard, manifest: Manifest, main: Manifest, plan: _Plan, mine: rang
         ]:
             return f"part {k} holds other examples than chunk {j}"
     return None
-
-
-def _commit_shard(
-    shard: Path, manifest: Manifest, number: int, first: int, examples: PartExamples, arrays
-) -> None:
-    """Commit one chunk to the shard: its part (headed for the main store), then the shard's
-    manifest naming it."""
-    local = len(manifest.part_counts)
-    on_disk = np.dtype(manifest.config.dtype)
-    arrays = [{k: v.astype(on_disk, copy=False) for k, v in layer.items()} for layer in arrays]
-    _check_representable(arrays, manifest, examples)
-    try:
-        write_part(
-            parts_dir(shard) / part_name(local),
-            uuid=manifest.uuid,
-            number=number,
-            first=first,
-            examples=examples,
-            arrays=arrays,
-            max_length=manifest.config.max_length,
-        )
-        manifest.part_counts.append(len(examples.ids))
-        try:
-            write_manifest(shard, manifest)
-        except BaseException:
-            manifest.part_counts.pop()
-            raise
-    except (OSError, RuntimeError) as err:
-        raise StoreWriteError(
-            f"{shard}: writing part {local} failed ({err}); the shard keeps its "
-            f"{manifest.n_examples} committed examples. Free space (or fix the cause) and run "
-            "the same build again to resume."
-        ) from err
 
 
 # -- rank 0: stitching -------------------------------------------------------------------------

@@ -52,10 +52,10 @@ def install_hooks(rank: int, log: str | None, die: str | None) -> None:
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
-    real_commit = shards._commit_shard
+    real_commit = shards._commit
 
-    def commit(shard, manifest, number, first, examples, arrays):
-        real_commit(shard, manifest, number, first, examples, arrays)
+    def commit(shard, manifest, examples, arrays, *, number, first):
+        real_commit(shard, manifest, examples, arrays, number=number, first=first)
         if log:
             with open(log, "a") as out:
                 out.write(f"{rank} {number}\n")
@@ -63,7 +63,7 @@ def install_hooks(rank: int, log: str | None, die: str | None) -> None:
         if commits["n"] == at:
             kill_if("commit")
 
-    shards._commit_shard = commit
+    shards._commit = commit
 
     real_fsync_dir = shards._fsync_dir  # in shards, called only once the parts are linked
 
