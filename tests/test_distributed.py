@@ -60,13 +60,20 @@ def single(*args: str) -> None:
     assert main(list(args)) == 0
 
 
-def test_factors_fitted_on_two_processes_equal_one(files):
+@pytest.fixture(scope="module")
+def single_factors(files):
+    """Factors fitted in one process (float64 accumulation): the reference, and the factors
+    the scoring tests use."""
     root, common = files
-    fit = ["fit", *common, "--dtype", "float64"]
-    single(*fit, "--out", str(root / "f1.h5"))
-    done = torchrun(*fit, "--out", str(root / "f2.h5"))
+    single("fit", *common, "--dtype", "float64", "--out", str(root / "f1.h5"))
+    return root / "f1.h5"
+
+
+def test_factors_fitted_on_two_processes_equal_one(files, single_factors):
+    root, common = files
+    done = torchrun("fit", *common, "--dtype", "float64", "--out", str(root / "f2.h5"))
     assert done.stdout.count("wrote") == 1  # rank 0 alone writes and reports
-    one, two = ik.Factors.load(root / "f1.h5"), ik.Factors.load(root / "f2.h5")
+    one, two = ik.Factors.load(single_factors), ik.Factors.load(root / "f2.h5")
     assert one.meta == two.meta and one.modules == two.modules
     for name in one.modules:
         a, b = one.layers[name], two.layers[name]
@@ -79,11 +86,9 @@ def test_factors_fitted_on_two_processes_equal_one(files):
         assert np.allclose(lam1, lam2, rtol=1e-8, atol=1e-10 * float(lam1.max()))
 
 
-def test_scores_on_the_fly_on_two_processes_equal_one(files):
+def test_scores_on_the_fly_on_two_processes_equal_one(files, single_factors):
     root, common = files
-    factors = ["--factors", str(root / "f1.h5"), "--queries", str(root / "q.jsonl")]
-    if not (root / "f1.h5").exists():
-        single("fit", *common, "--dtype", "float64", "--out", str(root / "f1.h5"))
+    factors = ["--factors", str(single_factors), "--queries", str(root / "q.jsonl")]
     score = ["score", *common, *factors]
     single(*score, "--out", str(root / "r1.h5"))
     torchrun(*score, "--out", str(root / "r2.h5"))
@@ -97,15 +102,13 @@ def test_scores_on_the_fly_on_two_processes_equal_one(files):
     assert np.array_equal(one.layer_scores, two.layer_scores)
 
 
-def test_scores_from_a_store_on_two_processes_equal_one(files):
+def test_scores_from_a_store_on_two_processes_equal_one(files, single_factors):
     root, common = files
-    if not (root / "f1.h5").exists():
-        single("fit", *common, "--dtype", "float64", "--out", str(root / "f1.h5"))
     # a store of several blocks, so that each process reads some
     single("build", *common, "--out", str(root / "s.h5"), "--codec", "kron:8", "--chunk-size", "7")
     assert len(list(ik.GradientStore.open(root / "s.h5").blocks())) > 2
     score = ["score", "--model", str(root / "model"), "--store", str(root / "s.h5")]
-    score += ["--factors", str(root / "f1.h5"), "--queries", str(root / "q.jsonl"), "--quiet"]
+    score += ["--factors", str(single_factors), "--queries", str(root / "q.jsonl"), "--quiet"]
     for extra in ([], ["--top-k", "4"], ["--top-k", "4", "--refine", "6"]):
         single(*score, *extra, "--out", str(root / "t1.h5"))
         torchrun(*score, *extra, "--out", str(root / "t2.h5"))

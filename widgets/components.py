@@ -103,6 +103,11 @@ class _Component(anywidget.AnyWidget):
     title = traitlets.Unicode("").tag(sync=True)
     message = traitlets.Unicode("").tag(sync=True)  # shown when there is nothing to draw
 
+    def __init__(self, *args, layout=None, **kwargs) -> None:
+        """Takes the arguments of the subclass's ``state`` (and an ipywidgets ``layout``)."""
+        extra = {} if layout is None else {"layout": layout}
+        super().__init__(**type(self).state(*args, **kwargs), **extra)
+
     @staticmethod
     def state(*args, **kwargs) -> dict:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
@@ -139,20 +144,6 @@ class TokenHeatmap(_Component):
     scale = traitlets.Float(0.0).tag(sync=True)  # 0: the largest |score|
     hovered = traitlets.Int(-1).tag(sync=True)
 
-    def __init__(
-        self,
-        tokens=(),
-        scores=(),
-        *,
-        title: str = "",
-        scale: float = 0.0,
-        message: str = "",
-        **kwargs,
-    ) -> None:
-        super().__init__(
-            **self.state(tokens, scores, title=title, scale=scale, message=message), **kwargs
-        )
-
     @staticmethod
     def state(tokens=(), scores=(), *, title: str = "", scale: float = 0.0, message: str = ""):
         tokens = [str(t) for t in tokens]
@@ -183,24 +174,6 @@ class LayerBreakdown(_Component):
     values = traitlets.Bytes(b"").tag(sync=True)
     groups = traitlets.List(traitlets.Unicode()).tag(sync=True)
     percent = traitlets.Bool(False).tag(sync=True)
-
-    def __init__(
-        self,
-        layers=(),
-        values=(),
-        *,
-        groups=None,
-        title: str = "",
-        percent: bool = False,
-        message: str = "",
-        **kwargs,
-    ) -> None:
-        super().__init__(
-            **self.state(
-                layers, values, groups=groups, title=title, percent=percent, message=message
-            ),
-            **kwargs,
-        )
 
     @staticmethod
     def state(
@@ -239,31 +212,6 @@ class LayerHeatmap(_Component):
     values = traitlets.Bytes(b"").tag(sync=True)
     selected = traitlets.Int(-1).tag(sync=True)
     normalize = traitlets.Bool(False).tag(sync=True)  # each column on its own scale (a checkbox)
-
-    def __init__(
-        self,
-        layers=(),
-        values=None,
-        *,
-        columns=None,
-        groups=None,
-        title: str = "",
-        selected: int = -1,
-        message: str = "",
-        **kwargs,
-    ) -> None:
-        super().__init__(
-            **self.state(
-                layers,
-                values,
-                columns=columns,
-                groups=groups,
-                title=title,
-                selected=selected,
-                message=message,
-            ),
-            **kwargs,
-        )
 
     @staticmethod
     def state(
@@ -313,22 +261,6 @@ class RankedTable(_Component):
     scores = traitlets.Bytes(b"").tag(sync=True)
     shares = traitlets.Bytes(b"").tag(sync=True)
     selected = traitlets.Int(-1).tag(sync=True)
-
-    def __init__(
-        self,
-        rows=(),
-        scores=(),
-        shares=None,
-        *,
-        title: str = "",
-        selected: int = -1,
-        message: str = "",
-        **kwargs,
-    ) -> None:
-        super().__init__(
-            **self.state(rows, scores, shares, title=title, selected=selected, message=message),
-            **kwargs,
-        )
 
     @staticmethod
     def state(
@@ -391,41 +323,6 @@ class ThemeClusters(_Component):
     weights = traitlets.Bytes(b"").tag(sync=True)
     highlight = traitlets.Bytes(b"").tag(sync=True)
     selected = traitlets.Int(-1).tag(sync=True)
-
-    def __init__(
-        self,
-        names=(),
-        terms=(),
-        sizes=(),
-        shares=(),
-        points=None,
-        assignment=(),
-        snippets=(),
-        *,
-        weights=None,
-        highlight=None,
-        title: str = "",
-        selected: int = -1,
-        message: str = "",
-        **kwargs,
-    ) -> None:
-        super().__init__(
-            **self.state(
-                names,
-                terms,
-                sizes,
-                shares,
-                points,
-                assignment,
-                snippets,
-                weights=weights,
-                highlight=highlight,
-                title=title,
-                selected=selected,
-                message=message,
-            ),
-            **kwargs,
-        )
 
     @staticmethod
     def state(

@@ -271,23 +271,9 @@ class _PBRFProblem:
         return (shifts[0] / epsilon).numpy(), infos
 
 
-def pbrf_response(
-    model: nn.Module,
-    train: TextDataset,
-    query,
-    index: int,
-    *,
-    epsilon: float = 1e-3,
-    damping: float | Mapping[str, float],
-    modules: str | list[str] = "mlp",
-    symmetric: bool = True,
-    method: str = "lbfgs",
-    steps: int = 500,
-    lr: float = 1.0,
-    tol: float = 1e-7,
-    tokenizer=None,
-) -> float:
-    """PBRF response of one query to up-weighting training sequence ``index`` by ``epsilon``.
+def pbrf_response(model: nn.Module, train: TextDataset, query, index: int, **options) -> float:
+    """PBRF response of one query to up-weighting training sequence ``index``: the one entry
+    of :func:`pbrf_scores` for ``[query]`` and ``[index]`` (same keyword options).
 
     Directly comparable with the kit's score for ``(query, train[index])`` computed with the
     same ``damping`` and ``modules`` (see the module docstring for the exact relation).
@@ -298,11 +284,7 @@ def pbrf_response(
         ... # doctest: +SKIP
         0.0123
     """
-    problem = _PBRFProblem(model, train, [query], modules, tokenizer)
-    values, _ = problem.response(
-        index, epsilon, damping, symmetric, method=method, steps=steps, lr=lr, tol=tol
-    )
-    return float(values[0])
+    return float(pbrf_scores(model, train, [query], [index], **options)[0, 0])
 
 
 def pbrf_scores(
@@ -323,7 +305,10 @@ def pbrf_scores(
     return_info: bool = False,
 ):
     """PBRF responses ``(n_queries, len(indices))``: one minimisation per training index (and
-    sign), every query measured at its optimum. Same options as :func:`pbrf_response`.
+    sign), every query measured at its optimum. ``epsilon``: the up-weighting; ``damping``:
+    the proximity weight (the kit's λ, one float or per layer); ``symmetric``: the
+    ``±epsilon`` difference; ``method`` ``"lbfgs"`` or ``"adam"`` with ``steps``, ``lr`` and
+    gradient tolerance ``tol``.
 
     With ``return_info`` returns ``(scores, infos)``, ``infos[j]`` the :class:`PBRFInfo` of
     each minimisation for ``indices[j]``.
