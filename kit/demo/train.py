@@ -17,15 +17,16 @@ Example:
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from ..data import TextDataset, collate, padding_id
+from ..data import TextDataset
 from ..tiny import build_tokenizer
+from ..training import lr_at as schedule_lr
+from ..training import new_gpt2, train_lm
 from .corpus import DATA_DIR, MAX_LENGTH, load_records
 
 VOCAB_SIZE = 3072
@@ -48,30 +49,17 @@ def train_tokenizer(texts: list[str]):
 
 def new_model(size: str, tokenizer, seed: int = SEED):
     """A freshly initialised GPT-2 of one of :data:`SIZES` (seeded)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        **SIZES[size],
-        n_positions=MAX_LENGTH,
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return GPT2LMHeadModel(config)
+    return new_gpt2(tokenizer, **SIZES[size], n_positions=MAX_LENGTH, seed=seed)
 
 
 def lr_at(step: int, total: int, peak: float) -> float:
-    """Linear warm-up to ``peak``, then cosine decay to a tenth of it.
+    """The demo's schedule: :func:`influencekit.training.lr_at` with ``WARMUP`` steps.
 
     Example:
         >>> lr_at(0, 1000, 1e-3), lr_at(99, 1000, 1e-3), round(lr_at(1000, 1000, 1e-3), 6)
         (1e-05, 0.001, 0.0001)
     """
-    if step < WARMUP:
-        return peak * (step + 1) / WARMUP
-    progress = (step - WARMUP) / max(1, total - WARMUP)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return schedule_lr(step, total, peak, WARMUP)
 
 
 def train_model(
@@ -86,35 +74,18 @@ def train_model(
     """Train one size on ``records`` (default: the corpus); returns the model in eval mode."""
     data = TextDataset.from_records(records or load_records(), tokenizer, MAX_LENGTH)
     model = new_model(size, tokenizer, seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=PEAK_LR[size], weight_decay=0.01)
-    generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(len(data) / BATCH_SIZE)
-    total, step, started = epochs * steps_per_epoch, 0, time.perf_counter()
-    pad_id = padding_id(tokenizer)
-    model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(len(data), generator=generator).tolist()
-        running = 0.0
-        for start in range(0, len(order), BATCH_SIZE):
-            rows = order[start : start + BATCH_SIZE]
-            batch = collate([data[i].input_ids for i in rows], [1] * len(rows), rows, pad_id)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, PEAK_LR[size])
-            labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
-            loss = model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels
-            ).loss
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            running += loss.item()
-            step += 1
-        elapsed = time.perf_counter() - started
-        mean_loss = running / steps_per_epoch
+    started = time.perf_counter()
+
+    def report(epoch: int, mean_loss: float) -> None:
         if log is not None:
+            elapsed = time.perf_counter() - started
             log(f"{size}: epoch {epoch + 1}/{epochs} loss {mean_loss:.3f} ({elapsed:.0f} s)")
-    return model.eval()
+
+    train_lm(
+        model, data, epochs=epochs, batch_size=BATCH_SIZE, peak_lr=PEAK_LR[size],
+        warmup=WARMUP, seed=seed, log=report,
+    )  # fmt: skip
+    return model
 
 
 def save(model, tokenizer, out_dir: Path) -> None:
