@@ -60,6 +60,7 @@ from torch.func import functional_call
 
 from ..data import TextDataset, as_queries, collate, padding_id, query_batches
 from ..models import select_modules
+from .measure import label_log_probs
 
 Params = dict[str, torch.Tensor]
 
@@ -229,20 +230,13 @@ class _PBRFProblem:
         batch = collate([self.train[index].input_ids], [1], [index], self.pad)
 
         def loss(params: Params) -> torch.Tensor:
-            logp = self.log_probs(params, batch)
-            nxt = torch.roll(batch.input_ids, shifts=-1, dims=1)
-            picked = logp.gather(-1, nxt[..., None]).squeeze(-1)
-            return -(picked * batch.label_mask).sum()
+            return -label_log_probs(self.log_probs(params, batch), batch).sum()
 
         return loss
 
     def measure(self, params: Params) -> torch.Tensor:
         """``log p(completion | prompt)`` per query, shape ``(n_queries,)``."""
-        batch = self.query_batch
-        logp = self.log_probs(params, batch)
-        nxt = torch.roll(batch.input_ids, shifts=-1, dims=1)
-        picked = logp.gather(-1, nxt[..., None]).squeeze(-1)
-        return (picked * batch.label_mask).sum(-1)
+        return label_log_probs(self.log_probs(params, self.query_batch), self.query_batch)
 
     def damping_map(self, damping: float | Mapping[str, float]) -> dict[str, float]:
         """Per-parameter λ from one float or the kit's ``{layer: λ}`` map (bias shares it)."""
