@@ -1,14 +1,23 @@
 """Validation of influence scores against ground truths that do not use the kit's approximations.
 
-:mod:`influencekit.validate.pbrf`: the proximal Bregman response function (Bae et al. 2022),
-the quantity influence functions approximate, optimised directly on a small model.
+- :mod:`~influencekit.validate.pbrf`: the proximal Bregman response function (Bae et al.
+  2022), the quantity influence functions approximate, optimised directly on a small model.
+- :mod:`~influencekit.validate.lds`: the linear datamodeling score (Park et al. 2023):
+  models retrained on random half-subsets, measured, and cached.
+- :mod:`~influencekit.validate.checkpoints`: influence summed over training checkpoints.
+- :mod:`~influencekit.validate.setting`: the small retrainable model and corpus slice that
+  ``benchmarks/validate.py`` and ``notebooks/03_validation.ipynb`` measure.
 
 Example:
     >>> from influencekit.validate import compare, pbrf_scores
     >>> truth = pbrf_scores(model, train, queries, [0, 1, 2], damping=1e-3)  # doctest: +SKIP
     >>> compare(result.scores[:, [0, 1, 2]], truth)["overall"]                 # doctest: +SKIP
+    >>> lds(result, Retraining.load(SHIPPED_RUNS)).mean   # doctest: +SKIP
 """
 
+from .checkpoints import checkpoint_results, combine_checkpoints, lr_weights
+from .lds import LDS, Retraining, lds, random_subsets, retrain
+from .measure import completion_log_probs
 from .pbrf import (
     PBRFInfo,
     compare,
@@ -17,12 +26,26 @@ from .pbrf import (
     pbrf_response,
     pbrf_scores,
 )
+from .setting import SHIPPED_RUNS, Recipe, Setting, load_setting
 
 __all__ = [
+    "LDS",
+    "SHIPPED_RUNS",
     "PBRFInfo",
+    "Recipe",
+    "Retraining",
+    "Setting",
+    "checkpoint_results",
+    "combine_checkpoints",
     "compare",
+    "completion_log_probs",
     "kl_divergence",
+    "lds",
+    "load_setting",
+    "lr_weights",
     "minimise_pbrf",
     "pbrf_response",
     "pbrf_scores",
+    "random_subsets",
+    "retrain",
 ]
