@@ -1,18 +1,30 @@
-"""PBRF ground truth vs the kit's scores on the tiny GPT-2: one table of correlations.
+"""How well the kit's scores predict ground truth: PBRF and LDS tables, with their settings.
 
-For each strategy (ekfac, kfac, diagonal, identity) and each store codec (ekfac factors,
-gradients read from a ``dense``, ``kron:K`` or ``lowrank:R`` store), the Pearson and Spearman
-correlation of the kit's scores with PBRF responses (influencekit.validate.pbrf) and the
-least-squares scale kit/PBRF, all with the same damping and modules.
+``--part pbrf`` (tiny GPT-2 of the tests, 2 blocks, d = 64, 40 sentences): Pearson and
+Spearman correlation of the kit's scores with PBRF responses (influencekit.validate.pbrf) and
+the least-squares scale kit/PBRF, for each strategy and store codec, with the same damping
+and modules.
+
+``--part lds`` (the validation setting, influencekit.validate.setting: a 2-block GPT-2 trained
+from scratch on 256 quotes of the shipped corpus, 16 held-out queries): the linear
+datamodeling score for each strategy, store codec, damping and multi-checkpoint
+combination, against models retrained on random half-subsets with several seeds. The
+retraining measurements are cached in ``kit/validate/data/lds_runs.h5`` (shipped): a rerun
+with the same settings reuses them and takes about a minute; new settings retrain (about 3 s
+per run on one core).
+
+``--part checkpoints-pbrf``: PBRF correlation of final-checkpoint and multi-checkpoint scores
+in the validation setting (slow: minutes per pair).
 
 Example:
-    $ .venv/bin/python benchmarks/validate.py              # about 1 minute on 2 cores
-    $ .venv/bin/python benchmarks/validate.py --n-train 12 --damping-scale 30
+    $ .venv/bin/python benchmarks/validate.py --part pbrf   # about 30 s
+    $ .venv/bin/python benchmarks/validate.py --part lds    # about 1 min with the shipped cache
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -24,69 +36,219 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import influencekit as ik
-from influencekit.validate import compare, pbrf_scores
+from influencekit.validate import (
+    SHIPPED_RUNS,
+    Recipe,
+    checkpoint_results,
+    combine_checkpoints,
+    compare,
+    lds,
+    load_setting,
+    lr_weights,
+    pbrf_scores,
+    random_subsets,
+    retrain,
+)
 
 from tiny_example import QUERIES, corpus_records, train_tiny_model
 
+STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
+
+
+def pbrf_table(args, tmp: Path) -> None:
+    """PBRF responses on the tests' tiny GPT-2, once; one row per strategy and codec."""
+    model, tok = ik.load_model(train_tiny_model(tmp / "m"))
+    train = ik.TextDataset.from_records(corpus_records(), tok, max_length=64)
+    queries = QUERIES[: args.n_queries]
+    # Spread over the four themes: every (40 / n)-th sentence.
+    indices = np.linspace(0, len(train) - 1, args.n_train).round().astype(int).tolist()
+    ekfac = ik.fit_factors(model, train, "mlp", progress=False)
+    damping = args.damping_scale * float(np.mean(list(ekfac.damping_for(None).values())))
+    print(
+        f"## PBRF: tiny GPT-2 (2 blocks, d=64), modules=mlp, N={len(train)}, "
+        f"queries={args.n_queries}, train indices={indices}\nλ={damping:.4g} (all layers), "
+        f"ε={args.epsilon}, L-BFGS ≤{args.steps} iterations, float64"
+    )
+    start = time.perf_counter()
+    truth, infos = pbrf_scores(
+        model, train, queries, indices, damping=damping, epsilon=args.epsilon,
+        symmetric=False, steps=args.steps, return_info=True,
+    )  # fmt: skip
+    worst = max(info.grad_ratio for pair in infos for info in pair)
+    print(f"PBRF: {time.perf_counter() - start:.1f}s, worst ‖∇J‖ ratio {worst:.2e}\n")
+    rows = []
+    for strategy in STRATEGIES:
+        factors = ekfac if strategy == "ekfac" else ik.fit_factors(
+            model, train, "mlp", strategy=strategy, progress=False
+        )  # fmt: skip
+        result = ik.score(model, factors, queries, train, damping=damping, progress=False)
+        rows.append((strategy, result.scores[:, indices]))
+    for codec in args.codecs.split(","):
+        store = ik.GradientStore.build(
+            tmp / f"{codec.replace(':', '_')}.h5", model, train, modules="mlp",
+            codec=codec, progress=False,
+        )  # fmt: skip
+        result = ik.score(model, ekfac, queries, store, damping=damping, progress=False)
+        rows.append((f"ekfac + store {codec}", result.scores[:, indices]))
+    print(f"{'method':<26}{'pearson':>9}{'spearman':>10}{'scale':>8}")
+    for name, kit in rows:
+        stats = compare(kit, truth)["overall"]
+        print(f"{name:<26}{stats['pearson']:>9.3f}{stats['spearman']:>10.3f}{stats['scale']:>8.2f}")
+    print()
+
+
+def lds_row(name: str, result, runs, baseline=None):
+    """Print one LDS row (mean ± standard error over queries, quartiles); with ``baseline``
+    (another row's LDS) also the paired difference over queries. Returns the LDS."""
+    out = lds(result, runs)
+    ok = np.isfinite(out.per_query)
+    sem = out.per_query[ok].std(ddof=1) / np.sqrt(ok.sum())
+    low, high = np.percentile(out.per_query[ok], [25, 75])
+    line = f"{name:<34}{out.mean:>7.3f} ± {sem:.3f}   [{low:6.2f}, {high:5.2f}]"
+    if baseline is not None:
+        diff = out.per_query - baseline.per_query
+        diff_sem = np.nanstd(diff, ddof=1) / np.sqrt(ok.sum())
+        line += f"   vs final: {np.nanmean(diff):+.3f} ± {diff_sem:.3f}"
+    print(line)
+    return out
+
+
+def lds_table(args, tmp: Path) -> None:
+    """Retrain (or reuse the cache), then the LDS of every method on the same measurements."""
+    setting, recipe = load_setting(), Recipe()
+    train, queries = setting.train, setting.queries
+    subsets = random_subsets(len(train), args.subsets, seed=args.subset_seed)
+    seeds = list(range(args.seeds))
+    print(
+        f"## LDS: validation setting (influencekit.validate.setting): GPT-2 {recipe.n_layer} "
+        f"blocks, d={recipe.n_embd}, vocab {len(setting.tokenizer)}, trained from scratch "
+        f"{recipe.epochs} epochs\nN={len(train)} quotes ({train.n_tokens} tokens), "
+        f"{len(queries)} held-out queries, {args.subsets} half-subsets (seed {args.subset_seed})"
+        f" × {args.seeds} training seeds; cache {args.cache}"
+    )
+    start = time.perf_counter()
+    runs = retrain(recipe, train, queries, subsets, seeds, cache=args.cache,
+                   settings=recipe.settings(), progress=True)  # fmt: skip
+    print(
+        f"retraining: {np.nansum(runs.seconds):.0f} s of runs in the cache "
+        f"({time.perf_counter() - start:.0f} s now); seed agreement (Spearman between the "
+        f"mean of seeds {seeds[: len(seeds) // 2]} and of the rest, over subsets): "
+        f"{np.nanmean(lds(np.ones((len(queries), len(train))), runs).seed_agreement):.3f}"
+    )
+    model, snaps = recipe.train(train, seed=0, checkpoints=args.checkpoints)
+    print(f"scored model: trained on all {len(train)} with seed 0\n")
+    print(f"{'method':<34}{'LDS':>7} ± s.e.    [quartiles over queries]")
+    factors = {}
+    for strategy in STRATEGIES:
+        factors[strategy] = ik.fit_factors(model, train, "mlp", strategy=strategy, progress=False)
+        result = ik.score(model, factors[strategy], queries, train, progress=False)
+        lds_row(strategy, result, runs)
+    for codec in args.codecs.split(","):
+        store = ik.GradientStore.build(
+            tmp / f"lds_{codec.replace(':', '_')}.h5", model, train, modules="mlp",
+            codec=codec, progress=False,
+        )  # fmt: skip
+        lds_row(f"ekfac + store {codec}", ik.score(model, factors["ekfac"], queries, store,
+                                                   progress=False), runs)  # fmt: skip
+    default = factors["ekfac"].damping_for(None)
+    for scale in (0.01, 0.1, 10.0, 100.0):
+        damping = {name: scale * lam for name, lam in default.items()}
+        result = ik.score(model, factors["ekfac"], queries, train, damping=damping, progress=False)
+        lds_row(f"ekfac, damping × {scale:g}", result, runs)
+    lds_row("ekfac, all layers (attn + mlp)", ik.score(
+        model, ik.fit_factors(model, train, "all", progress=False), queries, train,
+        progress=False), runs)  # fmt: skip
+    models = [c.load_into(copy.deepcopy(model)) for c in snaps]
+    per_checkpoint = checkpoint_results(models, queries, train, progress=False)
+    weights = lr_weights(snaps)
+    print(
+        f"\ncheckpoints at steps {[c.step for c in snaps]}, learning-rate weights "
+        f"{np.round(weights, 3).tolist()}"
+    )
+    final = lds(per_checkpoint[-1], runs)
+    for c, result in zip(snaps, per_checkpoint, strict=True):
+        lds_row(f"ekfac at step {c.step} only", result, runs, final)
+    lds_row("multi-checkpoint, LR-weighted", combine_checkpoints(per_checkpoint, weights), runs,
+            final)  # fmt: skip
+    uniform = np.full(len(snaps), 1 / len(snaps))
+    lds_row("multi-checkpoint, uniform", combine_checkpoints(per_checkpoint, uniform), runs, final)
+    # A control: is the gain history, or just averaging several sets of scores? Average the
+    # final checkpoints of as many runs on all the data with other seeds.
+    finals = [model] + [recipe(train, seed) for seed in range(1, args.checkpoints)]
+    per_seed = checkpoint_results(finals, queries, train, progress=False)
+    equal = np.full(len(finals), 1 / len(finals))
+    lds_row(f"control: {len(finals)} seeds' final models", combine_checkpoints(per_seed, equal),
+            runs, final)  # fmt: skip
+    print()
+
+
+def checkpoints_pbrf_table(args) -> None:
+    """PBRF in the validation setting: final-checkpoint vs multi-checkpoint scores."""
+    setting, recipe = load_setting(), Recipe()
+    train, queries = setting.train, setting.queries[:: len(setting.queries) // args.n_queries]
+    model, snaps = recipe.train(train, seed=0, checkpoints=args.checkpoints)
+    indices = np.linspace(0, len(train) - 1, args.n_train).round().astype(int).tolist()
+    final = ik.fit_factors(model, train, "mlp", progress=False)
+    damping = args.damping_scale * float(np.mean(list(final.damping_for(None).values())))
+    print(
+        f"## PBRF vs multi-checkpoint: validation setting, queries "
+        f"{[q.id for q in queries]}, train indices {indices}, λ={damping:.4g}, "
+        f"ε={args.epsilon}, L-BFGS ≤{args.steps}"
+    )
+    start = time.perf_counter()
+    truth, infos = pbrf_scores(model, train, queries, indices, damping=damping,
+                               epsilon=args.epsilon, symmetric=False, steps=args.steps,
+                               return_info=True)  # fmt: skip
+    worst = max(info.grad_ratio for pair in infos for info in pair)
+    print(f"PBRF: {time.perf_counter() - start:.0f}s, worst ‖∇J‖ ratio {worst:.2e}")
+    models = [c.load_into(copy.deepcopy(model)) for c in snaps]
+    per_checkpoint = checkpoint_results(models, queries, train, damping=damping, progress=False)
+    rows = [("ekfac final checkpoint", per_checkpoint[-1])]
+    rows.append(
+        ("multi-checkpoint, LR-weighted", combine_checkpoints(per_checkpoint, lr_weights(snaps)))
+    )
+    print(f"{'method':<34}{'pearson':>9}{'spearman':>10}{'scale':>8}")
+    for name, result in rows:
+        stats = compare(result.scores[:, indices], truth)["overall"]
+        print(f"{name:<34}{stats['pearson']:>9.3f}{stats['spearman']:>10.3f}{stats['scale']:>8.2f}")
+
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse options, compute PBRF responses once, print one row per strategy and codec."""
+    """Parse options and print the chosen tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-train", type=int, default=6, help="training sequences scored")
-    parser.add_argument("--n-queries", type=int, default=2)
+    parser.add_argument("--part", choices=["pbrf", "lds", "checkpoints-pbrf", "all"],
+                        default="all", help="all = pbrf and lds")  # fmt: skip
+    parser.add_argument("--n-train", type=int, default=6, help="PBRF: training sequences")
+    parser.add_argument("--n-queries", type=int, default=2, help="PBRF: queries")
     parser.add_argument(
         "--damping-scale", type=float, default=100.0,
-        help="λ = this × mean of the default per-layer 0.1·mean(Λ) (small λ: slow PBRF solves)",
+        help="PBRF: λ = this × mean of the default per-layer 0.1·mean(Λ) (small λ: slow solves)",
     )  # fmt: skip
     parser.add_argument("--epsilon", type=float, default=1e-3)
-    parser.add_argument("--steps", type=int, default=300, help="L-BFGS iterations at most")
-    parser.add_argument("--codecs", default="dense,kron:16,lowrank:4")
+    parser.add_argument("--steps", type=int, default=300, help="PBRF: L-BFGS iterations at most")
+    parser.add_argument("--codecs", default="dense,kron:16,kron:64,lowrank:4,lowrank:16")
+    parser.add_argument("--subsets", type=int, default=64, help="LDS: random half-subsets")
+    parser.add_argument("--subset-seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=4, help="LDS: training seeds per subset")
+    parser.add_argument("--checkpoints", type=int, default=4, help="multi-checkpoint: snapshots")
+    parser.add_argument("--cache", type=Path, default=SHIPPED_RUNS)
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads (2 is 1.5x faster on an idle 2-core machine, far slower on a busy one)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as tmp:
-        model, tok = ik.load_model(train_tiny_model(Path(tmp) / "m"))
-        train = ik.TextDataset.from_records(corpus_records(), tok, max_length=64)
-        queries = QUERIES[: args.n_queries]
-        # Spread over the four themes: every (40 / n)-th sentence.
-        indices = np.linspace(0, len(train) - 1, args.n_train).round().astype(int).tolist()
-        ekfac = ik.fit_factors(model, train, "mlp", progress=False)
-        damping = args.damping_scale * float(np.mean(list(ekfac.damping_for(None).values())))
-        print(
-            f"tiny GPT-2 (2 blocks, d=64), modules=mlp, N={len(train)}, queries={args.n_queries}, "
-            f"train indices={indices}\nλ={damping:.4g} (all layers), ε={args.epsilon}, "
-            f"L-BFGS ≤{args.steps} iterations, float64"
-        )
-        start = time.perf_counter()
-        truth, infos = pbrf_scores(
-            model, train, queries, indices, damping=damping, epsilon=args.epsilon,
-            symmetric=False, steps=args.steps, return_info=True,
-        )  # fmt: skip
-        worst = max(info.grad_ratio for pair in infos for info in pair)
-        print(f"PBRF: {time.perf_counter() - start:.1f}s, worst ‖∇J‖ ratio {worst:.2e}\n")
-        print(f"{'method':<22}{'pearson':>9}{'spearman':>10}{'scale':>8}")
-        rows = []
-        for strategy in ("ekfac", "kfac", "diagonal", "identity"):
-            factors = ekfac if strategy == "ekfac" else ik.fit_factors(
-                model, train, "mlp", strategy=strategy, progress=False
-            )  # fmt: skip
-            result = ik.score(model, factors, queries, train, damping=damping, progress=False)
-            rows.append((strategy, result.scores[:, indices]))
-        for codec in args.codecs.split(","):
-            store = ik.GradientStore.build(
-                Path(tmp) / f"{codec.replace(':', '_')}.h5", model, train, modules="mlp",
-                codec=codec, progress=False,
-            )  # fmt: skip
-            result = ik.score(model, ekfac, queries, store, damping=damping, progress=False)
-            rows.append((f"ekfac + store {codec}", result.scores[:, indices]))
-        for name, kit in rows:
-            stats = compare(kit, truth)["overall"]
-            print(
-                f"{name:<22}{stats['pearson']:>9.3f}{stats['spearman']:>10.3f}{stats['scale']:>8.2f}"
-            )
+        if args.part in ("pbrf", "all"):
+            pbrf_table(args, Path(tmp))
+        if args.part in ("lds", "all"):
+            lds_table(args, Path(tmp))
+        if args.part == "checkpoints-pbrf":
+            checkpoints_pbrf_table(args)
 
 
 if __name__ == "__main__":

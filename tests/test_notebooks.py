@@ -128,3 +128,14 @@ def test_explorer_notebook_runs_and_saves_widget_state(tmp_path):
     page = tmp_path / "explorer.html"
     assert page.stat().st_size > 10_000
     assert "bath-fact" in page.read_text("utf-8")
+
+
+def test_validation_notebook_runs_and_plots(tmp_path):
+    notebook = _run("03_validation.ipynb", tmp_path)
+    printed = _text(notebook)
+    assert "64 half-subsets x 4 seeds = 256 retrained models" in printed
+    for strategy in ("ekfac", "kfac", "diagonal", "identity"):
+        assert f"\n{strategy:<10}" in printed
+    assert "ekfac + lowrank:4" in printed and "LR-weighted sum" in printed
+    for png in ("lds.png", "lds-scatter.png", "lds-checkpoints.png"):
+        assert (tmp_path / png).stat().st_size > 1000
