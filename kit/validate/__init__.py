@@ -2,6 +2,8 @@
 
 - :mod:`~influencekit.validate.pbrf`: the proximal Bregman response function (Bae et al.
   2022), the quantity influence functions approximate, optimised directly on a small model.
+- :mod:`~influencekit.validate.exact`: the exact damped Gauss–Newton influence (the ε → 0
+  limit of PBRF) by conjugate gradient, with no EK-FAC approximation.
 - :mod:`~influencekit.validate.lds`: the linear datamodeling score (Park et al. 2023):
   models retrained on random half-subsets, measured, and cached.
 - :mod:`~influencekit.validate.checkpoints`: influence summed over training checkpoints.
@@ -16,6 +18,7 @@ Example:
 """
 
 from .checkpoints import checkpoint_results, combine_checkpoints, lr_weights
+from .exact import SolveInfo, conjugate_gradient, exact_influence
 from .lds import LDS, Retraining, lds, random_subsets, retrain
 from .measure import completion_log_probs
 from .pbrf import (
@@ -35,10 +38,13 @@ __all__ = [
     "Recipe",
     "Retraining",
     "Setting",
+    "SolveInfo",
     "checkpoint_results",
     "combine_checkpoints",
     "compare",
     "completion_log_probs",
+    "conjugate_gradient",
+    "exact_influence",
     "kl_divergence",
     "lds",
     "load_setting",

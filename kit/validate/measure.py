@@ -17,9 +17,32 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from ..data import Batch, as_queries, query_batches
-from ..models import check_sequences_fit, resolve_device
+from ..models import TrackedLayer, check_sequences_fit, resolve_device
+
+
+def tracked_params(layers: list[TrackedLayer]) -> dict[str, torch.Tensor]:
+    """``{"<layer>.weight": w, "<layer>.bias": b}`` of the tracked layers (detached): the
+    parameters the validation ground truths vary, everything else frozen."""
+    params = {}
+    for layer in layers:
+        params[f"{layer.name}.weight"] = layer.module.weight.detach()
+        if layer.has_bias:
+            params[f"{layer.name}.bias"] = layer.module.bias.detach()
+    return params
+
+
+def functional_logits(model: nn.Module, params: dict[str, torch.Tensor], batch: Batch):
+    """``model``'s logits on ``batch`` with ``params`` standing in for its own (by name)."""
+    return functional_call(
+        model,
+        params,
+        args=(),
+        kwargs={"input_ids": batch.input_ids, "attention_mask": batch.attention_mask},
+        strict=False,
+    ).logits
 
 
 def label_log_probs(logp: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -56,11 +56,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from ..data import TextDataset, as_queries, collate, padding_id, query_batches
 from ..models import select_modules
-from .measure import label_log_probs
+from .measure import functional_logits, label_log_probs, tracked_params
 
 Params = dict[str, torch.Tensor]
 
@@ -192,11 +191,7 @@ class _PBRFProblem:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.layers = select_modules(self.model, modules)
-        self.params: Params = {}
-        for layer in self.layers:
-            self.params[f"{layer.name}.weight"] = layer.module.weight.detach()
-            if layer.has_bias:
-                self.params[f"{layer.name}.bias"] = layer.module.bias.detach()
+        self.params: Params = tracked_params(self.layers)
         tok = train.tokenizer if tokenizer is None else tokenizer
         pad = padding_id(tok)
         self.train = train
@@ -211,14 +206,7 @@ class _PBRFProblem:
             self.f0 = self.measure(self.params)
 
     def log_probs(self, params: Params, batch) -> torch.Tensor:
-        logits = functional_call(
-            self.model,
-            params,
-            args=(),
-            kwargs={"input_ids": batch.input_ids, "attention_mask": batch.attention_mask},
-            strict=False,
-        ).logits
-        return torch.log_softmax(logits, -1)
+        return torch.log_softmax(functional_logits(self.model, params, batch), -1)
 
     def divergence(self, params: Params) -> torch.Tensor:
         """``(1/N) Σ_i Σ_t KL(p_θs ‖ p_θ)`` over every training sequence's predicted positions."""
