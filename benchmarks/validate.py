@@ -13,11 +13,13 @@ retraining measurements are cached in ``kit/validate/data/lds_runs.h5`` (shipped
 with the same settings reuses them and takes about a minute; new settings retrain (about 3 s
 per run on one core).
 
-``--part checkpoints-pbrf``: PBRF correlation of final-checkpoint and multi-checkpoint scores
-in the validation setting (slow: minutes per pair).
+``--part exact``: the exact damped Gauss–Newton influence (the ε → 0 limit of PBRF,
+influencekit.validate.exact, conjugate gradient) in the validation setting at the default
+damping, against every method's scores over all 256 training sequences, multi-checkpoint
+included (slow: about 20 minutes per query on one core).
 
 Example:
-    $ .venv/bin/python benchmarks/validate.py --part pbrf   # about 30 s
+    $ .venv/bin/python benchmarks/validate.py --part pbrf   # about 5 min
     $ .venv/bin/python benchmarks/validate.py --part lds    # about 1 min with the shipped cache
 """
 
@@ -42,6 +44,7 @@ from influencekit.validate import (
     checkpoint_results,
     combine_checkpoints,
     compare,
+    exact_influence,
     lds,
     load_setting,
     lr_weights,
@@ -53,6 +56,27 @@ from influencekit.validate import (
 from tiny_example import QUERIES, corpus_records, train_tiny_model
 
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
+
+
+def method_scores(model, train, queries, ekfac, damping, codecs: str, tmp: Path) -> list:
+    """``[(name, scores)]`` for every strategy (on the fly) and every codec (EK-FAC factors,
+    gradients from a store), all with the same damping."""
+    rows = []
+    for strategy in STRATEGIES:
+        factors = ekfac if strategy == "ekfac" else ik.fit_factors(
+            model, train, "mlp", strategy=strategy, progress=False
+        )  # fmt: skip
+        result = ik.score(model, factors, queries, train, damping=damping, progress=False)
+        rows.append((strategy, result.scores))
+    for codec in codecs.split(","):
+        # Same model, data and codec as an earlier call: the build finds the store complete.
+        path = tmp / f"{len(train)}_{codec.replace(':', '_')}.h5"
+        store = ik.GradientStore.build(
+            path, model, train, modules="mlp", codec=codec, progress=False
+        )  # fmt: skip
+        result = ik.score(model, ekfac, queries, store, damping=damping, progress=False)
+        rows.append((f"ekfac + store {codec}", result.scores))
+    return rows
 
 
 def pbrf_table(args, tmp: Path) -> None:
@@ -76,24 +100,34 @@ def pbrf_table(args, tmp: Path) -> None:
     )  # fmt: skip
     worst = max(info.grad_ratio for pair in infos for info in pair)
     print(f"PBRF: {time.perf_counter() - start:.1f}s, worst ‖∇J‖ ratio {worst:.2e}\n")
-    rows = []
-    for strategy in STRATEGIES:
-        factors = ekfac if strategy == "ekfac" else ik.fit_factors(
-            model, train, "mlp", strategy=strategy, progress=False
-        )  # fmt: skip
-        result = ik.score(model, factors, queries, train, damping=damping, progress=False)
-        rows.append((strategy, result.scores[:, indices]))
-    for codec in args.codecs.split(","):
-        store = ik.GradientStore.build(
-            tmp / f"{codec.replace(':', '_')}.h5", model, train, modules="mlp",
-            codec=codec, progress=False,
-        )  # fmt: skip
-        result = ik.score(model, ekfac, queries, store, damping=damping, progress=False)
-        rows.append((f"ekfac + store {codec}", result.scores[:, indices]))
-    print(f"{'method':<26}{'pearson':>9}{'spearman':>10}{'scale':>8}")
+    rows = method_scores(model, train, queries, ekfac, damping, args.codecs, tmp)
+    rows = [(name, scores[:, indices]) for name, scores in rows]
+    # The exact damped GNH influence (no EK-FAC): PBRF's ε → 0 limit, so its row shows how
+    # much of the gap is the PBRF solve and its ε, and how much the kit's approximation.
+    exact = exact_influence(model, train, queries, damping=damping, factors=ekfac,
+                            indices=indices)  # fmt: skip
+    rows.insert(0, ("exact GNH (CG, no EK-FAC)", exact))
+    print_comparison(rows, truth)
+    # At the default damping L-BFGS does not converge on PBRF; CG on the exact GNH does.
+    default = ekfac.damping_for(None)
+    start = time.perf_counter()
+    exact, infos = exact_influence(model, train, queries, damping=default, factors=ekfac,
+                                   max_iter=5000, return_info=True)  # fmt: skip
+    print(
+        f"At the default damping (per layer {[round(v, 4) for v in default.values()]}), against "
+        f"the exact GNH influence on all {len(train)} training sequences ({len(queries)} "
+        f"queries; CG {[i.iterations for i in infos]} iterations, "
+        f"{time.perf_counter() - start:.0f} s):"
+    )
+    print_comparison(method_scores(model, train, queries, ekfac, default, args.codecs, tmp), exact)
+
+
+def print_comparison(rows: list, truth: np.ndarray) -> None:
+    """One row per method: Pearson, Spearman and scale of its scores against ``truth``."""
+    print(f"{'method':<34}{'pearson':>9}{'spearman':>10}{'scale':>8}")
     for name, kit in rows:
         stats = compare(kit, truth)["overall"]
-        print(f"{name:<26}{stats['pearson']:>9.3f}{stats['spearman']:>10.3f}{stats['scale']:>8.2f}")
+        print(f"{name:<34}{stats['pearson']:>9.3f}{stats['spearman']:>10.3f}{stats['scale']:>8.2f}")
     print()
 
 
@@ -182,41 +216,40 @@ def lds_table(args, tmp: Path) -> None:
     print()
 
 
-def checkpoints_pbrf_table(args) -> None:
-    """PBRF in the validation setting: final-checkpoint vs multi-checkpoint scores."""
+def exact_table(args, tmp: Path) -> None:
+    """Exact damped Gauss–Newton influence (the ε → 0 PBRF, influencekit.validate.exact) in
+    the validation setting at the default damping, against every method's scores."""
     setting, recipe = load_setting(), Recipe()
-    train, queries = setting.train, setting.queries[:: len(setting.queries) // args.n_queries]
+    train = setting.train
+    queries = setting.queries[:: len(setting.queries) // args.exact_queries][: args.exact_queries]
     model, snaps = recipe.train(train, seed=0, checkpoints=args.checkpoints)
-    indices = np.linspace(0, len(train) - 1, args.n_train).round().astype(int).tolist()
-    final = ik.fit_factors(model, train, "mlp", progress=False)
-    damping = args.damping_scale * float(np.mean(list(final.damping_for(None).values())))
+    ekfac = ik.fit_factors(model, train, "mlp", progress=False)
+    damping = ekfac.damping_for(None)
     print(
-        f"## PBRF vs multi-checkpoint: validation setting, queries "
-        f"{[q.id for q in queries]}, train indices {indices}, λ={damping:.4g}, "
-        f"ε={args.epsilon}, L-BFGS ≤{args.steps}"
+        f"## Exact GNH influence: validation setting, queries {[q.id for q in queries]}, all "
+        f"{len(train)} training sequences, default damping per layer "
+        f"{ {k: round(v, 4) for k, v in damping.items()} }, CG preconditioned by EK-FAC, "
+        f"tol 1e-6, ≤{args.exact_iter} iterations"
     )
     start = time.perf_counter()
-    truth, infos = pbrf_scores(model, train, queries, indices, damping=damping,
-                               epsilon=args.epsilon, symmetric=False, steps=args.steps,
-                               return_info=True)  # fmt: skip
-    worst = max(info.grad_ratio for pair in infos for info in pair)
-    print(f"PBRF: {time.perf_counter() - start:.0f}s, worst ‖∇J‖ ratio {worst:.2e}")
-    models = [c.load_into(copy.deepcopy(model)) for c in snaps]
-    per_checkpoint = checkpoint_results(models, queries, train, damping=damping, progress=False)
-    rows = [("ekfac final checkpoint", per_checkpoint[-1])]
-    rows.append(
-        ("multi-checkpoint, LR-weighted", combine_checkpoints(per_checkpoint, lr_weights(snaps)))
+    truth, infos = exact_influence(model, train, queries, damping=damping, factors=ekfac,
+                                   max_iter=args.exact_iter, return_info=True)  # fmt: skip
+    print(
+        f"exact: {time.perf_counter() - start:.0f} s, CG iterations "
+        f"{[i.iterations for i in infos]}, residuals {[f'{i.residual:.1e}' for i in infos]}\n"
     )
-    print(f"{'method':<34}{'pearson':>9}{'spearman':>10}{'scale':>8}")
-    for name, result in rows:
-        stats = compare(result.scores[:, indices], truth)["overall"]
-        print(f"{name:<34}{stats['pearson']:>9.3f}{stats['spearman']:>10.3f}{stats['scale']:>8.2f}")
+    rows = method_scores(model, train, queries, ekfac, damping, args.codecs, tmp)
+    models = [c.load_into(copy.deepcopy(model)) for c in snaps]
+    per_checkpoint = checkpoint_results(models, queries, train, progress=False)
+    rows.append(("multi-checkpoint, LR-weighted",
+                 combine_checkpoints(per_checkpoint, lr_weights(snaps)).scores))  # fmt: skip
+    print_comparison(rows, truth)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse options and print the chosen tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["pbrf", "lds", "checkpoints-pbrf", "all"],
+    parser.add_argument("--part", choices=["pbrf", "lds", "exact", "all"],
                         default="all", help="all = pbrf and lds")  # fmt: skip
     parser.add_argument("--n-train", type=int, default=6, help="PBRF: training sequences")
     parser.add_argument("--n-queries", type=int, default=2, help="PBRF: queries")
@@ -232,6 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=4, help="LDS: training seeds per subset")
     parser.add_argument("--checkpoints", type=int, default=4, help="multi-checkpoint: snapshots")
     parser.add_argument("--cache", type=Path, default=SHIPPED_RUNS)
+    parser.add_argument("--exact-queries", type=int, default=1, help="exact: queries solved")
+    parser.add_argument("--exact-iter", type=int, default=2000, help="exact: CG iterations")
     parser.add_argument(
         "--threads", type=int, default=1,
         help="torch threads (2 is 1.5x faster on an idle 2-core machine, far slower on a busy one)",
@@ -247,8 +282,8 @@ def main(argv: list[str] | None = None) -> None:
             pbrf_table(args, Path(tmp))
         if args.part in ("lds", "all"):
             lds_table(args, Path(tmp))
-        if args.part == "checkpoints-pbrf":
-            checkpoints_pbrf_table(args)
+        if args.part == "exact":
+            exact_table(args, Path(tmp))
 
 
 if __name__ == "__main__":

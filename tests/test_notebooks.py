@@ -137,5 +137,6 @@ def test_validation_notebook_runs_and_plots(tmp_path):
     for strategy in ("ekfac", "kfac", "diagonal", "identity"):
         assert f"\n{strategy:<10}" in printed
     assert "ekfac + lowrank:4" in printed and "LR-weighted sum" in printed
-    for png in ("lds.png", "lds-scatter.png", "lds-checkpoints.png"):
+    assert "ekfac     vs exact over 256 sequences: Pearson" in printed
+    for png in ("lds.png", "lds-scatter.png", "lds-checkpoints.png", "exact-vs-ekfac.png"):
         assert (tmp_path / png).stat().st_size > 1000
