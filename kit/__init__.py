@@ -28,7 +28,7 @@ from .result import InfluenceResult
 from .scoring import score, token_scores
 from .store import GradientStore
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 __all__ = [
     "DataError",
