@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,15 +137,15 @@ class Factors:
     def modules(self) -> list[str]:
         return list(self.layers)
 
-    def damping_for(self, damping: float | dict[str, float] | None = None) -> dict[str, float]:
+    def damping_for(self, damping: float | Mapping[str, float] | None = None) -> dict[str, float]:
         """Per-layer damping: defaults, one float for all, or a ``{layer: float}`` mapping."""
-        if isinstance(damping, dict) and set(damping) - set(self.layers):
+        if isinstance(damping, Mapping) and set(damping) - set(self.layers):
             raise ValueError(
                 f"damping names unknown layer(s) {sorted(set(damping) - set(self.layers))}"
             )
         resolved = {}
         for name, layer in self.layers.items():
-            if isinstance(damping, dict):
+            if isinstance(damping, Mapping):  # any mapping, not only a dict
                 if name not in damping:
                     raise ValueError(f"damping mapping has no entry for layer {name}")
                 value = damping[name]

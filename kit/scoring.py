@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,7 +150,7 @@ def score(
     queries: Query | Iterable,
     train,
     *,
-    damping: float | dict[str, float] | None = None,
+    damping: float | Mapping[str, float] | None = None,
     query_rank: int | None = None,
     top_k: int | None = None,
     refine: int | None = None,
@@ -374,7 +374,7 @@ def token_scores(
     query: Query | tuple | dict,
     example: Example,
     *,
-    damping: float | dict[str, float] | None = None,
+    damping: float | Mapping[str, float] | None = None,
     per_layer: bool = False,
     tokenizer=None,
     dtype: torch.dtype = torch.float32,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import pathlib
 import sys
+import types
 from types import SimpleNamespace
 
 import numpy as np
@@ -400,7 +401,7 @@ def test_default_damping_is_a_tenth_of_mean_lambda(setup, fits):
     assert fits["identity", "sampled"].factors.damping_for(None) == dict.fromkeys(setup.names, 1.0)
 
 
-@pytest.mark.parametrize("kind", ["float", "dict"])
+@pytest.mark.parametrize("kind", ["float", "dict", "mapping"])
 def test_damping_given_is_used_as_is(setup, fits, kind):
     factors = fits["ekfac", "sampled"].factors
     if kind == "float":
@@ -408,6 +409,8 @@ def test_damping_given_is_used_as_is(setup, fits, kind):
         expected = dict.fromkeys(setup.names, 0.37)
     else:
         damping = expected = {setup.names[0]: 1e-3, setup.names[1]: 2.5}
+        if kind == "mapping":  # a read-only mapping, e.g. one a caller keeps frozen
+            damping = types.MappingProxyType(expected)
     assert factors.damping_for(damping) == expected
     result = ik.score(setup.model, factors, QUERIES, setup.train, damping=damping,
                       dtype=torch.float64, progress=False)  # fmt: skip
