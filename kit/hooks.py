@@ -79,14 +79,34 @@ def summed_nll(
     """Sum over the batch and over scored positions of ``-log p(target_{t+1} | x_<=t)``."""
     logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
     if targets == "real":
-        nxt = torch.roll(batch.input_ids, shifts=-1, dims=1)  # the wrapped last column is masked
+        nxt = None  # label_log_probs' default: the real next token
     elif targets == "sampled":
         with torch.no_grad():
             nxt = sample_targets(logp.detach(), batch, seed)
     else:
         raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
-    picked = logp.gather(-1, nxt[..., None]).squeeze(-1)
-    return -(picked * batch.label_mask).sum()
+    return -label_log_probs(logp, batch, nxt).sum()
+
+
+def label_log_probs(
+    logp: torch.Tensor, batch: Batch, targets: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``Σ_t log p(target_{t+1})`` over each row's scored positions (``batch.label_mask``).
+
+    ``logp``: ``(rows, positions, vocab)`` log-probabilities of the next token; ``targets``:
+    the token each position is scored on (default: the real next token).
+
+    Example:
+        >>> from influencekit.data import collate
+        >>> b = collate([[0, 1]], [1], [0])
+        >>> logp = torch.log(torch.tensor([[[0.25, 0.75], [0.5, 0.5]]]))
+        >>> round(float(label_log_probs(logp, b)[0]), 4)
+        -0.2877
+    """
+    if targets is None:  # the real next token; the wrapped last column is masked
+        targets = torch.roll(batch.input_ids, shifts=-1, dims=1)
+    picked = logp.gather(-1, targets[..., None]).squeeze(-1)
+    return (picked * batch.label_mask).sum(-1)
 
 
 @contextlib.contextmanager

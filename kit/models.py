@@ -82,21 +82,29 @@ class TrackedLayer:
     def grad_shape(self) -> tuple[int, int]:
         return (self.d_out, self.d_in + int(self.has_bias))
 
+    def to_matrix(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """A weight (as stored) and bias in the canonical ``(d_out, d_in [+1])`` layout: the
+        weight, then the bias as the last column."""
+        w = weight.T if self.transposed else weight
+        return w if bias is None else torch.cat([w, bias[:, None]], dim=1)
+
+    def from_matrix(self, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The inverse of :meth:`to_matrix`: ``(weight as stored, bias or None)``."""
+        w = matrix[:, : self.d_in]
+        return (w.T if self.transposed else w), (matrix[:, self.d_in] if self.has_bias else None)
+
     def weight_matrix(self) -> torch.Tensor:
-        """The canonical ``(d_out, d_in [+1])`` matrix: weight, then bias as the last column."""
-        w = self.module.weight.detach()
-        w = w.T if self.transposed else w
-        if self.has_bias:
-            w = torch.cat([w, self.module.bias.detach()[:, None]], dim=1)
-        return w
+        """This layer's own weight and bias in the canonical layout (detached)."""
+        bias = self.module.bias.detach() if self.has_bias else None
+        return self.to_matrix(self.module.weight.detach(), bias)
 
     def add_to_weights(self, delta: torch.Tensor) -> None:
         """Add a canonical-shape ``delta`` to the stored weight (and bias), in place."""
+        dw, db = self.from_matrix(delta)
         with torch.no_grad():
-            dw = delta[:, : self.d_in].to(self.module.weight.dtype)
-            self.module.weight.add_(dw.T if self.transposed else dw)
-            if self.has_bias:
-                self.module.bias.add_(delta[:, self.d_in].to(self.module.bias.dtype))
+            self.module.weight.add_(dw.to(self.module.weight.dtype))
+            if db is not None:
+                self.module.bias.add_(db.to(self.module.bias.dtype))
 
 
 def is_trackable(module: nn.Module) -> bool:

@@ -22,11 +22,11 @@ from torch.func import functional_call
 import influencekit as ik
 from influencekit.data import TextDataset, collate, padding_id, query_batches
 from influencekit.errors import NonFiniteError
+from influencekit.hooks import label_log_probs
 from influencekit.tiny import TINY_CORPUS
 from influencekit.training import new_gpt2
 from influencekit.validate import Recipe, kl_divergence, pbrf_scores
 from influencekit.validate.exact import SolveInfo, conjugate_gradient, exact_influence
-from influencekit.validate.measure import label_log_probs
 
 F64 = torch.float64
 QUERIES = [("The chef tastes the", " soup."), ("The choir sings", " a song.")]

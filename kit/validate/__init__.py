@@ -23,13 +23,13 @@ from .lds import LDS, Retraining, lds, random_subsets, retrain
 from .measure import completion_log_probs
 from .pbrf import (
     PBRFInfo,
-    compare,
     kl_divergence,
     minimise_pbrf,
     pbrf_response,
     pbrf_scores,
 )
 from .setting import SHIPPED_RUNS, Recipe, Setting, load_setting
+from .stats import compare, spearman_columns
 
 __all__ = [
     "LDS",
@@ -54,4 +54,5 @@ __all__ = [
     "pbrf_scores",
     "random_subsets",
     "retrain",
+    "spearman_columns",
 ]

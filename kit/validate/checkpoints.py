@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from torch import nn
@@ -53,7 +53,7 @@ def checkpoint_results(
     *,
     modules: str | list[str] = "mlp",
     strategy: str = "ekfac",
-    damping: float | dict[str, float] | None = None,
+    damping: float | Mapping[str, float] | None = None,
     progress: bool = True,
     **score_options,
 ) -> list[InfluenceResult]:

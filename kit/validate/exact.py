@@ -64,8 +64,9 @@ from ..data import (
 )
 from ..errors import ModelError, NonFiniteError
 from ..factors import Factors
+from ..hooks import label_log_probs
 from ..models import TrackedLayer, check_finite_weights, check_sequences_fit, select_modules
-from .measure import functional_logits, label_log_probs, tracked_params
+from .measure import functional_logits, layer_damping, param_damping, tracked_params
 
 Params = dict[str, torch.Tensor]
 
@@ -157,32 +158,12 @@ class _ExactProblem:
 
     # --- damping and preconditioning -------------------------------------------------------------
 
-    def damping_map(self, damping: float | Mapping[str, float]) -> dict[str, float]:
-        """``{layer: λ}`` from one float or the kit's per-layer map, validated."""
-        names = [layer.name for layer in self.layers]
-        if isinstance(damping, Mapping):
-            unknown = sorted(set(damping) - set(names))
-            missing = [name for name in names if name not in damping]
-            if unknown or missing:
-                raise ValueError(
-                    f"damping map must name exactly the tracked layers {names}; "
-                    f"unknown: {unknown}, missing: {missing}"
-                )
-            lam = {name: damping[name] for name in names}
-        else:
-            lam = dict.fromkeys(names, damping)
-        for name, value in lam.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
-                raise ValueError(f"layer {name}: damping must be a number, got {value!r}")
-            if not math.isfinite(float(value)) or float(value) <= 0:
-                raise ValueError(f"layer {name}: damping must be finite and > 0, got {value}")
-        return {name: float(value) for name, value in lam.items()}
-
     def damping_vector(self, lam: Mapping[str, float]) -> torch.Tensor:
         """``Λ`` as a flat vector: each layer's λ on its weight and its bias."""
+        per_param = param_damping(self.params, lam)
         return torch.cat(
             [
-                torch.full((size,), lam[name.rsplit(".", 1)[0]], dtype=torch.float64)
+                torch.full((size,), per_param[name], dtype=torch.float64)
                 for name, size in zip(self.names, self.sizes, strict=True)
             ]
         )
@@ -207,9 +188,13 @@ class _ExactProblem:
             params = self.unflatten(flat)
             out: Params = {}
             for layer in self.layers:
-                grad = _canonical(layer, params)
+                grad = layer.to_matrix(params[f"{layer.name}.weight"],
+                                       params.get(f"{layer.name}.bias"))  # fmt: skip
                 pre = factors.layers[layer.name].precondition(grad, lam[layer.name])
-                out.update(_from_canonical(layer, pre))
+                weight, bias = layer.from_matrix(pre)
+                out[f"{layer.name}.weight"] = weight
+                if bias is not None:
+                    out[f"{layer.name}.bias"] = bias
             return self.flatten(out)
 
         return apply
@@ -226,23 +211,6 @@ def _use_eager_attention(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "_attn_implementation"):  # pragma: no cover
         config._attn_implementation = "eager"
-
-
-def _canonical(layer: TrackedLayer, params: Params) -> torch.Tensor:
-    """A tracked layer's block in the kit's ``(d_out, d_in [+1])`` layout (bias last column)."""
-    weight = params[f"{layer.name}.weight"]
-    weight = weight.T if layer.transposed else weight
-    if layer.has_bias:
-        weight = torch.cat([weight, params[f"{layer.name}.bias"][:, None]], dim=1)
-    return weight
-
-
-def _from_canonical(layer: TrackedLayer, matrix: torch.Tensor) -> Params:
-    weight = matrix[:, : layer.d_in]
-    out = {f"{layer.name}.weight": weight.T if layer.transposed else weight}
-    if layer.has_bias:
-        out[f"{layer.name}.bias"] = matrix[:, layer.d_in]
-    return out
 
 
 def conjugate_gradient(
@@ -355,7 +323,7 @@ def exact_influence(
     columns = list(range(len(train))) if indices is None else [train[i].index for i in indices]
     problem = _ExactProblem(model, train, modules, tokenizer, batch_size)
     check_sequences_fit(problem.model, (q.encode(problem.tokenizer)[0] for q in queries), "queries")
-    lam = problem.damping_map(damping)
+    lam = layer_damping(problem.layers, damping)
     diagonal = problem.damping_vector(lam)
     precondition = problem.preconditioner(factors, lam) if factors is not None else None
 

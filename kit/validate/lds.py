@@ -35,6 +35,7 @@ from ..h5io import UTF8, atomic_h5, open_h5, read_array
 from ..progress import progress_counter
 from ..result import InfluenceResult
 from .measure import completion_log_probs
+from .stats import spearman_columns
 
 FORMAT = "influencekit.retraining"
 VERSION = 1
@@ -207,8 +208,7 @@ def retrain(
                 f"{', '.join(diffs)}. Pass another cache path or delete the file."
             )
         runs = cached
-    todo = [(j, s) for j in range(len(runs.subsets)) for s in range(len(runs.seeds))]
-    todo = [(j, s) for j, s in todo if not runs.done[j, s]]
+    todo = np.argwhere(~runs.done)  # (subset, seed) pairs not yet measured, in order
     with progress_counter(len(todo), desc="retraining", enabled=progress) as bar:
         for j, s in todo:
             start = time.perf_counter()
@@ -244,17 +244,6 @@ class LDS:
     mean: float
     undefined: list[str]
     seed_agreement: np.ndarray | None
-
-
-def _spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Spearman correlation of each column of ``x`` with the same column of ``y``."""
-    from scipy.stats import rankdata
-
-    rx, ry = rankdata(x, axis=0), rankdata(y, axis=0)
-    rx, ry = rx - rx.mean(0), ry - ry.mean(0)
-    denom = np.sqrt((rx**2).sum(0) * (ry**2).sum(0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, (rx * ry).sum(0) / np.where(denom > 0, denom, 1), np.nan)
 
 
 def _scores_for(scores: InfluenceResult | np.ndarray, runs: Retraining) -> np.ndarray:
@@ -296,14 +285,14 @@ def lds(scores: InfluenceResult | np.ndarray, runs: Retraining) -> LDS:
     """
     values = _scores_for(scores, runs)
     predicted = runs.subsets.astype(np.float64) @ values.T  # (M, Q)
-    per_query = _spearman_rows(predicted, runs.mean_measurements())
+    per_query = spearman_columns(predicted, runs.mean_measurements())
     defined = np.isfinite(per_query)
     agreement = None
     if len(runs.seeds) >= 2:
         half = len(runs.seeds) // 2
         first = runs.measurements[:, :half].mean(1)
         second = runs.measurements[:, half : 2 * half].mean(1)
-        agreement = _spearman_rows(first, second)
+        agreement = spearman_columns(first, second)
     return LDS(
         per_query=per_query,
         query_ids=runs.query_ids,

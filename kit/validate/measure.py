@@ -1,7 +1,9 @@
 """The measurement every validation compares against: ``log p(completion | prompt)``.
 
 It is the quantity whose change the kit's scores predict (a positive score: up-weighting the
-training sequence raises it), measured here directly on a model, in float64 sums.
+training sequence raises it), measured here directly on a model, in float64 sums. Also the
+plumbing both ground truths (:mod:`.pbrf`, :mod:`.exact`) share: the tracked parameters they
+vary, the model as a function of them, and the per-layer damping, validated once.
 
 Example:
     >>> from influencekit.tiny import TINY_CORPUS, build_tokenizer
@@ -14,12 +16,16 @@ Example:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from ..data import Batch, as_queries, query_batches
+from ..hooks import label_log_probs
 from ..models import TrackedLayer, check_sequences_fit, resolve_device
 
 
@@ -34,6 +40,43 @@ def tracked_params(layers: list[TrackedLayer]) -> dict[str, torch.Tensor]:
     return params
 
 
+def layer_damping(
+    layers: list[TrackedLayer], damping: float | Mapping[str, float]
+) -> dict[str, float]:
+    """``{layer: λ}`` from one number or the kit's per-layer map, validated: the map must
+    name exactly the tracked layers, and every λ be a finite number > 0.
+
+    Example:
+        >>> from influencekit.models import TrackedLayer
+        >>> layers = [TrackedLayer("fc", nn.Linear(2, 2), transposed=False)]
+        >>> layer_damping(layers, 0.5)
+        {'fc': 0.5}
+    """
+    names = [layer.name for layer in layers]
+    if isinstance(damping, Mapping):
+        unknown = sorted(set(damping) - set(names))
+        missing = [name for name in names if name not in damping]
+        if unknown or missing:
+            raise ValueError(
+                f"damping map must name exactly the tracked layers {names}; "
+                f"unknown: {unknown}, missing: {missing}"
+            )
+        lam = {name: damping[name] for name in names}
+    else:
+        lam = dict.fromkeys(names, damping)
+    for name, value in lam.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
+            raise ValueError(f"layer {name}: damping must be a number, got {value!r}")
+        if not math.isfinite(float(value)) or float(value) <= 0:
+            raise ValueError(f"layer {name}: damping must be finite and > 0, got {value}")
+    return {name: float(value) for name, value in lam.items()}
+
+
+def param_damping(params: Mapping[str, torch.Tensor], lam: Mapping[str, float]) -> dict[str, float]:
+    """Each parameter's λ: its layer's (``"<layer>.weight"`` and ``"<layer>.bias"`` share it)."""
+    return {name: lam[name.rsplit(".", 1)[0]] for name in params}
+
+
 def functional_logits(model: nn.Module, params: dict[str, torch.Tensor], batch: Batch):
     """``model``'s logits on ``batch`` with ``params`` standing in for its own (by name)."""
     return functional_call(
@@ -43,23 +86,6 @@ def functional_logits(model: nn.Module, params: dict[str, torch.Tensor], batch: 
         kwargs={"input_ids": batch.input_ids, "attention_mask": batch.attention_mask},
         strict=False,
     ).logits
-
-
-def label_log_probs(logp: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """``Σ_t log p(token_{t+1})`` over each row's scored positions (``batch.label_mask``).
-
-    ``logp``: ``(rows, positions, vocab)`` log-probabilities of the next token.
-
-    Example:
-        >>> from influencekit.data import collate
-        >>> b = collate([[0, 1]], [1], [0])
-        >>> logp = torch.log(torch.tensor([[[0.25, 0.75], [0.5, 0.5]]]))
-        >>> round(float(label_log_probs(logp, b)[0]), 4) == round(float(np.log(0.75)), 4)
-        True
-    """
-    following = torch.roll(batch.input_ids, shifts=-1, dims=1)
-    picked = logp.gather(-1, following[..., None]).squeeze(-1)
-    return (picked * batch.label_mask).sum(-1)
 
 
 @torch.no_grad()

@@ -50,7 +50,7 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,8 +58,9 @@ import torch
 from torch import nn
 
 from ..data import TextDataset, as_queries, collate, padding_id, query_batches
+from ..hooks import label_log_probs
 from ..models import select_modules
-from .measure import functional_logits, label_log_probs, tracked_params
+from .measure import functional_logits, layer_damping, param_damping, tracked_params
 
 Params = dict[str, torch.Tensor]
 
@@ -226,19 +227,10 @@ class _PBRFProblem:
         """``log p(completion | prompt)`` per query, shape ``(n_queries,)``."""
         return label_log_probs(self.log_probs(params, self.query_batch), self.query_batch)
 
-    def damping_map(self, damping: float | Mapping[str, float]) -> dict[str, float]:
-        """Per-parameter λ from one float or the kit's ``{layer: λ}`` map (bias shares it)."""
-        if not isinstance(damping, Mapping):
-            return dict.fromkeys(self.params, float(damping))
-        names = {layer.name for layer in self.layers}
-        if set(damping) != names:
-            raise ValueError(f"damping map must name exactly the tracked layers {sorted(names)}")
-        return {name: float(damping[name.rsplit(".", 1)[0]]) for name in self.params}
-
     def response(self, index: int, epsilon: float, damping, symmetric: bool, **solver):
         """``(f(θ*(ε)) − f(θ_s)) / ε`` per query (or the symmetric difference), and infos."""
         loss = self.loss_for(index)
-        lam = self.damping_map(damping)
+        lam = param_damping(self.params, layer_damping(self.layers, damping))
         signs = (1.0, -1.0) if symmetric else (1.0,)
         shifts, infos = [], []
         for sign in signs:
@@ -310,44 +302,3 @@ def pbrf_scores(
         infos.append(info)
     scores = np.stack(columns, axis=1) if columns else np.zeros((len(problem.queries), 0))
     return (scores, infos) if return_info else scores
-
-
-def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(x, y).statistic)
-
-
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    return float(np.corrcoef(x, y)[0, 1])
-
-
-def compare(kit_scores: np.ndarray | Iterable, pbrf: np.ndarray | Iterable) -> dict:
-    """Pearson and Spearman correlation of kit scores with PBRF responses.
-
-    Both ``(n_queries, n_indices)`` (the same columns). Returns ``{"per_query": [{"pearson",
-    "spearman", "scale"}, ...], "overall": {...}}``; ``scale`` is the least-squares slope of
-    kit on PBRF through the origin (1 when the magnitudes agree too). ``overall`` pools every
-    pair.
-
-    Example:
-        >>> out = compare([[1.0, 2.0, 3.0]], [[2.0, 4.0, 6.5]])
-        >>> round(out["overall"]["spearman"], 3), round(out["per_query"][0]["scale"], 2)
-        (1.0, 0.47)
-    """
-    kit = np.atleast_2d(np.asarray(kit_scores, dtype=np.float64))
-    truth = np.atleast_2d(np.asarray(pbrf, dtype=np.float64))
-    if kit.shape != truth.shape:
-        raise ValueError(f"shapes differ: kit {kit.shape}, pbrf {truth.shape}")
-
-    def stats(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-        return {
-            "pearson": _pearson(x, y),
-            "spearman": _spearman(x, y),
-            "scale": float(x @ y / (y @ y)),
-        }
-
-    return {
-        "per_query": [stats(k, t) for k, t in zip(kit, truth, strict=True)],
-        "overall": stats(kit.ravel(), truth.ravel()),
-    }
