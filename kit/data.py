@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from .errors import DataError
+from . import checks
+from .errors import DataError, MissingFileError, OutOfRangeError
 
 # A record as read: where it came from (for messages), its default id, and its fields.
 _Located = tuple[str, str, Mapping[str, Any]]
@@ -85,7 +86,7 @@ def _read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
     """Return ``(1-based line number, record)`` for every non-blank line of a JSONL file."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no such file: {path}")
+        raise MissingFileError(f"no such file: {path}")
     with open(path, "rb") as fh:
         # Bytes, decoded line by line, so a bad byte is reported with its line.
         raw_lines = fh.read().split(b"\n")
@@ -107,11 +108,8 @@ def _read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
 
 
 def _check_max_length(max_length: int) -> None:
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise DataError(
-            f"max_length must be an int >= 2 (a sequence needs a token and the next token "
-            f"to predict), got {max_length!r}"
-        )
+    # >= 2: a sequence needs a token and the next token to predict
+    checks.count("max_length", max_length, minimum=2)
 
 
 def _record_ids(tokenizer, record: Mapping, where: str, text_field: str) -> list[int]:
@@ -295,7 +293,7 @@ class TextDataset(collections.abc.Sequence):
         i = operator.index(key)  # numpy and torch integers too, but not floats
         n = len(self)
         if not -n <= i < n:
-            raise IndexError(f"index {i} out of range for a dataset of {n} examples")
+            raise OutOfRangeError(f"index {i} out of range for a dataset of {n} examples")
         return i % n
 
     def subset(self, indices: Iterable[int]) -> TextDataset:
@@ -570,12 +568,6 @@ def padding_id(tokenizer) -> int:
     return 0
 
 
-def check_batch_size(batch_size: int) -> None:
-    """Raise DataError unless ``batch_size`` is an int >= 1."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise DataError(f"batch_size must be an int >= 1, got {batch_size!r}")
-
-
 def example_batches(
     dataset: TextDataset, batch_size: int, indices: Sequence[int] | None = None
 ) -> Iterator[Batch]:
@@ -587,7 +579,7 @@ def example_batches(
         >>> [b.indices for b in example_batches(ds, 2)]
         [[0, 1], [2, 3], [4]]
     """
-    check_batch_size(batch_size)
+    checks.count("batch_size", batch_size)
     order = list(range(len(dataset)) if indices is None else indices)
     pad = padding_id(dataset.tokenizer)
     for lo in range(0, len(order), batch_size):
@@ -621,7 +613,7 @@ def query_batches(queries: list[Query], tokenizer, batch_size: int) -> Iterator[
         >>> int(b.label_mask.sum()) == len(tok(" shines.")["input_ids"])
         True
     """
-    check_batch_size(batch_size)
+    checks.count("batch_size", batch_size)
     pad = padding_id(tokenizer)
     for lo in range(0, len(queries), batch_size):
         encoded = [q.encode(tokenizer) for q in queries[lo : lo + batch_size]]

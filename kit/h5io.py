@@ -26,7 +26,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import FileFormatError, InfluenceKitError
+from .errors import FileFormatError, InfluenceKitError, MissingFileError
 
 UTF8 = h5py.string_dtype("utf-8")  # variable-length UTF-8 strings: text without pickles
 
@@ -75,7 +75,7 @@ def open_h5(path: str | Path, kind: str, version: int) -> Iterator[h5py.File]:
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise MissingFileError(f"{path}: no such file")
     try:
         with h5py.File(path, "r") as f:
             _check_kind(f, path, kind, version)

@@ -3,7 +3,7 @@
 One forward and one backward per batch. The backward is taken with respect to the tracked
 layers' *outputs* only: every parameter's ``requires_grad`` is switched off for the duration,
 so autograd computes no weight gradient and never descends below the first tracked layer.
-The per-sequence weight gradient is then ``G_z = sum_t s_t a_tᵀ`` (DESIGN.md §2), formed by
+The per-sequence weight gradient is then ``G_z = sum_t s_t a_tᵀ`` (docs/math.md), formed by
 the caller from the captured ``a`` and ``s`` — exactly what autograd would give per sequence.
 
 The loss is a *sum* of next-token negative log-likelihoods over the scored positions
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .data import Batch
-from .errors import ModelError, NonFiniteError
+from .errors import ModelError, NonFiniteError, ParameterError
 from .models import TrackedLayer
 from .progress import progress_bar
 
@@ -84,7 +84,7 @@ def summed_nll(
         with torch.no_grad():
             nxt = sample_targets(logp.detach(), batch, seed)
     else:
-        raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
+        raise ParameterError("targets", targets, f"one of {', '.join(map(repr, TARGETS))}")
     return -label_log_probs(logp, batch, nxt).sum()
 
 
@@ -208,12 +208,6 @@ def capture(
         result[layer.name] = LayerIO(a=a * mask, s=s * mask)
     _check_finite(result, batch, example_ids)
     return result
-
-
-def check_accumulation_dtype(dtype: torch.dtype) -> None:
-    """Accumulators are float32 or float64, whatever the model's dtype."""
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
 
 
 def _check_finite(result: dict[str, LayerIO], batch: Batch, example_ids) -> None:

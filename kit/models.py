@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelError, NonFiniteError
+from .errors import MissingFileError, ModelError, NonFiniteError, ParameterError
 
 try:  # transformers keeps GPT-2's transposed linear here
     from transformers.pytorch_utils import Conv1D
@@ -154,9 +154,7 @@ def select_modules(model: nn.Module, modules: str | list[str] = "mlp") -> list[T
     candidates = candidate_layers(model)
     by_name = {layer.name: layer for layer in candidates}
     if not isinstance(modules, (str, list, tuple)):
-        raise ModelError(
-            f"modules must be 'mlp', 'attention', 'all' or a list of names, got {modules!r}"
-        )
+        raise ParameterError("modules", modules, "'mlp', 'attention', 'all' or a list of names")
     if isinstance(modules, str):
         if modules not in ("mlp", "attention", "all"):
             if modules in by_name:  # a single module name is a one-element list
@@ -322,7 +320,7 @@ def load_model(
 
 def _check_model_dir(root: Path) -> Path:
     if not root.exists():
-        raise FileNotFoundError(f"{root}: no such model directory")
+        raise MissingFileError(f"{root}: no such model directory")
     if not root.is_dir():
         raise ModelError(f"{root}: expected a Hugging Face model directory, found a file")
     if not (root / "config.json").is_file():

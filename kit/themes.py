@@ -26,14 +26,17 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from .errors import DataError
+from . import checks
+from .errors import DataError, ParameterError
 
 METHODS = ("tfidf", "gradient", "embedding")
+OPTIONS = ("max_clusters", "n_terms", "seed")  # for_query / across pass these on to cluster
 WORD = r"(?u)\b[a-zA-Z][a-zA-Z]+\b"  # words of 2+ letters: no numbers or punctuation
 
 
@@ -106,13 +109,11 @@ def cluster(
         >>> cluster(["a b", "c d", "e f"], "gradient", 2, vectors=vectors).labels
         array([0, 0, 1])
     """
-    texts = [str(t) for t in texts]
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if not texts:
-        raise DataError("cluster: no texts to cluster")
-    if n_clusters is not None and not 1 <= n_clusters <= len(texts):
-        raise ValueError(f"n_clusters must be in 1..{len(texts)} (the texts), got {n_clusters}")
+    texts = _check_texts(texts)
+    _check_settings(method, n_clusters, max_clusters, n_terms, seed)
+    if n_clusters is not None and n_clusters > len(texts):
+        raise ParameterError("n_clusters", n_clusters, f"in 1..{len(texts)} (the texts) or None")
+    vectors, gram = _check_vectors(method, vectors, gram, len(texts))
     # One BLAS/OpenMP thread: these problems are small, and on a busy machine more threads
     # made clustering 10-20x slower (benchmarks/widgets.py, the explorer's Themes tab).
     with threadpool_limits(limits=1):
@@ -153,6 +154,10 @@ def for_query(
         >>> themes = for_query(result, train, 0, top_k=50)   # doctest: +SKIP
         >>> print(themes.summary())                          # doctest: +SKIP
     """
+    _check_request(method, n_clusters, top_k, store, model, options)
+    n_queries = len(result.query_ids)
+    last = n_queries - 1
+    checks.count("q", q, minimum=0, maximum=last, allowed=f"a query index in 0..{last}")
     top = result.top(q, top_k)
     indices = np.array([i for i, _ in top], dtype=np.int64)
     scores = np.array([s for _, s in top])
@@ -181,6 +186,7 @@ def across(
         >>> themes.matrix.shape                         # doctest: +SKIP
         (22, 7)
     """
+    _check_request(method, n_clusters, top_k, store, model, options)
     tops = [result.top(q, top_k) for q in range(len(result.query_ids))]
     indices = np.array(sorted({i for top in tops for i, _ in top}), dtype=np.int64)
     themes = _cluster_indices(result, dataset, indices, method, n_clusters, store, model, options)
@@ -207,6 +213,12 @@ def class_tfidf_terms(texts: list[str], labels: np.ndarray, n_terms: int = 8) ->
     """
     from sklearn.feature_extraction.text import CountVectorizer
 
+    n_terms = checks.count("n_terms", n_terms)
+    labels = np.asarray(labels)
+    if labels.shape != (len(texts),) or not np.issubdtype(labels.dtype, np.integer):
+        raise ParameterError("labels", labels, f"{len(texts)} int cluster labels, one per text")
+    if not len(texts):
+        return []
     k = int(labels.max()) + 1
     try:
         counts = CountVectorizer(stop_words="english", token_pattern=WORD).fit(texts)
@@ -239,6 +251,9 @@ def mean_hidden_states(
     from .data import collate, padding_id
     from .models import resolve_device
 
+    checks.count("layer", layer, minimum=None)  # an index into output_hidden_states
+    batch_size = checks.count("batch_size", batch_size)
+    device = checks.device("device", device)
     indices = range(len(dataset)) if indices is None else [int(i) for i in indices]
     examples = [dataset[i] for i in indices]
     device = resolve_device(model, device)
@@ -262,12 +277,85 @@ def mean_hidden_states(
 # -- internals --------------------------------------------------------------------------------
 
 
+def _check_texts(texts) -> list[str]:
+    """``texts`` as a list of strings: any non-empty iterable but one string."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
+        raise ParameterError("texts", texts, "a list of strings")
+    listed = [str(t) for t in texts]
+    if not listed:
+        raise ParameterError("texts", texts, "a non-empty list of strings: no texts to cluster")
+    return listed
+
+
+def _check_settings(method, n_clusters, max_clusters, n_terms, seed) -> None:
+    """The checks of :func:`cluster`'s settings that need no texts."""
+    checks.choice("method", method, METHODS)
+    checks.count("n_clusters", n_clusters, optional=True)
+    checks.count("max_clusters", max_clusters)
+    checks.count("n_terms", n_terms)
+    checks.count("seed", seed, minimum=0)
+
+
+def _check_vectors(method, vectors, gram, n):
+    """``(vectors, gram)`` as float64 arrays (or ``None``), shaped for ``n`` texts."""
+    if method == "tfidf":
+        return None, None  # the texts' own words: vectors and gram are not used
+    if gram is not None:
+        matrix = _float_array("gram", gram, "an (n, n) matrix of numbers, one row per text")
+        if matrix.shape != (n, n):
+            allowed = f"({n}, {n}) for {n} texts, not of shape {matrix.shape}"
+            raise ParameterError("gram", gram, allowed)
+        return None, matrix
+    if vectors is None:
+        raise ParameterError(
+            "vectors",
+            vectors,
+            f"an (n, d) array or gram= an (n, n) one: method={method!r} needs vectors= or "
+            "gram= (or use for_query/across)",
+        )
+    array = _float_array("vectors", vectors, "an (n, d) array of numbers, one row per text")
+    if array.ndim != 2 or array.shape[0] != n:
+        allowed = f"an (n, d) array with one row per text ({n}), not of shape {array.shape}"
+        raise ParameterError("vectors", vectors, allowed)
+    return array, None
+
+
+def _float_array(name: str, value, allowed: str) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ParameterError(name, value, allowed) from None
+
+
+def _check_request(method, n_clusters, top_k, store, model, options) -> None:
+    """The checks of :func:`for_query` and :func:`across`, before any scores are read."""
+    checks.choice("method", method, METHODS)
+    checks.count("top_k", top_k)
+    checks.count("n_clusters", n_clusters, optional=True)
+    allowed = OPTIONS + (("layer",) if method == "embedding" else ())
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        listing = ", ".join(repr(name) for name in allowed)
+        raise ParameterError("options", unknown, f"keywords among {listing}")
+    settings = {"max_clusters": 10, "n_terms": 8, "seed": 0}
+    settings.update((key, options[key]) for key in OPTIONS if key in options)
+    _check_settings(method, n_clusters, **settings)
+    if "layer" in options:
+        checks.count("layer", options["layer"], minimum=None)
+    if method == "gradient" and store is None:
+        raise ParameterError(
+            "store",
+            store,
+            "a GradientStore: method='gradient' needs store= (the store scored against)",
+        )
+    if method == "embedding" and model is None:
+        raise ParameterError(
+            "model", model, "a model: method='embedding' needs model= (to compute hidden states)"
+        )
+
+
 def _cluster_indices(result, dataset, indices, method, n_clusters, store, model, options):
     """Cluster the training sequences ``indices`` of ``result`` (texts from ``dataset``)."""
-    if method == "gradient" and store is None:
-        raise ValueError("method='gradient' needs store= (the gradient store scored against)")
-    if method == "embedding" and model is None:
-        raise ValueError("method='embedding' needs model= (to compute hidden states)")
     by_id = {ex.id: ex for ex in dataset}
     ids = [result.train_ids[i] for i in indices]
     missing = [i for i in ids if i not in by_id]
@@ -294,12 +382,8 @@ def _unit_vectors(texts, method, vectors, gram, seed) -> np.ndarray:
     if method == "tfidf":
         vectors = _tfidf(texts, seed)
     elif gram is not None:
-        vectors = _from_gram(np.asarray(gram, dtype=np.float64), len(texts))
-    elif vectors is None:
-        raise ValueError(f"method={method!r} needs vectors= or gram= (or use for_query/across)")
+        vectors = _from_gram(gram, len(texts))
     vectors = np.asarray(vectors, dtype=np.float64)
-    if vectors.shape[0] != len(texts):
-        raise ValueError(f"got {vectors.shape[0]} vectors for {len(texts)} texts")
     if not np.isfinite(vectors).all():
         raise DataError("themes: the vectors or Gram matrix contain NaN or inf")
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -326,7 +410,9 @@ def _tfidf(texts: list[str], seed: int) -> np.ndarray:
 def _from_gram(gram: np.ndarray, n: int) -> np.ndarray:
     """Rows ``V sqrt(Λ₊)`` of the cosine matrix of ``gram``: their dot products equal it."""
     if gram.shape != (n, n):
-        raise ValueError(f"gram must be ({n}, {n}) for {n} texts, got {gram.shape}")
+        raise ParameterError("gram", gram, f"({n}, {n}) for {n} texts, not of shape {gram.shape}")
+    if not np.isfinite(gram).all():
+        raise DataError("themes: the vectors or Gram matrix contain NaN or inf")
     norms = np.sqrt(np.clip(np.diag(gram), 0, None))
     norms[norms == 0] = 1  # a zero gradient stays a zero row
     cosine = gram / np.outer(norms, norms)

@@ -3,9 +3,9 @@
 - Token overlap vs abstraction: :func:`overlap_share`, :func:`theme_share`,
   :func:`overlap_table`: how much of a query's top influence comes from sequences that merely
   share its words, and how much from sequences on its theme.
-- Layer attribution: :func:`layer_groups`, :func:`group_shares`, :func:`layer_profile`,
-  :func:`rerank_by_group`: which third of the network (lower, middle, upper blocks) carries
-  the influence.
+- Layer attribution: :func:`block_number`, :func:`layer_groups`, :func:`group_shares`,
+  :func:`layer_profile`, :func:`rerank_by_group`: which third of the network (lower, middle,
+  upper blocks) carries the influence.
 - Influence distribution: :func:`tail_fit`, :func:`top_share`, :func:`ccdf`, :func:`plot_tail`:
   the heavy, power-law-like upper tail of the scores.
 - Candidate prefilter: :func:`bm25_scores`, :func:`bm25_candidates`, :func:`prefilter_recall`,
@@ -22,7 +22,14 @@ Example:
     0.8
 """
 
-from .layers import GROUPS, group_shares, layer_groups, layer_profile, rerank_by_group
+from .layers import (
+    GROUPS,
+    block_number,
+    group_shares,
+    layer_groups,
+    layer_profile,
+    rerank_by_group,
+)
 from .overlap import content_ngrams, overlap_share, overlap_table, theme_share
 from .prefilter import bm25_candidates, bm25_scores, prefilter_recall, score_prefiltered
 from .tails import MIN_TAIL, ccdf, plot_tail, tail_fit, top_share
@@ -30,6 +37,7 @@ from .tails import MIN_TAIL, ccdf, plot_tail, tail_fit, top_share
 __all__ = [
     "GROUPS",
     "MIN_TAIL",
+    "block_number",
     "bm25_candidates",
     "bm25_scores",
     "ccdf",

@@ -6,19 +6,23 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import DataError
+from .. import checks
+from ..errors import DataError, ParameterError
 from ..result import InfluenceResult
 
 
 def _check_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    checks.count(name, value, minimum=minimum)
+
+
+def _check_result(result) -> None:
+    checks.instance("result", result, InfluenceResult, "an InfluenceResult")
 
 
 def _check_query(result: InfluenceResult, q) -> None:
-    n = len(result.query_ids)
-    if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or not 0 <= q < n:
-        raise ValueError(f"q must be a query index in 0..{n - 1}, got {q!r}")
+    _check_result(result)
+    last = len(result.query_ids) - 1
+    checks.count("q", q, minimum=0, maximum=last, allowed=f"a query index in 0..{last}")
 
 
 def _check_dataset(result: InfluenceResult, dataset: Sequence) -> None:
@@ -39,17 +43,20 @@ def _check_dataset(result: InfluenceResult, dataset: Sequence) -> None:
 
 
 def _query_text(result: InfluenceResult, q: int) -> str:
-    queries = result.meta.get("queries")
-    if not isinstance(queries, list) or len(queries) != len(result.query_ids):
+    """Query ``q``'s prompt + completion, from ``result.queries``."""
+    if result.queries is None:
         raise DataError(
-            "result.meta['queries'] is missing or does not list every query; pass query_text="
+            "result.queries is missing (score records them; a result file keeps them in "
+            "meta['queries']): pass query_text="
         )
-    return queries[q]["prompt"] + queries[q]["completion"]
+    query = result.queries[q]
+    return query.prompt + query.completion
 
 
 def _scores(scores, name: str = "scores") -> np.ndarray:
     """All entries of ``scores`` as a flat float array, refusing NaN/inf."""
     values = np.ravel(np.asarray(scores, dtype=np.float64))
     if not np.isfinite(values).all():
-        raise ValueError(f"{name} holds NaN or inf ({int((~np.isfinite(values)).sum())} entries)")
+        bad = int((~np.isfinite(values)).sum())
+        raise ParameterError(name, f"NaN or inf in {bad} entries", "finite numbers")
     return values

@@ -13,15 +13,24 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .. import checks
+from ..errors import ParameterError
 from ..result import InfluenceResult
-from ._checks import _check_int, _check_query
+from ._checks import _check_int, _check_query, _check_result
 
 GROUPS = ("lower", "middle", "upper")
 # A module name's first all-digit component is its transformer block: "model.layers.3.mlp".
 _BLOCK = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
-def _block_number(name: str) -> int | None:
+def block_number(name: str) -> int | None:
+    """The transformer block of a module name: its first all-digit component (``None`` when
+    it has none).
+
+    Example:
+        >>> block_number("transformer.h.3.mlp.c_fc"), block_number("lm_head")
+        (3, None)
+    """
     match = _BLOCK.search(name)
     return int(match.group(1)) if match else None
 
@@ -46,13 +55,15 @@ def layer_groups(layers: Sequence[str], *, n_blocks: int | None = None) -> dict[
         {'lower': [0, 1], 'middle': [2, 3, 4, 5], 'upper': [6, 7]}
     """
     if isinstance(layers, str) or not len(layers):
-        raise ValueError(f"layers must be a non-empty list of module names, got {layers!r}")
-    blocks = [_block_number(name) for name in layers]
+        raise ParameterError("layers", layers, "a non-empty list of module names")
+    blocks = [block_number(name) for name in layers]
     numbered = [i for i, b in enumerate(blocks) if b is not None]
     if not numbered:
-        raise ValueError(
-            f"layers: no name has a block number (like 'transformer.h.3.mlp.c_fc'), "
-            f"got {list(layers)[:4]}"
+        raise ParameterError(
+            "layers",
+            list(layers),
+            "module names with block numbers (like 'transformer.h.3.mlp.c_fc'): no name has a "
+            "block number",
         )
     highest = max(blocks[i] for i in numbered)
     depth = highest + 1 if n_blocks is None else n_blocks
@@ -98,6 +109,7 @@ def layer_profile(result: InfluenceResult, k: int = 10) -> np.ndarray:
         >>> layer_profile(r).tolist()
         [[0.25, 0.0, 0.75], [0.5, 0.0, 0.5]]
     """
+    _check_result(result)
     _check_int("k", k)
     groups = layer_groups(result.layers)
     shares = np.array([result.layer_shares(q, k) for q in range(len(result.query_ids))])
@@ -122,18 +134,18 @@ def rerank_by_group(
     """
     _check_query(result, q)
     _check_int("k", k)
+    checks.choice("group", group, GROUPS)
     groups = layer_groups(result.layers)
-    if group not in groups:
-        raise ValueError(f"group must be one of {list(GROUPS)}, got {group!r}")
     if not groups[group]:
-        raise ValueError(
-            f"group {group!r} holds none of this result's layers (layer positions by group: "
-            f"{groups})"
+        raise ParameterError(
+            "group",
+            group,
+            f"a group holding some of this result's layers (group {group!r} holds none; layer "
+            f"positions by group: {groups})",
         )
-    row = result.scores[q]
     # The same top k as top() and layer_shares(): highest total first, ties by column.
-    columns = np.argsort(-row, kind="stable")[:k]
+    columns = result.columns(q, k)
     group_scores = result.layer_scores[q][np.ix_(columns, groups[group])].sum(axis=1)
-    index = result.indices[q] if result.is_top_k else np.arange(row.size)
+    index = result.train_index(q, columns)
     order = np.argsort(-group_scores, kind="stable")
-    return [(int(index[columns[j]]), float(group_scores[j])) for j in order]
+    return [(int(index[j]), float(group_scores[j])) for j in order]

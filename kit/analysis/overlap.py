@@ -11,9 +11,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable, Sequence
 
-from ..errors import DataError
+from ..errors import DataError, ParameterError
 from ..result import InfluenceResult
-from ._checks import _check_dataset, _check_int, _check_query, _query_text
+from ._checks import _check_dataset, _check_int, _check_query, _check_result, _query_text
 
 # Alphabetic words of 3+ letters: scikit-learn's default word pattern (\b\w\w+\b) without
 # digits, underscores and 2-letter words, so "abc123" or "of" never count as shared content.
@@ -44,7 +44,7 @@ def content_ngrams(text: str, n: int = 1) -> set[tuple[str, ...]]:
         [('chops', 'onions'), ('cook', 'chops')]
     """
     if not isinstance(text, str):
-        raise ValueError(f"text must be a string, got {type(text).__name__}")
+        raise ParameterError("text", text, "a string")
     _check_int("n", n)
     return {tuple(gram.split(" ")) for gram in _ngram_analyzer(n)(text)}
 
@@ -70,7 +70,7 @@ def overlap_share(
     """Share of query ``q``'s positive top-``top_k`` influence from sequences sharing its words.
 
     A sequence shares words when it has at least one content n-gram (:func:`content_ngrams`) of
-    the query's prompt + completion (from ``result.meta["queries"]`` unless ``query_text`` is
+    the query's prompt + completion (from ``result.queries`` unless ``query_text`` is
     given). Negative scores among the top ``top_k`` are left out; 0.0 when none is positive.
     A high share means the influence is mostly token overlap, a low one more abstract.
 
@@ -80,7 +80,7 @@ def overlap_share(
         >>> train = [Example(0, "a", "The stew needs pepper.", (1, 2), {}),
         ...          Example(1, "b", "Rain fell all night.", (1, 2), {})]
         >>> r = InfluenceResult(np.array([[[3.0], [1.0]]]), ["h.0.mlp"], ["a", "b"], ["q"],
-        ...                     {"queries": [{"prompt": "Add more", "completion": " pepper"}]})
+        ...                     queries=[{"prompt": "Add more", "completion": " pepper"}])
         >>> overlap_share(r, train, 0)
         0.75
     """
@@ -102,7 +102,7 @@ def _theme_set(themes) -> set:
         wanted = set(themes)
         if wanted and all(isinstance(t, str) for t in wanted):
             return wanted
-    raise ValueError(f"themes must be a string or a non-empty list of strings, got {themes!r}")
+    raise ParameterError("themes", themes, "a string or a non-empty list of strings")
 
 
 def theme_share(
@@ -162,14 +162,16 @@ def overlap_table(
         >>> from influencekit import Example
         >>> train = [Example(0, "a", "Stew with pepper.", (1, 2), {"theme": "food"})]
         >>> r = InfluenceResult(np.ones((1, 1, 1)), ["h.0.mlp"], ["a"], ["q"],
-        ...                     {"queries": [{"prompt": "More", "completion": " pepper"}]})
+        ...                     queries=[{"prompt": "More", "completion": " pepper"}])
         >>> overlap_table(r, train, themes=["sea"])
         [{'query': 'q', 'overlap': 1.0, 'theme': 0.0}]
     """
+    _check_result(result)
+    _check_int("top_k", top_k)
+    _check_int("n", n)
     if themes is not None and (isinstance(themes, str) or len(themes) != len(result.query_ids)):
-        raise ValueError(
-            f"themes must be a list with one entry per query ({len(result.query_ids)}), "
-            f"got {themes!r}"
+        raise ParameterError(
+            "themes", themes, f"a list with one entry per query ({len(result.query_ids)})"
         )
     rows = []
     for q, query_id in enumerate(result.query_ids):

@@ -12,10 +12,11 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from .. import checks
 from ..data import TextDataset, as_queries
-from ..errors import DataError
+from ..errors import DataError, ParameterError
 from ..result import InfluenceResult
-from ._checks import _check_int
+from ._checks import _check_int, _check_result
 
 
 def _texts(dataset: Iterable) -> list[str]:
@@ -40,8 +41,7 @@ def bm25_scores(queries, dataset: Iterable, *, k1: float = 1.5, b: float = 0.75)
         >>> bool(s[0, 0] > 0), float(s[0, 1])
         (True, 0.0)
     """
-    if not k1 >= 0 or not 0 <= b <= 1:
-        raise ValueError(f"need k1 >= 0 and 0 <= b <= 1, got k1={k1!r}, b={b!r}")
+    _check_bm25(k1, b)
     from sklearn.feature_extraction.text import CountVectorizer  # lazy: a slow import
 
     texts = [q.prompt + q.completion for q in as_queries(queries)]
@@ -74,6 +74,7 @@ def bm25_candidates(
         [[3, 1]]
     """
     _check_int("m", m)
+    _check_bm25(k1, b)
     scores = bm25_scores(queries, dataset, k1=k1, b=b)
     return [np.argsort(-row, kind="stable")[:m] for row in scores]
 
@@ -92,12 +93,19 @@ def prefilter_recall(
         >>> prefilter_recall([np.array([2, 0])], r, k=2).tolist()
         [0.5]
     """
+    _check_result(result)
     _check_int("k", k)
     if result.is_top_k:
-        raise ValueError("result must be a full result (scored without top_k) to know the top k")
+        raise ParameterError(
+            "result",
+            "a top-k result",
+            "a full result (scored without top_k) to know the top k",
+        )
     if len(candidates) != len(result.query_ids):
-        raise ValueError(
-            f"candidates has {len(candidates)} entries, the result {len(result.query_ids)} queries"
+        raise ParameterError(
+            "candidates",
+            f"candidates has {len(candidates)} entries, the result {len(result.query_ids)} queries",
+            "one array of training indices per query of the result",
         )
     recall = []
     for q, found in enumerate(candidates):
@@ -142,12 +150,15 @@ def score_prefiltered(
     """
     from ..scoring import score  # scoring pulls in torch and the models: import when used
 
-    if not isinstance(train, TextDataset):
-        raise TypeError(
-            f"train must be a TextDataset (its texts are searched), got {type(train).__name__}"
-        )
+    checks.instance("train", train, TextDataset, "a TextDataset (its texts are searched)")
+    _check_int("m", m)
+    _check_bm25(k1, b)
     if "top_k" in score_kwargs:
-        raise ValueError("score_prefiltered keeps each query's m candidates: leave out top_k")
+        raise ParameterError(
+            "top_k",
+            score_kwargs["top_k"],
+            "left out: score_prefiltered keeps each query's m candidates (leave out top_k)",
+        )
     queries = as_queries(queries)
     candidates = bm25_candidates(queries, train, m, k1=k1, b=b)
     union = np.unique(np.concatenate(candidates))
@@ -165,5 +176,18 @@ def score_prefiltered(
         "prefilter": {"method": "bm25-binary", "m": m, "k1": k1, "b": b},
     }
     return InfluenceResult(
-        np.stack(layer_scores), part.layers, train.ids, part.query_ids, meta, np.stack(indices)
+        np.stack(layer_scores),
+        part.layers,
+        train.ids,
+        part.query_ids,
+        meta,
+        np.stack(indices),
+        queries=part.queries,
     )
+
+
+def _check_bm25(k1, b) -> None:
+    """``k1 >= 0`` and ``0 <= b <= 1``, both finite numbers."""
+    why = " (BM25 scores need k1 >= 0 and 0 <= b <= 1)"
+    checks.number("k1", k1, minimum=0, allowed="a finite number >= 0" + why)
+    checks.number("b", b, minimum=0, maximum=1, allowed="in [0, 1]" + why)

@@ -9,9 +9,11 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
+from ..errors import DataError, ParameterError
 from ._checks import _scores
 
 MIN_TAIL = 10  # fewer tail points than this give no usable exponent
@@ -28,7 +30,8 @@ def tail_fit(scores, *, xmin: float | None = None, tail: float = 0.1) -> dict:
     ln p_exp(x)``; ``p_value`` is Vuong's two-sided test of ``R / (σ sqrt(n))`` against a
     standard normal (σ: the pointwise differences' standard deviation). ``favours`` is
     ``"power law"`` (R > 0) or ``"exponential"`` (R < 0) when ``p_value <= 0.1``, else
-    ``"neither"``. Raises ValueError with fewer than 10 tail points.
+    ``"neither"``. Raises :class:`~influencekit.errors.DataError` (a ``ValueError``) with
+    fewer than 10 tail points.
 
     Example:
         >>> import numpy as np
@@ -40,25 +43,24 @@ def tail_fit(scores, *, xmin: float | None = None, tail: float = 0.1) -> dict:
     positive = _scores(scores)
     positive = positive[positive > 0]
     if xmin is None:
-        if not 0 < tail <= 1:
-            raise ValueError(f"tail must be in (0, 1], got {tail!r}")
+        _check_fraction("tail", tail)
         if positive.size < MIN_TAIL:
-            raise ValueError(
+            raise DataError(
                 f"scores: {positive.size} positive score(s); tail_fit needs at least {MIN_TAIL}"
             )
         xmin = float(np.quantile(positive, 1 - tail))
-    elif not xmin > 0:
-        raise ValueError(f"xmin must be > 0, got {xmin!r}")
+    elif not _is_number(xmin) or not xmin > 0:
+        raise ParameterError("xmin", xmin, "> 0 (or None: the 1 - tail quantile)")
     x = positive[positive >= xmin]
     n = x.size
     if n < MIN_TAIL:
-        raise ValueError(
+        raise DataError(
             f"scores: {n} positive score(s) >= xmin = {xmin:.4g}; tail_fit needs at least "
             f"{MIN_TAIL} (lower xmin or raise tail)"
         )
     log_ratio = np.log(x / xmin).sum()
     if log_ratio == 0:
-        raise ValueError(f"scores: every tail score equals xmin = {xmin:.4g}; no slope to fit")
+        raise DataError(f"scores: every tail score equals xmin = {xmin:.4g}; no slope to fit")
     alpha = 1 + n / log_ratio
     from scipy import stats  # lazy: a slow import
 
@@ -96,14 +98,22 @@ def top_share(scores, fraction: float = 0.01) -> float:
         0.8
     """
     values = _scores(scores)
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    _check_fraction("fraction", fraction)
     total = values[values > 0].sum()
     if values.size == 0 or total == 0:
         return 0.0
     count = max(1, round(fraction * values.size))
     top = np.sort(values)[::-1][:count]
     return float(top[top > 0].sum() / total)
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real)
+
+
+def _check_fraction(name: str, value) -> None:
+    if not _is_number(value) or not 0 < value <= 1:
+        raise ParameterError(name, value, "in (0, 1]")
 
 
 def ccdf(scores) -> tuple[np.ndarray, np.ndarray]:

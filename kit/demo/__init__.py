@@ -1,7 +1,7 @@
 """``influencekit.demo``: the shipped corpus, the shipped models, and the demo that uses them.
 
 - :func:`load_records` / :func:`load_corpus`: 2,627 quotes from Debian's ``fortunes`` in 12
-  themes (``data/NOTICE.md`` gives origin and license).
+  themes (:func:`theme_names`; ``data/NOTICE.md`` gives origin and license).
 - :func:`load_demo_model`: a small (1.2M parameters) or large (5.6M) GPT-2 trained on that
   corpus by :mod:`influencekit.demo.train`, with its byte-level BPE tokenizer.
 - :data:`QUERIES`: ~20 built-in queries (facts, paraphrases, word-order flips, cross-theme).
@@ -17,7 +17,7 @@ Example:
 
 from __future__ import annotations
 
-from .corpus import MAX_LENGTH, load_corpus, load_records, themes
+from .corpus import MAX_LENGTH, load_corpus, load_records, theme_names
 from .pipeline import DemoRun, model_dir, run_demo
 from .queries import QUERIES
 
@@ -42,5 +42,5 @@ __all__ = [
     "load_records",
     "model_dir",
     "run_demo",
-    "themes",
+    "theme_names",
 ]

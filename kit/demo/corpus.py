@@ -27,8 +27,8 @@ def load_records() -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def themes() -> list[str]:
-    """The theme labels, in shipped order."""
+def theme_names() -> list[str]:
+    """The corpus's theme labels (``"computers"``, ...), in shipped order."""
     return list(dict.fromkeys(r["theme"] for r in load_records()))
 
 

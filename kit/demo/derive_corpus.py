@@ -23,7 +23,9 @@ import random
 import re
 from pathlib import Path
 
-# Issue 4's themes: distinct subjects, each a whole fortune file.
+from ..errors import MissingFileError
+
+# The corpus's 12 themes: distinct subjects, each a whole fortune file.
 THEMES = (
     "computers",
     "science",
@@ -53,7 +55,7 @@ def theme_records(src: Path, theme: str, seen: set[str]) -> list[dict]:
     """Up to ``PER_THEME`` records of one theme, in file order, skipping texts in ``seen``."""
     path = src / f"{theme}.u8" if (src / f"{theme}.u8").exists() else src / theme
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no fortune file for theme {theme!r}")
+        raise MissingFileError(f"{path}: no fortune file for theme {theme!r}")
     kept = []
     for n, text in enumerate(split_fortunes(path.read_text(encoding="utf-8", errors="replace"))):
         if MIN_CHARS <= len(text) <= MAX_CHARS and text not in seen:

@@ -26,14 +26,16 @@ from pathlib import Path
 import numpy as np
 
 from .. import themes
+from ..analysis.layers import block_number
 from ..data import TextDataset, as_queries
-from ..errors import InfluenceKitError
+from ..errors import InfluenceKitError, ParameterError
 from ..factors import Factors, fit_factors
 from ..h5io import temp_name
 from ..models import load_model, model_fingerprint
 from ..result import InfluenceResult
 from ..scoring import score
 from ..store import GradientStore
+from ..store.layout import parts_dir
 from .corpus import DATA_DIR, MAX_LENGTH, even_sample, load_records
 from .queries import QUERIES
 
@@ -85,7 +87,7 @@ def default_out(size: str = "small", quick: bool = False) -> Path:
 def model_dir(size: str = "small") -> Path:
     """The shipped Hugging Face directory of one model size."""
     if size not in SIZES:
-        raise ValueError(f"model size must be one of {', '.join(SIZES)}, got {size!r}")
+        raise ParameterError("size", size, f"a model size, one of {', '.join(SIZES)}")
     return DATA_DIR / size
 
 
@@ -273,7 +275,7 @@ class _Stages:
 def _remove(path: Path) -> None:
     """Delete a demo output, with a store's part folder."""
     path.unlink(missing_ok=True)
-    shutil.rmtree(path.with_name(path.name + ".d"), ignore_errors=True)
+    shutil.rmtree(parts_dir(path), ignore_errors=True)
 
 
 def summary(run: DemoRun, k: int = 3) -> str:
@@ -333,10 +335,11 @@ def source_ranks(run: DemoRun) -> dict[str, int]:
 
 def block_shares(result: InfluenceResult, q: int) -> dict[str, float]:
     """:meth:`InfluenceResult.layer_shares` of the top ``TOP_K``, summed per transformer block
-    (``h0``, ``h1``, ...; a layer name without a block number stands alone)."""
+    (``h0``, ``h1``, ...: :func:`influencekit.analysis.block_number`; a layer name without a
+    block number stands alone)."""
     shares: dict[str, float] = {}
     for name, share in zip(result.layers, result.layer_shares(q, TOP_K), strict=True):
-        digits = [part for part in name.split(".") if part.isdigit()]
-        block = f"h{digits[0]}" if digits else name
+        number = block_number(name)
+        block = name if number is None else f"h{number}"
         shares[block] = shares.get(block, 0.0) + float(share)
     return shares

@@ -26,7 +26,7 @@ import numpy as np
 from torch import nn
 
 from ..data import TextDataset
-from ..errors import MismatchError
+from ..errors import MismatchError, ParameterError
 from ..factors import fit_factors
 from ..result import InfluenceResult
 from ..scoring import score
@@ -42,7 +42,11 @@ def lr_weights(checkpoints: Sequence[Checkpoint]) -> np.ndarray:
     """
     sums = np.array([c.lr_sum for c in checkpoints], dtype=np.float64)
     if not len(sums) or (sums < 0).any() or sums.sum() <= 0:
-        raise ValueError(f"need checkpoints with non-negative lr_sum and a positive total: {sums}")
+        raise ParameterError(
+            "checkpoints",
+            f"lr_sum {sums.tolist()}",
+            "a non-empty list with non-negative lr_sum and a positive total",
+        )
     return sums / sums.sum()
 
 
@@ -84,8 +88,10 @@ def combine_checkpoints(
         [[1.0, 1.0]]
     """
     if len(results) != len(weights) or not results:
-        raise ValueError(
-            f"need one weight per result: {len(results)} results, {len(weights)} weights"
+        raise ParameterError(
+            "weights",
+            f"{len(weights)} weights for {len(results)} results",
+            "one weight per result (and at least one result)",
         )
     first = results[0]
     for c, r in enumerate(results[1:], start=1):
@@ -107,5 +113,10 @@ def combine_checkpoints(
     for key in ("model_fingerprint", "damping"):  # per checkpoint now
         meta.pop(key, None)
     return InfluenceResult(
-        total, list(first.layers), list(first.train_ids), list(first.query_ids), meta
+        total,
+        list(first.layers),
+        list(first.train_ids),
+        list(first.query_ids),
+        meta,
+        queries=first.queries,
     )

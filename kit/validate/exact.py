@@ -51,18 +51,18 @@ import torch
 from torch import nn
 from torch.func import jvp, vjp
 
+from .. import checks
 from ..data import (
     Batch,
     Query,
     TextDataset,
     as_queries,
-    check_batch_size,
     collate,
     length_order,
     padding_id,
     query_batches,
 )
-from ..errors import ModelError, NonFiniteError
+from ..errors import ModelError, NonFiniteError, ParameterError
 from ..factors import Factors
 from ..hooks import label_log_probs
 from ..models import TrackedLayer, check_finite_weights, check_sequences_fit, select_modules
@@ -257,9 +257,10 @@ def conjugate_gradient(
                 "check the model weights and the training data"
             )
         if curvature <= 0:
-            raise ValueError(
-                f"{name}: the system is not positive definite (pᵀAp = {curvature:.3g}) at CG "
-                f"iteration {iterations + 1}"
+            raise ParameterError(
+                "matvec",
+                f"pᵀAp = {curvature:.3g} at CG iteration {iterations + 1}",
+                f"a positive definite operator ({name}: the system is not positive definite)",
             )
         alpha = rz / curvature
         x += alpha * p
@@ -314,11 +315,9 @@ def exact_influence(
         (4, 40)
         >>> compare(result.scores, truth)["overall"]                         # doctest: +SKIP
     """
-    check_batch_size(batch_size)
-    if not (isinstance(tol, (int, float)) and tol > 0):
-        raise ValueError(f"tol must be > 0, got {tol!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
+    checks.count("batch_size", batch_size)
+    checks.positive_number("tol", tol)
+    checks.count("max_iter", max_iter)
     queries = as_queries(queries)
     columns = list(range(len(train))) if indices is None else [train[i].index for i in indices]
     problem = _ExactProblem(model, train, modules, tokenizer, batch_size)

@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from .. import checks
 from ..data import TextDataset, as_queries
-from ..errors import MismatchError, NonFiniteError
+from ..errors import DataError, FileFormatError, MismatchError, NonFiniteError, ParameterError
 from ..h5io import UTF8, atomic_h5, open_h5, read_array
 from ..progress import progress_counter
 from ..result import InfluenceResult
@@ -50,13 +51,25 @@ def random_subsets(n_train: int, count: int, *, fraction: float = 0.5, seed: int
         >>> s.shape, s.sum(axis=1).tolist()
         ((3, 10), [5, 5, 5])
     """
-    if not 0 < fraction < 1:
-        raise ValueError(f"fraction must be strictly between 0 and 1, got {fraction}")
+    checks.count("n_train", n_train)
+    checks.count(
+        "count", count, minimum=2, allowed="an int >= 2 (a correlation needs at least 2 subsets)"
+    )
+    checks.number(
+        "fraction",
+        fraction,
+        minimum=0,
+        maximum=1,
+        exclusive=True,
+        allowed="strictly between 0 and 1",
+    )
     size = round(fraction * n_train)
-    if not 0 < size < n_train or count < 2:
-        raise ValueError(
-            f"need at least 2 subsets of 1 to n_train - 1 members; got count={count}, "
-            f"n_train={n_train}, fraction={fraction} (size {size})"
+    if not 0 < size < n_train:
+        raise ParameterError(
+            "fraction",
+            fraction,
+            f"a fraction of n_train = {n_train} giving subsets of 1 to n_train - 1 members "
+            f"(size {size} here)",
         )
     rng = np.random.default_rng(seed)
     members = np.zeros((count, n_train), dtype=bool)
@@ -93,12 +106,18 @@ class Retraining:
             self.measurements = np.full(shape, np.nan)
         if self.seconds is None:
             self.seconds = np.full(shape[:2], np.nan)
-        if self.subsets.shape[1:] != (len(self.train_ids),):
-            raise ValueError(
-                f"subsets have {self.subsets.shape[1:]} columns, expected {len(self.train_ids)}"
+        if self.subsets.ndim != 2 or self.subsets.shape[1] != len(self.train_ids):
+            raise ParameterError(
+                "subsets",
+                f"an array of shape {self.subsets.shape}",
+                f"(subsets, train) with one column per training id ({len(self.train_ids)})",
             )
         if self.measurements.shape != shape:
-            raise ValueError(f"measurements have shape {self.measurements.shape}, want {shape}")
+            raise ParameterError(
+                "measurements",
+                f"an array of shape {self.measurements.shape}",
+                f"of shape (subsets, seeds, queries) = {shape}",
+            )
 
     @property
     def query_ids(self) -> list[str]:
@@ -117,7 +136,10 @@ class Retraining:
         """``(M, Q)``: each subset's measurement averaged over seeds (every run must be done)."""
         if not self.complete:
             missing = int((~self.done).sum())
-            raise ValueError(f"{missing} of {self.done.size} retraining runs not measured yet")
+            raise DataError(
+                f"{missing} of {self.done.size} retraining runs not measured yet: run retrain "
+                "(with this cache) to finish them"
+            )
         return self.measurements.mean(axis=1)
 
     def save(self, path: str | Path) -> Path:
@@ -145,16 +167,20 @@ class Retraining:
             ids = [
                 x.decode() if isinstance(x, bytes) else x for x in read_array(f, "train_ids", path)
             ]
-            return cls(
-                subsets=read_array(f, "subsets", path),
-                seeds=read_array(f, "seeds", path),
-                train_ids=ids,
-                train_fingerprint=str(f.attrs["train_fingerprint"]),
-                queries=json.loads(f.attrs["queries"]),
-                settings=json.loads(f.attrs["settings"]),
-                measurements=read_array(f, "measurements", path),
-                seconds=read_array(f, "seconds", path),
-            )
+            fields = {
+                "subsets": read_array(f, "subsets", path),
+                "seeds": read_array(f, "seeds", path),
+                "train_ids": ids,
+                "train_fingerprint": str(f.attrs["train_fingerprint"]),
+                "queries": json.loads(f.attrs["queries"]),
+                "settings": json.loads(f.attrs["settings"]),
+                "measurements": read_array(f, "measurements", path),
+                "seconds": read_array(f, "seconds", path),
+            }
+        try:
+            return cls(**fields)
+        except ParameterError as err:
+            raise FileFormatError(f"{path}: inconsistent retraining ({err})") from err
 
     def differences(self, other: Retraining) -> list[str]:
         """What differs in the set-up (not the measurements) between two retrainings."""
@@ -249,7 +275,11 @@ class LDS:
 def _scores_for(scores: InfluenceResult | np.ndarray, runs: Retraining) -> np.ndarray:
     if isinstance(scores, InfluenceResult):
         if scores.is_top_k:
-            raise ValueError("LDS needs every training sequence's score, not a top-k result")
+            raise ParameterError(
+                "scores",
+                "a top-k result",
+                "a full result: LDS needs every training sequence's score, not a top-k result",
+            )
         diffs = []
         if list(scores.train_ids) != runs.train_ids:
             diffs.append("train_ids")
@@ -261,7 +291,9 @@ def _scores_for(scores: InfluenceResult | np.ndarray, runs: Retraining) -> np.nd
     scores = np.asarray(scores, dtype=np.float64)
     want = (len(runs.queries), len(runs.train_ids))
     if scores.shape != want:
-        raise ValueError(f"scores have shape {scores.shape}, expected (queries, train) = {want}")
+        raise ParameterError(
+            "scores", f"an array of shape {scores.shape}", f"of shape (queries, train) = {want}"
+        )
     if not np.isfinite(scores).all():
         q, i = np.argwhere(~np.isfinite(scores))[0]
         raise NonFiniteError(

@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .. import checks
 from ..data import Batch, as_queries, query_batches
 from ..hooks import label_log_probs
 from ..models import TrackedLayer, check_sequences_fit, resolve_device
@@ -43,8 +43,9 @@ def tracked_params(layers: list[TrackedLayer]) -> dict[str, torch.Tensor]:
 def layer_damping(
     layers: list[TrackedLayer], damping: float | Mapping[str, float]
 ) -> dict[str, float]:
-    """``{layer: λ}`` from one number or the kit's per-layer map, validated: the map must
-    name exactly the tracked layers, and every λ be a finite number > 0.
+    """``{layer: λ}`` from one number or the kit's per-layer map, validated as everywhere in
+    the kit (:func:`influencekit.checks.damping`): the map must name exactly the tracked
+    layers, and every λ be a finite number > 0.
 
     Example:
         >>> from influencekit.models import TrackedLayer
@@ -52,24 +53,7 @@ def layer_damping(
         >>> layer_damping(layers, 0.5)
         {'fc': 0.5}
     """
-    names = [layer.name for layer in layers]
-    if isinstance(damping, Mapping):
-        unknown = sorted(set(damping) - set(names))
-        missing = [name for name in names if name not in damping]
-        if unknown or missing:
-            raise ValueError(
-                f"damping map must name exactly the tracked layers {names}; "
-                f"unknown: {unknown}, missing: {missing}"
-            )
-        lam = {name: damping[name] for name in names}
-    else:
-        lam = dict.fromkeys(names, damping)
-    for name, value in lam.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
-            raise ValueError(f"layer {name}: damping must be a number, got {value!r}")
-        if not math.isfinite(float(value)) or float(value) <= 0:
-            raise ValueError(f"layer {name}: damping must be finite and > 0, got {value}")
-    return {name: float(value) for name, value in lam.items()}
+    return checks.damping(damping, [layer.name for layer in layers])
 
 
 def param_damping(params: Mapping[str, torch.Tensor], lam: Mapping[str, float]) -> dict[str, float]:

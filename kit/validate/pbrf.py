@@ -57,7 +57,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import checks
 from ..data import TextDataset, as_queries, collate, padding_id, query_batches
+from ..errors import ParameterError
 from ..hooks import label_log_probs
 from ..models import select_modules
 from .measure import functional_logits, layer_damping, param_damping, tracked_params
@@ -121,14 +123,13 @@ def minimise_pbrf(
         True
     """
     if epsilon == 0:
-        raise ValueError("epsilon must be non-zero")
-    if method not in ("lbfgs", "adam"):
-        raise ValueError(f"method must be 'lbfgs' or 'adam', got {method!r}")
+        raise ParameterError("epsilon", epsilon, "non-zero")
+    checks.choice("method", method, ("lbfgs", "adam"))
     lam = {
         name: float(damping[name] if isinstance(damping, Mapping) else damping) for name in params
     }
     if any(value <= 0 for value in lam.values()):
-        raise ValueError(f"damping must be > 0, got {lam}")
+        raise ParameterError("damping", lam, "> 0 (for every parameter)")
     origin = {name: p.detach() for name, p in params.items()}
     base_loss = loss(origin).detach()
     delta = {name: torch.zeros_like(p, requires_grad=True) for name, p in origin.items()}

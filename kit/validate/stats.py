@@ -12,6 +12,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from ..errors import ParameterError
+
 
 def spearman_columns(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Spearman correlation of each column of ``x`` with the same column of ``y`` (ties get
@@ -41,7 +43,11 @@ def compare(kit_scores: np.ndarray | Iterable, pbrf: np.ndarray | Iterable) -> d
     kit = np.atleast_2d(np.asarray(kit_scores, dtype=np.float64))
     truth = np.atleast_2d(np.asarray(pbrf, dtype=np.float64))
     if kit.shape != truth.shape:
-        raise ValueError(f"shapes differ: kit {kit.shape}, pbrf {truth.shape}")
+        raise ParameterError(
+            "pbrf",
+            pbrf,
+            f"of the shape of kit_scores (shapes differ: kit {kit.shape}, pbrf {truth.shape})",
+        )
 
     def stats(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
         return {
