@@ -9,7 +9,12 @@ Example:
     >>> factors = ik.fit_factors(model, train, modules="mlp")  # doctest: +SKIP
     >>> result = ik.score(model, factors, [("The sky is", " blue")], train)  # doctest: +SKIP
     >>> result.top(0, k=5)  # doctest: +SKIP
+
+``ik.widgets`` (Jupyter) and ``ik.validate`` (ground truths) are imported on first use, so
+``import influencekit`` does not load ipywidgets. docs/architecture.md maps the package.
 """
+
+import importlib
 
 from . import analysis, demo, themes  # demo: the shipped corpus and models (uses the rest)
 from .data import Example, Query, TextDataset, as_queries, load_queries
@@ -18,8 +23,11 @@ from .errors import (
     FileFormatError,
     InfluenceKitError,
     MismatchError,
+    MissingFileError,
     ModelError,
     NonFiniteError,
+    OutOfRangeError,
+    ParameterError,
     StoreWriteError,
 )
 from .factors import Factors, LayerFactors, fit_factors
@@ -29,6 +37,16 @@ from .scoring import score, token_scores
 from .store import GradientStore
 
 __version__ = "0.7.0"
+
+LAZY_SUBPACKAGES = ("widgets", "validate")
+
+
+def __getattr__(name: str):
+    """``ik.widgets`` and ``ik.validate``, imported the first time they are asked for."""
+    if name in LAZY_SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DataError",
@@ -40,8 +58,11 @@ __all__ = [
     "InfluenceResult",
     "LayerFactors",
     "MismatchError",
+    "MissingFileError",
     "ModelError",
     "NonFiniteError",
+    "OutOfRangeError",
+    "ParameterError",
     "Query",
     "StoreWriteError",
     "TextDataset",
@@ -56,4 +77,6 @@ __all__ = [
     "select_modules",
     "themes",
     "token_scores",
+    "validate",
+    "widgets",
 ]

@@ -4,6 +4,7 @@
                                            # the shipped model and corpus, end to end
     influencekit fit --model DIR --train FILE --out FACTORS.h5 [--modules mlp] [--fisher sampled]
     influencekit build --model DIR --train FILE --out STORE.h5 [--codec kron:64] [--modules mlp]
+                       [--part-size N]
     influencekit score --model DIR --factors F.h5 --store S.h5 --queries Q.jsonl --out RESULT.h5
                        [--top-k K] [--query-rank R] [--damping X] [--refine K]
     influencekit score ... --train FILE ...  # training gradients on the fly instead of a store
@@ -29,13 +30,15 @@ from pathlib import Path
 
 import torch
 
+from .checks import ACCUMULATION_DTYPES, AMP_DTYPES
 from .distributed import active, init_from_env, is_main
-from .errors import InfluenceKitError
+from .errors import InfluenceKitError, ParameterError
+from .factors import FISHERS, STRATEGIES
 from .store.codecs import DEFAULT_CODEC
+from .store.layout import DTYPES as STORE_DTYPES
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-STORE_DTYPES = ("float16", "float32", "float64")
-AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The command line's short names for the autocast dtypes.
+AMP = {"none": None, "bf16": AMP_DTYPES["bfloat16"], "fp16": AMP_DTYPES["float16"]}
 
 
 def _modules(text: str) -> str | list[str]:
@@ -88,11 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(fit)
     _add_modules(fit)
     fit.add_argument("--out", required=True, help="factors HDF5 file to write")
-    fit.add_argument("--dtype", choices=DTYPES, default="float32", help="accumulation dtype")
     fit.add_argument(
-        "--strategy", choices=("ekfac", "kfac", "diagonal", "identity"), default="ekfac"
+        "--dtype", choices=ACCUMULATION_DTYPES, default="float32", help="accumulation dtype"
     )
-    fit.add_argument("--fisher", choices=("sampled", "empirical"), default="sampled")
+    fit.add_argument("--strategy", choices=STRATEGIES, default="ekfac")
+    fit.add_argument("--fisher", choices=FISHERS, default="sampled")
     fit.add_argument("--max-examples", type=int, default=None)
     fit.add_argument("--seed", type=int, default=0)
 
@@ -111,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--dtype", choices=STORE_DTYPES, default="float32", help="dtype on disk (float32)"
     )
-    build.add_argument("--chunk-size", type=int, default=None, help="examples per commit")
+    build.add_argument(
+        "--part-size", "--chunk-size", type=int, default=None, help="examples per part (commit)"
+    )
     build.add_argument("--seed", type=int, default=0, help="seed of the kron projections")
     build.add_argument("--factors", default=None, help="factors file (needed by eig:K)")
 
@@ -122,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--factors", required=True, help="factors file from `influencekit fit`")
     sc.add_argument("--queries", required=True, help="JSONL with prompt and completion")
     sc.add_argument("--out", required=True, help="result HDF5 file to write")
-    sc.add_argument("--dtype", choices=DTYPES, default="float32", help="accumulation dtype")
+    sc.add_argument(
+        "--dtype", choices=ACCUMULATION_DTYPES, default="float32", help="accumulation dtype"
+    )
     sc.add_argument("--damping", type=float, default=None, help="default 0.1 × mean(Λ)")
     sc.add_argument("--query-rank", type=int, default=None)
     sc.add_argument("--top-k", type=int, default=None, help="keep only each query's top K")
@@ -186,7 +193,7 @@ def cmd_fit(args) -> None:
         seed=args.seed,
         max_examples=args.max_examples,
         batch_size=args.batch_size,
-        dtype=DTYPES[args.dtype],
+        dtype=ACCUMULATION_DTYPES[args.dtype],
         amp_dtype=AMP[args.amp],
         progress=not args.quiet,
     )
@@ -212,7 +219,7 @@ def cmd_build(args) -> None:
         dtype=args.dtype,
         batch_size=args.batch_size,
         amp_dtype=AMP[args.amp],
-        chunk_size=args.chunk_size,
+        part_size=args.part_size,
         seed=args.seed,
         factors=Factors.load(args.factors) if args.factors else None,
         progress=not args.quiet,
@@ -229,7 +236,11 @@ def cmd_score(args) -> None:
     from .store import GradientStore
 
     if (args.store is None) == (args.train is None):
-        raise ValueError("give exactly one of --store (stored gradients) or --train (on the fly)")
+        raise ParameterError(
+            "--store/--train",
+            [args.store, args.train],
+            "exactly one of --store (stored gradients) or --train (on the fly)",
+        )
     if args.store is not None:
         model, tokenizer = load_model(args.model, device=args.device)
         store = GradientStore.open(args.store)
@@ -247,7 +258,7 @@ def cmd_score(args) -> None:
         top_k=args.top_k,
         refine=args.refine,
         batch_size=args.batch_size,
-        dtype=DTYPES[args.dtype],
+        dtype=ACCUMULATION_DTYPES[args.dtype],
         amp_dtype=AMP[args.amp],
         progress=not args.quiet,
     )
@@ -262,7 +273,11 @@ def cmd_report(args) -> None:
     from .widgets import InfluenceExplorer
 
     if (args.model is None) != (args.factors is None):
-        raise ValueError("token heatmaps need both --model and --factors (or neither)")
+        raise ParameterError(
+            "--model/--factors",
+            [args.model, args.factors],
+            "given together: token heatmaps need both --model and --factors",
+        )
     result = InfluenceResult.load(args.result)
     model = factors = None
     if args.model is not None:
@@ -271,7 +286,9 @@ def cmd_report(args) -> None:
         model, train = _load(args)
         factors = Factors.load(args.factors)
     elif args.chunk:
-        raise ValueError("--chunk windows are cut by the tokenizer: give --model and --factors")
+        raise ParameterError(
+            "--chunk", True, "given with --model and --factors (windows are cut by the tokenizer)"
+        )
     else:
         train = _examples_without_tokenizer(args.train)
     explorer = InfluenceExplorer(result, train, model, factors, k=args.rows)
@@ -300,10 +317,8 @@ def _examples_without_tokenizer(path: str) -> list:
 def format_top_table(result, train, k: int = 3) -> str:
     """A plain-text table: each query, then its top-``k`` training sequences with scores."""
     lines = []
-    for q, query in enumerate(result.meta.get("queries", [])):
-        lines.append(
-            f"\nquery {result.query_ids[q]!r}: {query['prompt']!r} -> {query['completion']!r}"
-        )
+    for q, query in enumerate(result.queries or []):
+        lines.append(f"\nquery {query.id!r}: {query.prompt!r} -> {query.completion!r}")
         lines.append(f"  {'rank':>4}  {'score':>12}  {'id':<12}  text")
         for rank, (i, value) in enumerate(result.top(q, k), start=1):
             example = train[i]
@@ -314,11 +329,11 @@ def format_top_table(result, train, k: int = 3) -> str:
 def cmd_info(args) -> None:
     import h5py
 
-    from .errors import FileFormatError
+    from .errors import FileFormatError, MissingFileError
 
     path = Path(args.file)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise MissingFileError(f"{path}: no such file")
     if not h5py.is_hdf5(path):
         raise FileFormatError(f"{path}: not an HDF5 file")
     with h5py.File(path, "r") as f:
@@ -363,7 +378,11 @@ def _under_torchrun(args) -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return True
     if args.command == "demo":
-        raise ValueError("run the demo in one process (it is not split over torchrun ranks)")
+        raise ParameterError(
+            "WORLD_SIZE",
+            os.environ["WORLD_SIZE"],
+            "1 for the demo: run the demo in one process (it is not split over torchrun ranks)",
+        )
     if args.command in ("fit", "build", "score"):
         args.device = init_from_env(args.device)
         return True

@@ -1,4 +1,4 @@
-"""Curvature factors per tracked layer: EK-FAC and its baselines (DESIGN.md §2).
+"""Curvature factors per tracked layer: EK-FAC and its baselines (docs/math.md).
 
 For a layer with inputs ``a`` and output gradients ``s``:
 
@@ -24,15 +24,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from . import distributed
-from .data import TextDataset, check_batch_size, example_batches, length_order
-from .errors import FileFormatError, ModelError, NonFiniteError
+from . import checks, distributed
+from .data import TextDataset, example_batches, length_order
+from .errors import DataError, FileFormatError, ModelError, NonFiniteError, ParameterError
 from .h5io import atomic_h5, open_h5, read_array
-from .hooks import LayerIO, capture_batches, check_accumulation_dtype, per_sequence_grads
+from .hooks import LayerIO, per_sequence_grads
 from .lowrank import LowRank, truncate_rank
 from .models import (
     TrackedLayer,
@@ -40,9 +39,9 @@ from .models import (
     check_finite_weights,
     check_sequences_fit,
     model_fingerprint,
-    resolve_device,
     select_modules,
 )
+from .settings import RunSettings
 
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
 FISHERS = ("sampled", "empirical")
@@ -112,10 +111,10 @@ class LayerFactors:
         in the eigenbasis and only its ``rank`` singular vectors are rotated back: the full
         preconditioned matrix is never formed.
         """
-        us, v = truncate_rank(self._scaled_eigen(s, a, damping), rank)
+        low = truncate_rank(self._scaled_eigen(s, a, damping), rank)
         if self.q_a is None:
-            return us, v
-        return self.q_s.to(us) @ us, self.q_a.to(v) @ v
+            return low
+        return low.map(self.q_s.to(low.us), self.q_a.to(low.v))
 
 
 @dataclass
@@ -138,25 +137,10 @@ class Factors:
         return list(self.layers)
 
     def damping_for(self, damping: float | Mapping[str, float] | None = None) -> dict[str, float]:
-        """Per-layer damping: defaults, one float for all, or a ``{layer: float}`` mapping."""
-        if isinstance(damping, Mapping) and set(damping) - set(self.layers):
-            raise ValueError(
-                f"damping names unknown layer(s) {sorted(set(damping) - set(self.layers))}"
-            )
-        resolved = {}
-        for name, layer in self.layers.items():
-            if isinstance(damping, Mapping):  # any mapping, not only a dict
-                if name not in damping:
-                    raise ValueError(f"damping mapping has no entry for layer {name}")
-                value = damping[name]
-            else:
-                value = layer.default_damping() if damping is None else damping
-            value = float(value)
-            if not np.isfinite(value) or value <= 0:
-                reason = "the default 0.1 × mean(Λ) is zero" if damping is None else "given"
-                raise ValueError(f"layer {name}: damping must be > 0, got {value} ({reason})")
-            resolved[name] = value
-        return resolved
+        """Per-layer damping ``{layer: λ}``: the defaults (``None``), one number for every
+        layer, or a mapping naming exactly these layers; every λ a finite number > 0."""
+        defaults = {name: layer.default_damping() for name, layer in self.layers.items()}
+        return checks.damping(damping, list(self.layers), defaults)
 
     def eigenbasis(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Q_S, Q_A)`` of layer ``name`` with columns by decreasing eigenvalue (float64).
@@ -165,8 +149,8 @@ class Factors:
         """
         layer = self.layers[name]
         if layer.q_a is None:
-            raise ValueError(
-                f"{self.strategy} factors have no eigenbasis; fit ekfac or kfac factors"
+            raise ParameterError(
+                "factors", f"{self.strategy} factors", "ekfac or kfac factors (with eigenbases)"
             )
         by_s = torch.argsort(layer.d_s, descending=True)
         by_a = torch.argsort(layer.d_a, descending=True)
@@ -278,65 +262,53 @@ def fit_factors(
     Fisher, equal to the Gauss-Newton matrix for softmax cross-entropy), reproducible with
     ``seed``; ``"empirical"`` uses the real next tokens. ``max_examples=n`` fits on the first
     ``n`` sequences (pass ``train.subset(...)`` for a random sample). ``dtype`` is the
-    accumulation dtype (float32 or float64); ``amp_dtype`` runs the forward in bf16/fp16 with
-    accumulators in ``dtype``.
+    accumulation dtype (``torch.float32`` or ``torch.float64``, or its name); ``amp_dtype``
+    runs the forward in bf16/fp16 with accumulators in ``dtype``. ``batch_size``, ``device``
+    (default: where the model is), ``amp_dtype`` and ``progress`` are the run settings
+    (:class:`~influencekit.settings.RunSettings`), as for ``score`` and
+    ``GradientStore.build``.
 
     Example:
         >>> factors = fit_factors(model, train, "mlp", fisher="sampled")  # doctest: +SKIP
     """
-    _check_choice("strategy", strategy, STRATEGIES)
-    _check_choice("fisher", fisher, FISHERS)
-    check_accumulation_dtype(dtype)
-    check_batch_size(batch_size)
+    checks.instance("train", train, TextDataset, "a TextDataset")
+    checks.choice("strategy", strategy, STRATEGIES)
+    checks.choice("fisher", fisher, FISHERS)
+    seed = checks.count("seed", seed, minimum=0)
+    max_examples = checks.count("max_examples", max_examples, optional=True)
+    run = RunSettings(batch_size, device, dtype, amp_dtype, progress)
     layers = select_modules(model, modules)
     check_finite_weights(layers)
     check_sequences_fit(model, (ex.input_ids for ex in train), f"training data {train.source}")
-    device = resolve_device(model, device)
-    indices = _choose_examples(len(train), max_examples)
+    if len(train) == 0:
+        raise DataError(f"training data {train.source}: the dataset is empty")
+    indices = list(range(len(train) if max_examples is None else min(len(train), max_examples)))
     targets = "sampled" if fisher == "sampled" else "real"
-    run = _Run(
-        model, layers, train, indices, batch_size, device, progress, targets, seed, dtype, amp_dtype
-    )
+    passes = _Passes(model, layers, train, indices, run.on(model), targets, seed)
     fitted = {layer.name: LayerFactors(layer.name, layer.grad_shape) for layer in layers}
     if strategy in ("ekfac", "kfac"):
-        _fit_eigenbases(fitted, run)
+        _fit_eigenbases(fitted, passes)
     if strategy == "kfac":
         for lf in fitted.values():
             lf.lam = torch.outer(lf.d_s, lf.d_a)
     if strategy in ("ekfac", "diagonal"):
-        _fit_lambda(fitted, run)
+        _fit_lambda(fitted, passes)
     meta = {"n_examples": len(indices), "seed": seed, "dataset": train.fingerprint()}
     return Factors(strategy, fisher, fitted, model_fingerprint(model), meta)
 
 
-def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{what} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def _choose_examples(n: int, max_examples: int | None) -> list[int]:
-    if n == 0:
-        raise ValueError("the training dataset is empty")
-    if max_examples is not None and max_examples < 1:
-        raise ValueError(f"max_examples must be >= 1 or None, got {max_examples}")
-    return list(range(n if max_examples is None else min(n, max_examples)))
-
-
 @dataclass(frozen=True)
-class _Run:
-    """What both data passes of one fit share."""
+class _Passes:
+    """What both data passes of one fit share: the model, its layers, the examples, the run
+    settings and the label choice."""
 
     model: nn.Module
     layers: list[TrackedLayer]
     train: TextDataset
     indices: list[int]
-    batch_size: int
-    device: torch.device
-    progress: bool
+    run: RunSettings
     targets: str
     seed: int
-    dtype: torch.dtype
-    amp_dtype: torch.dtype | None
 
     def captures(self, desc: str):
         """Captured (batch, layer inputs/gradients) over the fit's examples."""
@@ -345,23 +317,20 @@ class _Run:
         order = length_order(self.train, self.indices)
         # Under torchrun each process takes every world-th of these batches; sums are then
         # all-reduced (see _summed).
-        return capture_batches(
+        batches = example_batches(self.train, self.run.batch_size, order)
+        return self.run.captures(
             self.model,
             self.layers,
-            distributed.my_share(example_batches(self.train, self.batch_size, order)),
-            device=self.device,
-            total=distributed.share_count(-(-len(order) // self.batch_size)),
+            distributed.my_share(batches),
             desc=desc,
-            progress=self.progress and distributed.is_main(),
+            total=distributed.share_count(self.run.n_batches(len(order))),
             example_ids=self.train.ids,
             targets=self.targets,
             seed=self.seed,
-            dtype=self.dtype,
-            amp_dtype=self.amp_dtype,
         )
 
 
-def _summed(sums: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], run: _Run):
+def _summed(sums: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], run: RunSettings):
     """Every process's sums added up (a process given no batch contributes zeros)."""
     for name, shape in shapes.items():
         if name not in sums:
@@ -378,20 +347,20 @@ def _accumulate(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -
         sums[name] = value.clone()
 
 
-def _fit_eigenbases(fitted: dict[str, LayerFactors], run: _Run) -> None:
+def _fit_eigenbases(fitted: dict[str, LayerFactors], passes: _Passes) -> None:
     """Pass 1: token-mean covariances A and S, then their float64 eigendecompositions."""
     a_sum: dict[str, torch.Tensor] = {}
     s_sum: dict[str, torch.Tensor] = {}
     n_tokens = 0
-    for batch, io in run.captures("covariances"):
+    for batch, io in passes.captures("covariances"):
         real = batch.attention_mask.bool()
         n_tokens += sum(batch.lengths)  # known on the host: no device sync
         for name, x in io.items():  # real tokens only: padded rows are zero, skip their work
             a, s = x.a[real], x.s[real]
             _accumulate(a_sum, name, a.T @ a)
             _accumulate(s_sum, name, s.T @ s)
-    _summed(a_sum, {name: (lf.shape[1],) * 2 for name, lf in fitted.items()}, run)
-    _summed(s_sum, {name: (lf.shape[0],) * 2 for name, lf in fitted.items()}, run)
+    _summed(a_sum, {name: (lf.shape[1],) * 2 for name, lf in fitted.items()}, passes.run)
+    _summed(s_sum, {name: (lf.shape[0],) * 2 for name, lf in fitted.items()}, passes.run)
     n_tokens = int(distributed.all_sum(torch.tensor([n_tokens], dtype=torch.int64))[0])
     # Each covariance is decomposed once, by one process: under torchrun the 2L
     # decompositions are dealt out largest first (so each rank gets a like share of the
@@ -432,16 +401,16 @@ def _rotated_grads(x: LayerIO, real: torch.Tensor, q_s: torch.Tensor, q_a: torch
     return s_rot.transpose(1, 2) @ a_rot
 
 
-def _fit_lambda(fitted: dict[str, LayerFactors], run: _Run) -> None:
+def _fit_lambda(fitted: dict[str, LayerFactors], passes: _Passes) -> None:
     """Pass 2: mean over sequences of squared gradients in the eigenbasis (or standard basis)."""
     lam_sum: dict[str, torch.Tensor] = {}
-    like = {"dtype": run.dtype, "device": run.device}
+    like = {"dtype": passes.run.dtype, "device": passes.run.device}
     bases = {
         name: (lf.q_s.to(**like), lf.q_a.to(**like))
         for name, lf in fitted.items()
         if lf.q_a is not None
     }
-    for batch, io in run.captures("eigenvalue correction"):
+    for batch, io in passes.captures("eigenvalue correction"):
         real = batch.attention_mask.bool()
         for name, x in io.items():
             if name in bases:
@@ -449,6 +418,6 @@ def _fit_lambda(fitted: dict[str, LayerFactors], run: _Run) -> None:
             else:
                 g = per_sequence_grads(x)
             _accumulate(lam_sum, name, g.square().sum(0))
-    _summed(lam_sum, {name: tuple(lf.shape) for name, lf in fitted.items()}, run)
+    _summed(lam_sum, {name: tuple(lf.shape) for name, lf in fitted.items()}, passes.run)
     for name, lf in fitted.items():
-        lf.lam = lam_sum[name].double().cpu() / len(run.indices)
+        lf.lam = lam_sum[name].double().cpu() / len(passes.indices)

@@ -1,31 +1,115 @@
-"""Truncated SVDs of stacks of matrices, as ``(U Σ, V)`` factors.
+"""Rank-r matrices kept as factors, and the truncated SVD that makes them.
 
-Used for the paper's query batching (``query_rank``): a preconditioned query gradient is
-replaced by its best rank-r approximation.
+Used for the paper's query batching (``query_rank``): a preconditioned query gradient
+``P_q`` is replaced by its best rank-r approximation ``U Σ Vᵀ``, kept as :class:`LowRank`
+``(U Σ, V)``. Contracting it with a training gradient ``G_z = Σ_k u_k v_kᵀ`` that is itself
+kept as factors (token by token on the fly, or a ``lowrank`` store) never forms either
+matrix: :func:`factored_inner` and :func:`factored_is_cheaper` decide and do that.
 
 Example:
-    >>> us, v = truncate_rank(torch.eye(2)[None] * 2, 1)
-    >>> us.shape, v.shape
-    (torch.Size([1, 2, 1]), torch.Size([1, 2, 1]))
+    >>> p = truncate_rank(torch.eye(2)[None] * 2, 1)
+    >>> p.us.shape, p.v.shape, p.rank
+    (torch.Size([1, 2, 1]), torch.Size([1, 2, 1]), 1)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-LowRank = tuple[torch.Tensor, torch.Tensor]  # (U Σ: (Q, d_out, r), V: (Q, d_in, r))
+
+@dataclass(frozen=True)
+class LowRank:
+    """A stack of rank-r matrices ``us @ vᵀ``: ``us`` ``(Q, d_out, r)`` (singular values
+    folded in), ``v`` ``(Q, d_in, r)``.
+
+    Example:
+        >>> p = LowRank(torch.ones(1, 3, 1), torch.ones(1, 2, 1))
+        >>> p.dense().shape, p.n_queries
+        (torch.Size([1, 3, 2]), 1)
+    """
+
+    us: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def n_queries(self) -> int:
+        return self.us.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.us.shape[-1]
+
+    def dense(self) -> torch.Tensor:
+        """The full ``(Q, d_out, d_in)`` matrices."""
+        return self.us @ self.v.transpose(-1, -2)
+
+    def map(self, left: torch.Tensor, right: torch.Tensor) -> LowRank:
+        """``left @ (us vᵀ) @ rightᵀ`` as factors: ``(left @ us, right @ v)``."""
+        return LowRank(left @ self.us, right @ self.v)
+
+
+QueryForm = torch.Tensor | LowRank  # a preconditioned query gradient, dense or factored
+
+
+def as_dense(p: QueryForm) -> torch.Tensor:
+    """``p`` as full matrices (a dense ``p`` is returned as it is)."""
+    return p.dense() if isinstance(p, LowRank) else p
+
+
+def factored_is_cheaper(n_queries: int, rank: int, stored_rank: int, shape) -> bool:
+    """Whether contracting a rank-``rank`` query with a gradient kept as ``stored_rank``
+    factor pairs costs less in factors than through the dense gradient.
+
+    In factors: ``Q·r·R·(d_out + d_in)`` multiply-adds per example; dense: ``R·d_out·d_in``
+    to form ``G_z`` plus ``Q·d_out·d_in`` to contract. Many queries or a high rank make the
+    dense route cheaper; both give the same scores up to rounding.
+
+    Example:
+        >>> factored_is_cheaper(1, 4, 8, (1024, 1024)), factored_is_cheaper(64, 64, 8, (64, 64))
+        (True, False)
+    """
+    d_out, d_in = shape
+    return n_queries * rank * stored_rank * (d_out + d_in) <= d_out * d_in * (
+        stored_rank + n_queries
+    )
+
+
+def factored_inner(query: LowRank, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``⟨us_q vᵀ_q, Σ_k u_k v_kᵀ⟩`` for every query and example: ``(Q, B)``.
+
+    ``u`` ``(B, R, d_out)`` and ``v`` ``(B, R, d_in)`` are the example's factor pairs (token
+    gradients and inputs, or stored low-rank factors); the inner product is
+    ``Σ_{k,r} (u_k · us_r)(v_k · v_r)``, never forming a ``d_out × d_in`` matrix.
+    """
+    left = torch.einsum("bko,qor->qbkr", u, query.us)
+    right = torch.einsum("bki,qir->qbkr", v, query.v)
+    return (left * right).sum(dim=(2, 3))
+
+
+def zero_pad(x: torch.Tensor, length: int) -> torch.Tensor:
+    """``x`` ``(B, n, d)`` with zero rows added up to ``length`` along its second axis (zero
+    rows add nothing to a sum of outer products: padded tokens, or missing rank).
+
+    Example:
+        >>> zero_pad(torch.ones(1, 2, 3), 4)[0, :, 0].tolist()
+        [1.0, 1.0, 0.0, 0.0]
+    """
+    missing = length - x.shape[1]
+    return x if missing <= 0 else torch.cat([x, x.new_zeros(x.shape[0], missing, x.shape[2])], 1)
 
 
 def truncate_rank(p: torch.Tensor, rank: int) -> LowRank:
-    """Rank-``rank`` truncated SVD of each matrix in ``p`` (Q, d_out, d_in) as ``(U Σ, V)``.
+    """Rank-``rank`` truncated SVD of each matrix in ``p`` (Q, d_out, d_in) as :class:`LowRank`.
 
     Computed from the float64 Gram matrix of the narrower side (``pᵀp`` or ``ppᵀ``) and its
     eigendecomposition: the same leading singular pairs as a full SVD, several times faster
     for the tall matrices of MLP layers (e.g. 1536 × 385), and only the leading ones are kept.
 
     Example:
-        >>> us, v = truncate_rank(torch.diag(torch.tensor([3.0, 1.0, 2.0]))[None], 2)
-        >>> (us @ v.transpose(1, 2)).diagonal(dim1=1, dim2=2).tolist()
+        >>> p = truncate_rank(torch.diag(torch.tensor([3.0, 1.0, 2.0]))[None], 2)
+        >>> p.dense().diagonal(dim1=1, dim2=2).tolist()
         [[3.0, 0.0, 2.0]]
     """
     wide = p.shape[-2] < p.shape[-1]
@@ -37,6 +121,6 @@ def truncate_rank(p: torch.Tensor, rank: int) -> LowRank:
     v = vectors[..., -r:].flip(-1)  # leading right singular vectors of x
     us = x @ v  # U Σ
     if not wide:
-        return us, v
+        return LowRank(us, v)
     sigma = us.norm(dim=-2, keepdim=True)
-    return v * sigma, us / torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+    return LowRank(v * sigma, us / torch.where(sigma > 0, sigma, torch.ones_like(sigma)))

@@ -19,13 +19,15 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import FileFormatError, NonFiniteError
+from .data import Query, as_queries
+from .errors import FileFormatError, NonFiniteError, ParameterError
 from .h5io import UTF8, atomic_h5, open_h5, read_array
 
 FORMAT = "influencekit.result"
@@ -42,9 +44,17 @@ class InfluenceResult:
     query_ids: list[str]
     meta: dict = field(default_factory=dict)
     indices: np.ndarray | None = None  # (n_queries, k) training indices of a top-k result
+    # The scored queries (prompt, completion, id = query_ids[q], metadata); None when unknown.
+    queries: list[Query] | None = None
     _scores: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self.meta = dict(self.meta)
+        if self.queries is None and "queries" in self.meta:  # as written in a result file
+            self.queries = self.meta["queries"]
+        self.meta.pop("queries", None)
+        if self.queries is not None:
+            self.queries = _typed_queries(self.queries, self.query_ids)
         # A read-only view: `scores` is summed once, so the result must not change under it.
         self.layer_scores = np.asarray(self.layer_scores, dtype=np.float64).view()
         self.layer_scores.flags.writeable = False
@@ -56,15 +66,19 @@ class InfluenceResult:
                 self.indices.size
                 and not 0 <= self.indices.min() <= self.indices.max() < len(self.train_ids)
             ):
-                raise ValueError(
-                    f"indices must be (queries, k) = ({len(self.query_ids)}, k) training indices "
-                    f"below {len(self.train_ids)}, got shape {self.indices.shape}"
+                raise ParameterError(
+                    "indices",
+                    self.indices,
+                    f"(queries, k) = ({len(self.query_ids)}, k) training indices "
+                    f"below {len(self.train_ids)} (shape {self.indices.shape} given)",
                 )
         expected = (len(self.query_ids), columns, len(self.layers))
         if self.layer_scores.shape != expected:
-            raise ValueError(
-                f"layer_scores has shape {self.layer_scores.shape}, expected "
-                f"(queries, {'k' if self.indices is not None else 'train'}, layers) = {expected}"
+            kind = "k" if self.indices is not None else "train"
+            raise ParameterError(
+                "layer_scores",
+                f"an array of shape {self.layer_scores.shape}",
+                f"of shape (queries, {kind}, layers) = {expected}",
             )
         bad = ~np.isfinite(self.layer_scores)
         if bad.any():
@@ -88,17 +102,35 @@ class InfluenceResult:
         (summed once; read-only, like ``layer_scores``)."""
         return self._scores
 
-    def top(self, q: int, k: int = 10, *, largest: bool = True) -> list[tuple[int, float]]:
-        """The ``k`` most (or least, ``largest=False``) influential ``(train_index, score)``."""
+    def columns(self, q: int, k: int = 10, *, largest: bool = True) -> np.ndarray:
+        """Positions in ``scores[q]`` of query ``q``'s ``k`` highest (or lowest) scores, the
+        most extreme first; ties by position. For a top-k result these are its own columns.
+
+        Example:
+            >>> r = InfluenceResult(np.array([[[1.0], [5.0], [3.0]]]), ["l"], list("abc"), ["q"])
+            >>> r.columns(0, k=2).tolist(), r.columns(0, k=1, largest=False).tolist()
+            ([1, 2], [0])
+        """
         if self.indices is not None and not largest:
-            raise ValueError(
-                "this top-k result keeps only each query's highest scores; score without "
-                "top_k to see the lowest"
+            raise ParameterError(
+                "largest",
+                largest,
+                "True for a top-k result, which keeps only each query's highest scores (score "
+                "without top_k to see the lowest)",
             )
         row = self.scores[q]
-        order = np.argsort(-row if largest else row, kind="stable")[:k]
-        index = self.indices[q] if self.indices is not None else np.arange(len(row))
-        return [(int(index[i]), float(row[i])) for i in order]
+        return np.argsort(-row if largest else row, kind="stable")[:k]
+
+    def train_index(self, q: int, columns: np.ndarray) -> np.ndarray:
+        """The training indices of query ``q``'s ``columns`` (the columns themselves unless
+        this is a top-k result)."""
+        return columns if self.indices is None else self.indices[q, columns]
+
+    def top(self, q: int, k: int = 10, *, largest: bool = True) -> list[tuple[int, float]]:
+        """The ``k`` most (or least, ``largest=False``) influential ``(train_index, score)``."""
+        columns = self.columns(q, k, largest=largest)
+        index = self.train_index(q, columns)
+        return [(int(i), float(v)) for i, v in zip(index, self.scores[q, columns], strict=True)]
 
     def rank(self, q: int, i: int) -> int:
         """Where training sequence ``i`` ranks for query ``q``: 1 + how many score higher.
@@ -109,15 +141,18 @@ class InfluenceResult:
             2
         """
         if self.indices is not None:
-            raise ValueError("a top-k result keeps only each query's best scores: rank needs all")
+            raise ParameterError(
+                "result", "a top-k result", "a full result: rank needs every score of the query"
+            )
         row = self.scores[q]
         return 1 + int((row > row[i]).sum())
 
-    def layer_shares(self, q: int, k: int = 10) -> np.ndarray:
-        """Each layer's part of the summed score of query ``q``'s top ``k`` sequences.
+    def layer_shares(self, q: int, k: int = 10, *, largest: bool = True) -> np.ndarray:
+        """Each layer's part of the summed score of query ``q``'s top ``k`` sequences (the
+        ``k`` lowest with ``largest=False``).
 
         ``(n_layers,)``, summing to 1 (a layer that pulls the other way gets a negative share).
-        All zeros when the top ``k`` scores sum to zero, where no share is defined.
+        All zeros when the ``k`` scores sum to zero, where no share is defined.
 
         Example:
             >>> import numpy as np
@@ -126,9 +161,7 @@ class InfluenceResult:
             >>> r.layer_shares(0, k=1).tolist()
             [0.75, 0.25]
         """
-        row = self.scores[q]
-        columns = np.argsort(-row, kind="stable")[:k]
-        per_layer = self.layer_scores[q, columns].sum(axis=0)
+        per_layer = self.layer_scores[q, self.columns(q, k, largest=largest)].sum(axis=0)
         total = per_layer.sum()
         return per_layer / total if total != 0 else np.zeros_like(per_layer)
 
@@ -139,7 +172,7 @@ class InfluenceResult:
                 {
                     "format": FORMAT,
                     "version": VERSION,
-                    "meta": json.dumps(self.meta),
+                    "meta": json.dumps({**self.meta, **self._queries_record()}),
                     "layers": json.dumps(self.layers),
                 }
             )
@@ -150,6 +183,17 @@ class InfluenceResult:
             if self.indices is not None:
                 f.create_dataset("indices", data=self.indices, fletcher32=True)
         return Path(path)
+
+    def _queries_record(self) -> dict:
+        """The queries as the file keeps them: ``meta["queries"]``, prompt, completion and
+        metadata per query (ids are the ``query_ids`` dataset)."""
+        if self.queries is None:
+            return {}
+        return {
+            "queries": [
+                {"prompt": q.prompt, "completion": q.completion, **q.metadata} for q in self.queries
+            ]
+        }
 
     @classmethod
     def load(cls, path: str | Path) -> InfluenceResult:
@@ -165,5 +209,15 @@ class InfluenceResult:
             raise FileFormatError(f"{path}: layer_scores must be 3-D, found {layer_scores.shape}")
         try:
             return cls(layer_scores, layers, train_ids, query_ids, meta, indices)
-        except ValueError as err:
+        except (ValueError, TypeError) as err:
             raise FileFormatError(f"{path}: inconsistent result ({err})") from err
+
+
+def _typed_queries(queries, query_ids: list[str]) -> list[Query]:
+    """One :class:`Query` per query id (the result's ids win over the records' own)."""
+    if len(queries) != len(query_ids):
+        raise ParameterError(
+            "queries", f"{len(queries)} queries", f"one per query id ({len(query_ids)})"
+        )
+    typed = as_queries(list(queries))  # dicts (as in files), Query objects or tuples
+    return [dataclasses.replace(q, id=qid) for q, qid in zip(typed, query_ids, strict=True)]
