@@ -2,7 +2,12 @@
 
 Training gradients are computed once, compressed per layer by a codec (``dense``,
 ``kron:K``, ``lowrank:R``, ``eig:K``) and kept on disk; every later batch of queries is
-scored from the store in one streaming pass. See docs/store-format.md.
+scored from the store in one streaming pass. :meth:`GradientStore.build` and
+:meth:`GradientStore.open` are the ways in. See docs/store-format.md.
+
+Inside, each module uses only those before it: ``layout`` (the files) ← ``codecs`` ←
+``writing`` (lock, open-or-create, pending, commit) ← ``shards`` ← ``build`` ← ``reader``
+(:class:`GradientStore`) ← ``scoring`` (contracting preconditioned queries with a store).
 
 Example:
     >>> import influencekit as ik
@@ -10,8 +15,7 @@ Example:
     >>> result = ik.score(model, factors, queries, store)  # doctest: +SKIP
 """
 
-from .build import build_store
 from .codecs import CodecSpec, parse_codec
 from .reader import GradientStore
 
-__all__ = ["CodecSpec", "GradientStore", "build_store", "parse_codec"]
+__all__ = ["CodecSpec", "GradientStore", "parse_codec"]

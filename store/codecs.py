@@ -5,7 +5,8 @@ Every codec keeps the per-layer structure and supports four operations:
 - ``encode(a, s)``: from a batch's per-token inputs ``a`` ``(B, T, d_in)`` and output
   gradients ``s`` ``(B, T, d_out)`` (padding zeroed) to the arrays stored per example;
 - ``compress_query(p)``: a preconditioned query gradient ``P_q`` (dense ``(Q, d_out, d_in)``
-  or rank-r factors ``(U Σ, V)``) in the form that meets the stored arrays;
+  or rank-r factors, :class:`~influencekit.lowrank.LowRank`) in the form that meets the
+  stored arrays;
 - ``contract(query, stored)``: ``⟨P_q, G_z⟩`` (or its compressed estimate) for every query
   and stored example, ``(Q, B)``. Stored gradients are never expanded to full matrices,
   except ``lowrank`` against a dense query, one block at a time, when that is cheaper;
@@ -47,7 +48,15 @@ from dataclasses import dataclass
 
 import torch
 
-from influencekit.lowrank import LowRank
+from influencekit.errors import ParameterError
+from influencekit.lowrank import (
+    LowRank,
+    QueryForm,
+    as_dense,
+    factored_inner,
+    factored_is_cheaper,
+    zero_pad,
+)
 
 Tensor = torch.Tensor
 KINDS = ("dense", "kron", "lowrank", "eig")
@@ -75,17 +84,15 @@ def parse_codec(text: str) -> CodecSpec:
         >>> parse_codec("lowrank:8")
         CodecSpec(kind='lowrank', size=8)
     """
+    allowed = "dense, kron:K, lowrank:R or eig:K (K, R integers >= 1), e.g. kron:32"
     if not isinstance(text, str):
-        raise ValueError(f"codec must be a string like 'kron:32', got {text!r}")
+        raise ParameterError("codec", text, allowed)
     kind, _, size = text.strip().partition(":")
     if kind == "dense" and not size:
         return CodecSpec("dense")
     if kind in KINDS and kind != "dense" and size.isdigit() and int(size) >= 1:
         return CodecSpec(kind, int(size))
-    raise ValueError(
-        f"codec {text!r} not understood: use dense, kron:K, lowrank:R or eig:K (K, R >= 1 "
-        "integers), e.g. kron:32"
-    )
+    raise ParameterError("codec", text, allowed)
 
 
 class DenseCodec:
@@ -102,8 +109,8 @@ class DenseCodec:
     def encode(self, a: Tensor, s: Tensor) -> dict[str, Tensor]:
         return {"g": torch.einsum("bto,bti->boi", s, a)}
 
-    def compress_query(self, p: Tensor | LowRank) -> Tensor:
-        return _dense(p)
+    def compress_query(self, p: QueryForm) -> Tensor:
+        return as_dense(p)
 
     def contract(self, query: Tensor, stored: dict[str, Tensor]) -> Tensor:
         # One (Q, O·I) × (O·I, B) matmul: much faster than the equivalent einsum on CPU.
@@ -137,11 +144,9 @@ class ProjectionCodec:
         # Project every token first: (B, T, k) each, then one small (k_out × k_in) product.
         return {"c": (s @ p_out.T).transpose(1, 2) @ (a @ p_in.T)}
 
-    def compress_query(self, p: Tensor | LowRank) -> Tensor:
-        if isinstance(p, tuple):
-            us, v = p
-            p_out, p_in = self._projections(us)
-            return (p_out @ us) @ (p_in @ v).transpose(1, 2)
+    def compress_query(self, p: QueryForm) -> Tensor:
+        if isinstance(p, LowRank):
+            return p.map(*self._projections(p.us)).dense()
         p_out, p_in = self._projections(p)
         return p_out @ p @ p_in.T
 
@@ -190,28 +195,22 @@ class LowRankCodec:
         r = min(self.rank, sigma.shape[-1])
         left = (basis @ u[..., :r]) * sigma[:, None, :r]  # (B, d_out, r)
         return {
-            "u": _pad_rank(left.transpose(1, 2), self.rank),
-            "v": _pad_rank(vh[:, :r, :], self.rank),
+            "u": zero_pad(left.transpose(1, 2), self.rank),
+            "v": zero_pad(vh[:, :r, :], self.rank),
         }
 
-    def compress_query(self, p: Tensor | LowRank) -> Tensor | LowRank:
+    def compress_query(self, p: QueryForm) -> QueryForm:
         """Keep rank-r factors when the factored contraction is cheaper than the dense one."""
-        if isinstance(p, tuple):
-            n_queries, r = p[0].shape[0], p[0].shape[-1]
-            d_out, d_in = self.shape
-            factored = n_queries * r * self.rank * (d_out + d_in)
-            dense = d_out * d_in * (self.rank + n_queries)
-            if factored <= dense:
-                return p
-        return _dense(p)
+        if isinstance(p, LowRank) and factored_is_cheaper(
+            p.n_queries, p.rank, self.rank, self.shape
+        ):
+            return p
+        return as_dense(p)
 
-    def contract(self, query: Tensor | LowRank, stored: dict[str, Tensor]) -> Tensor:
+    def contract(self, query: QueryForm, stored: dict[str, Tensor]) -> Tensor:
         u, v = stored["u"], stored["v"]  # (B, R, d_out), (B, R, d_in)
-        if isinstance(query, tuple):
-            us, vq = query  # ⟨Us Vqᵀ, uᵀv⟩ = Σ (Usᵀ uᵀ) ∘ (Vqᵀ vᵀ)
-            left = torch.einsum("qor,bko->qbrk", us, u)
-            right = torch.einsum("qir,bki->qbrk", vq, v)
-            return (left * right).sum(dim=(2, 3))
+        if isinstance(query, LowRank):
+            return factored_inner(query, u, v)
         # A dense query needs d_out·d_in work per pair anyway: rebuild this block's G_z once.
         g = u.transpose(1, 2) @ v
         return query.flatten(1) @ g.flatten(1).T
@@ -230,16 +229,6 @@ class LowRankCodec:
             right = torch.einsum("aki,bji->abkj", a["v"][lo : lo + step], vb)
             out.append((left * right).sum(dim=(2, 3)))
         return torch.cat(out)
-
-
-def _dense(p: Tensor | LowRank) -> Tensor:
-    return p[0] @ p[1].transpose(-1, -2) if isinstance(p, tuple) else p
-
-
-def _pad_rank(x: Tensor, rank: int) -> Tensor:
-    """Zero rows up to ``rank`` (a sequence with fewer tokens than ``rank`` has lower rank)."""
-    missing = rank - x.shape[1]
-    return x if missing <= 0 else torch.cat([x, x.new_zeros(x.shape[0], missing, x.shape[2])], 1)
 
 
 def projection_seed(seed: int, layer_index: int, side: int) -> int:
@@ -291,7 +280,7 @@ def make_codec(
         p_in = orthogonal_rows(k_in, d_in, projection_seed(seed, layer_index, 1))
         return ProjectionCodec(shape, p_out, p_in)
     if eigenbasis is None:
-        raise ValueError("codec eig:K needs fitted factors at build time (pass factors=...)")
+        raise ParameterError("factors", None, f"fitted ekfac or kfac factors for codec {spec}")
     q_s, q_a = eigenbasis
     return ProjectionCodec(shape, q_s[:, :k_out].T.contiguous(), q_a[:, :k_in].T.contiguous())
 
@@ -303,3 +292,27 @@ def restore_codec(spec: CodecSpec, shape: tuple[int, int], tensors: dict[str, Te
     if spec.kind == "lowrank":
         return LowRankCodec(shape, spec.size, tensors["omega"])
     return ProjectionCodec(shape, tensors["p_out"], tensors["p_in"])
+
+
+def new_codecs(spec: CodecSpec, shapes: list[tuple[int, int]], *, seed: int, eigenbases=None):
+    """The codecs of a new store, one per layer of gradient shape ``shapes[j]``: random
+    projections drawn from ``seed``; ``eigenbases[j]`` ``(Q_S, Q_A)`` for ``eig``."""
+    return [
+        make_codec(
+            spec,
+            tuple(shape),
+            seed=seed,
+            layer_index=j,
+            eigenbasis=None if eigenbases is None else eigenbases[j],
+        )
+        for j, shape in enumerate(shapes)
+    ]
+
+
+def recorded_codecs(codec: str, shapes: list[list[int]], tensors: list[dict[str, Tensor]]):
+    """The codecs a store recorded: spec string, per-layer shapes and codec arrays."""
+    spec = parse_codec(codec)
+    return [
+        restore_codec(spec, tuple(shape), arrays)
+        for shape, arrays in zip(shapes, tensors, strict=True)
+    ]

@@ -36,7 +36,7 @@ from influencekit.h5io import UTF8, atomic_h5, open_h5, read_array
 FORMAT = "influencekit.store"
 PART_FORMAT = "influencekit.store-part"
 VERSION = 1
-# What a stored gradient is the gradient of (DESIGN.md §2); a new definition gets a new string.
+# What a stored gradient is the gradient of (docs/math.md); a new definition gets a new string.
 LOSS = "sum over t of -log p(x_{t+1} | x_<=t), real next tokens, padding excluded (v1)"
 PART_BYTES = 64 * 2**20  # a part (one commit) holds about this much gradient data
 HDF5_CHUNK_BYTES = 2**20  # HDF5 chunks of about 1 MiB along the example axis
@@ -84,7 +84,7 @@ class Manifest:
 
     config: StoreConfig
     uuid: str
-    chunk_size: int
+    part_size: int  # examples per part (the file attribute is called chunk_size)
     layer_params: list[dict]  # per layer: JSON-able codec parameters
     layer_tensors: list[dict[str, torch.Tensor]]  # per layer: codec arrays (projections)
     part_counts: list[int] = field(default_factory=list)
@@ -93,6 +93,15 @@ class Manifest:
     @property
     def n_examples(self) -> int:
         return int(sum(self.part_counts))
+
+    def parts(self, path: Path) -> list[tuple[Path, int, int]]:
+        """``(part file, first example, count)`` of every committed part of the store at
+        ``path``."""
+        folder, first, found = parts_dir(path), 0, []
+        for number, count in enumerate(self.part_counts):
+            found.append((folder / part_name(number), first, count))
+            first += count
+        return found
 
 
 def write_manifest(path: Path, manifest: Manifest) -> None:
@@ -104,7 +113,7 @@ def write_manifest(path: Path, manifest: Manifest) -> None:
                 "format": FORMAT,
                 "version": VERSION,
                 "uuid": manifest.uuid,
-                "chunk_size": manifest.chunk_size,
+                "chunk_size": manifest.part_size,
                 "n_examples": manifest.n_examples,
                 "n_parts": len(manifest.part_counts),
                 "parts_dir": parts_dir(path).name,
@@ -128,7 +137,7 @@ def write_manifest(path: Path, manifest: Manifest) -> None:
         for number in range(len(manifest.part_counts)):
             target = f"{parts_dir(path).name}/{part_name(number)}"
             links[part_name(number)] = h5py.ExternalLink(target, "/")
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def read_manifest(path: Path) -> Manifest:
@@ -208,7 +217,7 @@ def write_part(
             for key, value in layer_arrays.items():
                 chunks = (rows, *value.shape[1:])
                 layer.create_dataset(key, data=value, fletcher32=True, chunks=chunks)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _strings_digest(ids: list[str], texts: list[str], metadata: list[str]) -> str:
@@ -261,7 +270,7 @@ def check_part(path: Path, uuid: str, number: int, first: int, count: int) -> No
         )
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make a rename durable (not needed against kill -9, but against power loss)."""
     try:
         fd = os.open(folder, os.O_RDONLY)

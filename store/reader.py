@@ -1,4 +1,8 @@
-"""``GradientStore``: reading a store, checking it fits a model, streaming its gradients.
+"""``GradientStore``: the store as users hold it: build one, open one, read and stream it.
+
+:meth:`GradientStore.build` (:mod:`influencekit.store.build`) and :meth:`GradientStore.open`
+are the two ways in; a store is then read here, and scored against queries by
+:mod:`influencekit.store.scoring`.
 
 Opening reads the manifest once: a reader sees exactly the examples committed at that
 moment, even while a build is adding more (parts are immutable; the manifest is replaced
@@ -24,7 +28,7 @@ import torch
 from torch import nn
 
 from influencekit.data import Example, TextDataset
-from influencekit.errors import FileFormatError, MismatchError
+from influencekit.errors import FileFormatError, MismatchError, OutOfRangeError
 from influencekit.h5io import open_h5
 from influencekit.models import (
     layers_fingerprint,
@@ -33,15 +37,15 @@ from influencekit.models import (
     tokenizer_fingerprint,
 )
 
-from .codecs import parse_codec, restore_codec
+from . import build as building
+from .codecs import DEFAULT_CODEC, recorded_codecs
 from .layout import (
     PART_FORMAT,
     VERSION,
+    Manifest,
     PartExamples,
     check_part,
     load_tokenizer,
-    part_name,
-    parts_dir,
     read_manifest,
     read_part_examples,
 )
@@ -52,18 +56,17 @@ BLOCK_BYTES = 32 * 2**20  # gradient bytes read at once while streaming
 class GradientStore:
     """Compressed per-layer training gradients on disk, with the sequences they came from."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, manifest: Manifest) -> None:
+        """Use :meth:`open` (or :meth:`build`): they read and check the manifest."""
         self.path = Path(path)
-        self.manifest = read_manifest(self.path)
-        self.config = self.manifest.config
-        spec = parse_codec(self.config.codec)
-        self.codecs = [
-            restore_codec(spec, tuple(shape), tensors)
-            for shape, tensors in zip(self.config.shapes, self.manifest.layer_tensors, strict=True)
-        ]
+        self.manifest = manifest
+        self.config = manifest.config
+        self.codecs = recorded_codecs(self.config.codec, self.config.shapes, manifest.layer_tensors)
         self._examples: PartExamples | None = None
+        self._ids: list[str] | None = None
         self._tokenizer = None
-        self._check_parts()
+        for number, (part, first, count) in enumerate(manifest.parts(self.path)):
+            check_part(part, manifest.uuid, number, first, count)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> GradientStore:
@@ -72,20 +75,55 @@ class GradientStore:
         Example:
             >>> store = GradientStore.open("run/grads.h5")   # doctest: +SKIP
         """
-        return cls(Path(path))
+        return cls(Path(path), read_manifest(Path(path)))
 
     @classmethod
     def build(
-        cls, path: str | os.PathLike, model: nn.Module, train: TextDataset, **options
+        cls,
+        path: str | os.PathLike,
+        model: nn.Module,
+        train: TextDataset,
+        modules: str | list[str] = "mlp",
+        *,
+        codec: str = DEFAULT_CODEC,
+        dtype: str | torch.dtype = "float32",
+        batch_size: int = 8,
+        device: str | torch.device | None = None,
+        amp_dtype: torch.dtype | None = None,
+        part_size: int | None = None,
+        seed: int = 0,
+        factors=None,
+        progress: bool = True,
+        chunk_size: int | None = None,
     ) -> GradientStore:
-        """Compute and store the training gradients of ``train`` (see :func:`build_store`).
+        """Compute, compress and store each training sequence's per-layer gradient; open it.
+
+        ``modules``: which layers (as for ``fit_factors``). ``codec``: ``dense``, ``kron:K``,
+        ``lowrank:R`` or ``eig:K`` (needs ``factors``). ``dtype``: ``float16``, ``float32``
+        or ``float64`` on disk, as a name or a ``torch.dtype`` (computation is float32, or
+        float64 for a float64 store). ``part_size``: examples per part, one commit each
+        (default: about 64 MiB of gradients; ``chunk_size`` is its former name). ``seed``
+        draws the ``kron`` projections and the ``lowrank`` range finder. ``batch_size``,
+        ``device``, ``amp_dtype``, ``progress``: as for ``fit_factors``.
+
+        An existing store at ``path`` is continued: it must have been built with the same
+        model, tokenizer, modules, max_length, codec, dtype and seed, or
+        :class:`~influencekit.MismatchError` says what differs. Examples already stored
+        (same id) are skipped; an id stored with other tokens is refused. A crash loses at
+        most the part in flight: the same call resumes.
+
+        Under ``torchrun`` (a process group of more than one process), every rank calls it
+        with the same arguments: each builds a shard of the pending examples and rank 0
+        stitches them into this one store, the same as a single process would build
+        (:mod:`influencekit.store.shards`); every rank returns it.
 
         Example:
-            >>> store = GradientStore.build("run/g.h5", model, train)  # doctest: +SKIP
+            >>> store = GradientStore.build("g.h5", model, train, codec="kron:32")  # doctest: +SKIP
         """
-        from .build import build_store
-
-        return build_store(path, model, train, **options)
+        options = {"codec": codec, "dtype": dtype, "batch_size": batch_size, "device": device}
+        options |= {"amp_dtype": amp_dtype, "part_size": part_size, "seed": seed}
+        options |= {"factors": factors, "progress": progress, "chunk_size": chunk_size}
+        return cls.open(building.build(path, model, train, modules, **options))
 
     # -- what is stored ---------------------------------------------------------------------
 
@@ -101,6 +139,11 @@ class GradientStore:
     @property
     def codec(self) -> str:
         return self.config.codec
+
+    @property
+    def source(self) -> str:
+        """Where the stored sequences are: the store's path (as ``TextDataset.source``)."""
+        return str(self.path)
 
     @property
     def modules(self) -> list[str]:
@@ -119,18 +162,7 @@ class GradientStore:
         return sum(self._layer_bytes(j) for j in range(len(self.codecs)))
 
     def part_paths(self) -> list[Path]:
-        folder = parts_dir(self.path)
-        return [folder / part_name(n) for n in range(len(self.manifest.part_counts))]
-
-    def _part_ranges(self) -> Iterator[tuple[Path, int, int]]:
-        first = 0
-        for path, count in zip(self.part_paths(), self.manifest.part_counts, strict=True):
-            yield path, first, count
-            first += count
-
-    def _check_parts(self) -> None:
-        for number, (path, first, count) in enumerate(self._part_ranges()):
-            check_part(path, self.manifest.uuid, number, first, count)
+        return [part for part, _, _ in self.manifest.parts(self.path)]
 
     def examples(self) -> PartExamples:
         """Ids, texts, extra fields and token ids of every stored example (read once)."""
@@ -144,7 +176,7 @@ class GradientStore:
 
     def parts_examples(self) -> Iterator[PartExamples]:
         """The per-example records part by part (memory of one part at a time)."""
-        for path, _, _ in self._part_ranges():
+        for path, _, _ in self.manifest.parts(self.path):
             yield read_part_examples(path)
 
     def token_ids(self, indices: list[int]) -> list[list[int]]:
@@ -156,9 +188,9 @@ class GradientStore:
         """
         wanted = sorted(set(int(i) for i in indices))
         if wanted and not 0 <= wanted[0] <= wanted[-1] < len(self):
-            raise IndexError(f"{self.path}: indices must lie in 0..{len(self) - 1}")
+            raise OutOfRangeError(f"{self.path}: indices must lie in 0..{len(self) - 1}")
         found: dict[int, list[int]] = {}
-        for path, first, count in self._part_ranges():
+        for path, first, count in self.manifest.parts(self.path):
             rows = [i - first for i in wanted if first <= i < first + count]
             if not rows:
                 continue
@@ -172,37 +204,38 @@ class GradientStore:
                 found[first + row] = ids[:n].tolist()
         return [found[int(i)] for i in indices]
 
-    def _layer_positions(self, layers: list[int] | None) -> list[int]:
-        if layers is None:
+    def _check_positions(self, positions: list[int] | None) -> list[int]:
+        if positions is None:
             return list(range(len(self.codecs)))
-        layers = [int(j) for j in layers]
-        if any(not 0 <= j < len(self.codecs) for j in layers):
-            raise IndexError(f"{self.path}: layers must lie in 0..{len(self.codecs) - 1}")
-        return layers
+        positions = [int(j) for j in positions]
+        if any(not 0 <= j < len(self.codecs) for j in positions):
+            last = len(self.codecs) - 1
+            raise OutOfRangeError(f"{self.path}: layer positions must lie in 0..{last}")
+        return positions
 
     def rows(
-        self, indices: list[int], layers: list[int] | None = None
+        self, indices: list[int], positions: list[int] | None = None
     ) -> list[dict[str, np.ndarray]]:
         """The stored arrays of the examples ``indices``, reading only their rows.
 
-        One dict per layer position in ``layers`` (default all), mapping array name to
+        One dict per layer position in ``positions`` (default all), mapping array name to
         ``(len(indices), ...)`` in the order of ``indices`` (repeats allowed), as on disk.
 
         Example:
-            >>> store.rows([7, 2, 7], layers=[0])[0]["u"].shape   # doctest: +SKIP
+            >>> store.rows([7, 2, 7], positions=[0])[0]["u"].shape   # doctest: +SKIP
             (3, 8, 64)
         """
-        layers = self._layer_positions(layers)
+        positions = self._check_positions(positions)
         asked = np.asarray([int(i) for i in indices], dtype=np.int64)
         if asked.size and not 0 <= asked.min() <= asked.max() < len(self):
-            raise IndexError(f"{self.path}: indices must lie in 0..{len(self) - 1}")
-        expected = [self.codecs[j].arrays() for j in layers]
+            raise OutOfRangeError(f"{self.path}: indices must lie in 0..{len(self) - 1}")
+        expected = [self.codecs[j].arrays() for j in positions]
         out = [
             {name: np.empty((len(asked), *shape), self.dtype) for name, shape in arrays.items()}
             for arrays in expected
         ]
         wanted = np.unique(asked)  # h5py reads a list of rows only if increasing and unique
-        for path, first, count in self._part_ranges():
+        for path, first, count in self.manifest.parts(self.path):
             lo, hi = np.searchsorted(wanted, [first, first + count])
             if lo == hi:
                 continue
@@ -210,32 +243,32 @@ class GradientStore:
             dest = np.flatnonzero((asked >= first) & (asked < first + count))
             src = np.searchsorted(rows, asked[dest] - first)
             with _open_part(path) as f:
-                for j, shapes, arrays in zip(layers, expected, out, strict=True):
+                for j, shapes, arrays in zip(positions, expected, out, strict=True):
                     got = _read_rows(f, path, j, rows, shapes)
                     for name, value in got.items():
                         arrays[name][dest] = value[src]
         return out
 
-    def gram(self, indices: list[int], layers: list[int] | None = None) -> np.ndarray:
-        """``⟨G_a, G_b⟩`` between the stored examples ``indices``, summed over ``layers``.
+    def gram(self, indices: list[int], positions: list[int] | None = None) -> np.ndarray:
+        """``⟨G_a, G_b⟩`` between the stored examples ``indices``, summed over ``positions``.
 
         ``(n, n)`` float64, symmetric: the inner products of the concatenated per-layer
         gradients (sum-of-token-losses, as stored), each layer through its codec's ``gram``
         (exact for ``dense``; for ``kron``/``eig`` in the projected space; for ``lowrank``
-        of the stored rank-``R`` approximations). ``layers``: positions (default all). Reads
-        the chosen rows one layer at a time. A one-token sequence has a zero gradient.
+        of the stored rank-``R`` approximations). ``positions``: layer positions (default
+        all). Reads the chosen rows one layer at a time. A one-token sequence has a zero gradient.
 
         Example:
             >>> g = store.gram([0, 5, 9])                                  # doctest: +SKIP
             >>> norms = np.sqrt(np.diag(g))                                # doctest: +SKIP
             >>> cosine = g / np.outer(norms, norms)                        # doctest: +SKIP
         """
-        layers = self._layer_positions(layers)
+        positions = self._check_positions(positions)
         # Each distinct example once; repeats are copied from its row and column at the end.
         asked = np.asarray([int(i) for i in indices], dtype=np.int64)
         unique, inverse = np.unique(asked, return_inverse=True)
         total = np.zeros((len(unique), len(unique)))
-        for j in layers:
+        for j in positions:
             (arrays,) = self.rows(unique.tolist(), [j])
             x = {name: torch.from_numpy(value).double() for name, value in arrays.items()}
             total += self.codecs[j].gram(x, x).numpy()
@@ -244,16 +277,18 @@ class GradientStore:
 
     @property
     def ids(self) -> list[str]:
-        """Ids of the stored examples, in order (read part by part; token ids are not kept)."""
-        if self._examples is not None:
-            return list(self._examples.ids)
-        return [id_ for part in self.parts_examples() for id_ in part.ids]
+        """Ids of the stored examples, in order (read part by part once, then kept)."""
+        if self._ids is None:
+            source = [self._examples] if self._examples is not None else self.parts_examples()
+            self._ids = [id_ for part in source for id_ in part.ids]
+        return list(self._ids)
 
+    @property
     def tokenizer(self):
-        """The tokenizer the store was built with, rebuilt from the files it keeps.
+        """The tokenizer the store was built with, rebuilt once from the files it keeps.
 
         Example:
-            >>> tok = store.tokenizer(); tok("a ship")["input_ids"]   # doctest: +SKIP
+            >>> store.tokenizer("a ship")["input_ids"]   # doctest: +SKIP
         """
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.manifest.tokenizer_files, self.path)
@@ -262,12 +297,12 @@ class GradientStore:
     def dataset(self, tokenizer=None) -> TextDataset:
         """The stored sequences as a :class:`TextDataset` (stored token ids, not re-tokenized).
 
-        ``tokenizer`` defaults to the store's own (:meth:`tokenizer`).
+        ``tokenizer`` defaults to the store's own (:attr:`tokenizer`).
 
         Example:
             >>> train = store.dataset(tokenizer); train[0].text   # doctest: +SKIP
         """
-        tokenizer = self.tokenizer() if tokenizer is None else tokenizer
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
         self.check(tokenizer=tokenizer)
         ex = self.examples()
         rows = zip(ex.ids, ex.texts, ex.input_ids, ex.metadata, strict=True)
@@ -315,24 +350,24 @@ class GradientStore:
 
     def blocks(
         self,
-        layers: list[int] | None = None,
+        positions: list[int] | None = None,
         *,
         block_bytes: int = BLOCK_BYTES,
         every: tuple[int, int] = (0, 1),
     ) -> Iterator[tuple[int, list[dict[str, np.ndarray]]]]:
         """Yield ``(first_index, arrays)`` blocks; ``arrays[j]`` maps array name to ``(rows, ...)``.
 
-        ``layers`` picks layer positions (default all). ``every=(offset, step)`` reads only
+        ``positions`` picks layers by position (default all). ``every=(offset, step)`` reads only
         the blocks numbered ``offset, offset + step, ...`` (one process's share of a pass
         split over ``step`` processes). Checksums are verified on every read; a damaged chunk
         raises :class:`FileFormatError` naming the part file and dataset.
         """
         offset, step = every
         number = -1
-        layers = list(range(len(self.codecs))) if layers is None else layers
-        per_example = sum(self._layer_bytes(j) for j in layers)
+        positions = list(range(len(self.codecs))) if positions is None else positions
+        per_example = sum(self._layer_bytes(j) for j in positions)
         wanted = max(1, block_bytes // max(1, per_example))
-        for path, first, count in self._part_ranges():
+        for path, first, count in self.manifest.parts(self.path):
             with _open_part(path) as f:
                 # Whole HDF5 chunks per block: a chunk split between blocks would be read
                 # and checksummed twice.
@@ -347,7 +382,7 @@ class GradientStore:
                         first + lo,
                         [
                             _read_rows(f, path, j, slice(lo, hi), self.codecs[j].arrays())
-                            for j in layers
+                            for j in positions
                         ],
                     )
 

@@ -1,23 +1,23 @@
 """Building one gradient store on several processes (``torchrun``): a shard per rank, stitched.
 
-Under a process group, :func:`~influencekit.store.build.build_store` comes here. The result
+Under a process group, :func:`~influencekit.store.build.build` comes here. The result
 is the store a single process would have built: the same examples in the same order, the
 same parts (same boundaries, arrays equal bit for bit), because the work is split along the
-single-process build's own chunks:
+single-process build's own parts:
 
 1. Rank 0 opens or creates the main store exactly as one process would (configuration
    check, codec parameters drawn once from ``seed`` and recorded), holding its build lock
    until the end. Every rank then opens it read-only, checks that its own model and
    tokenizer are the store's, and lists the pending examples (ids not yet stored, in
-   ``train`` order) cut into chunks of ``chunk_size`` as a single process would. The ranks
+   ``train`` order) cut into parts of ``part_size`` as a single process would. The ranks
    compare a digest of that list before any work starts.
-2. The chunks are dealt out in ``world`` contiguous blocks (rank ``r`` gets the ``r``-th).
-   Rank ``r`` encodes its block into its shard, ``grads.h5.shard-r-of-W.h5``: a manifest
+2. The parts are dealt out in ``world`` contiguous shares (rank ``r`` gets the ``r``-th).
+   Rank ``r`` encodes its share into its shard, ``grads.h5.shard-r-of-W.h5``: a manifest
    with the main store's configuration, uuid and codec parameters (read from the main
-   store, never redrawn) and one part per chunk. Each part is written with its header in
-   the *main* store (main uuid, final part number, index of its first example), since a
-   part's header is checked against the store that names it. A shard commits chunk by
-   chunk like any store, so a killed rank loses at most its chunk in flight; the same
+   store, never redrawn) and one part per planned part. Each part is written with its header
+   in the *main* store (main uuid, final part number, index of its first example), since a
+   part's header is checked against the store that names it. A shard commits part by
+   part like any store, so a killed rank loses at most its part in flight; the same
    command resumes it.
 3. Rank 0 checks every shard (configuration, codec parameters, part headers), hard-links
    its parts (copies them where links fail) into the main store's folder under their
@@ -27,12 +27,12 @@ Crash safety is the single-process one. Until the main manifest is rewritten, th
 linked into its folder are uncommitted strays that the next build removes; the shards are
 intact and are stitched again. A shard that does not continue the agreed plan (built for
 another state of the main store, other data, another number of processes, or already
-stitched) is discarded and its block recomputed.
+stitched) is discarded and its share recomputed.
 
 Example:
     >>> shard_path("run/grads.h5", 1, 2)
     PosixPath('run/grads.h5.shard-1-of-2.h5')
-    >>> [block(7, rank, 3) for rank in range(3)]    # 7 chunks on 3 processes
+    >>> [rank_share(7, rank, 3) for rank in range(3)]    # 7 parts on 3 processes
     [range(0, 2), range(2, 4), range(4, 7)]
 """
 
@@ -58,30 +58,30 @@ from influencekit.errors import FileFormatError, MismatchError, StoreWriteError
 from influencekit.h5io import temp_name
 from influencekit.models import TrackedLayer
 from influencekit.progress import progress_counter
+from influencekit.settings import RunSettings
 
-from .build import (
-    _build_lock,
-    _commit,
-    _Encoder,
-    _open_or_create,
-    _pending,
-    _remove_uncommitted,
-    _tokens_digest,
-)
-from .codecs import CodecSpec
+from .codecs import new_codecs, parse_codec, recorded_codecs
 from .layout import (
     Manifest,
-    PartExamples,
     StoreConfig,
-    _fsync_dir,
     check_part,
+    fsync_dir,
     part_name,
     parts_dir,
     read_manifest,
     read_part_examples,
     write_manifest,
 )
-from .reader import GradientStore
+from .writing import (
+    Encoder,
+    build_lock,
+    commit,
+    open_or_create,
+    part_examples,
+    pending,
+    remove_uncommitted,
+    tokens_digest,
+)
 
 T = TypeVar("T")
 
@@ -92,89 +92,76 @@ def shard_path(path: str | os.PathLike, rank: int, world: int) -> Path:
     return path.with_name(f"{path.name}.shard-{rank}-of-{world}.h5")
 
 
-def block(n_chunks: int, rank: int, world: int) -> range:
-    """The chunks rank ``rank`` encodes: the ``rank``-th of ``world`` contiguous blocks, in
-    sizes differing by at most one chunk."""
-    return range(rank * n_chunks // world, (rank + 1) * n_chunks // world)
+def rank_share(n_parts: int, rank: int, world: int) -> range:
+    """The planned parts rank ``rank`` encodes: the ``rank``-th of ``world`` contiguous
+    shares, in sizes differing by at most one part."""
+    return range(rank * n_parts // world, (rank + 1) * n_parts // world)
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """What every rank agrees on before any work: the pending chunks and where they go."""
+    """What every rank agrees on before any work: the pending parts and where they go."""
 
     parts_before: int  # parts of the main store when the build started
     examples_before: int
-    chunk_size: int
-    chunks: list[list[int]]  # positions in ``train``, chunked as one process would
+    part_size: int
+    parts: list[list[int]]  # positions in ``train``, cut into parts as one process would
 
-    def number(self, chunk: int) -> int:
-        """The part number chunk ``chunk`` gets in the main store."""
-        return self.parts_before + chunk
+    def number(self, j: int) -> int:
+        """The part number planned part ``j`` gets in the main store."""
+        return self.parts_before + j
 
-    def first(self, chunk: int) -> int:
-        """The main-store index of chunk ``chunk``'s first example."""
-        return self.examples_before + chunk * self.chunk_size
+    def first(self, j: int) -> int:
+        """The main-store index of planned part ``j``'s first example."""
+        return self.examples_before + j * self.part_size
 
 
 def build_sharded(
     path: Path,
     model: nn.Module,
     train: TextDataset,
-    *,
     config: StoreConfig,
-    spec: CodecSpec,
     layers: list[TrackedLayer],
-    chunk_size: int | None,
-    factors,
-    batch_size: int,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    progress: bool,
-) -> GradientStore:
-    """``build_store`` on every process of the group (arguments validated by it).
+    eigenbases: list | None,
+    part_size: int | None,
+    run: RunSettings,
+) -> None:
+    """:func:`~influencekit.store.build.build` on every process of the group (arguments
+    checked by it).
 
     Every rank calls it with the same arguments (its own model copy and device); every rank
-    returns the finished store. An error on any rank is raised on every rank (the failing
-    one raises its own; the others a :class:`StoreWriteError` naming it), never a hang.
+    returns once the store is complete. An error on any rank is raised on every rank (the
+    failing one raises its own; the others a :class:`StoreWriteError` naming it), never a hang.
     """
     path = Path(path)
     rank, world = rank_and_world()
     with contextlib.ExitStack() as held:
 
         def create() -> None:
-            held.enter_context(_build_lock(path))  # held by rank 0 until the end
-            _open_or_create(path, config, spec, layers, chunk_size, factors, train.tokenizer)
+            held.enter_context(build_lock(path))  # held by rank 0 until the end
+            spec = parse_codec(config.codec)
+            fresh = new_codecs(spec, config.shapes, seed=config.seed, eigenbases=eigenbases)
+            open_or_create(path, config, fresh, part_size, train.tokenizer)
             for other in _shards(path):
                 if not re.search(rf"\.shard-\d+-of-{world}\.h5$", other.name):
                     _remove_shard(other)  # left by a run on another number of processes
 
         _together(path, "opening the store", create if rank == 0 else None)
-        store, plan, digest = _together(path, "planning", lambda: _plan(path, config, train))
+        main, plan, digest = _together(path, "planning", lambda: _plan(path, config, train))
         _together(path, "agreeing on the pending examples", None, digest)
-        mine = block(len(plan.chunks), rank, world)
-        compute = torch.float64 if config.dtype == "float64" else torch.float32
-        encoder = _Encoder(model, layers, store.codecs, batch_size, device, compute, amp_dtype)
+        mine = rank_share(len(plan.parts), rank, world)
+        codecs = recorded_codecs(config.codec, config.shapes, main.layer_tensors)
+        encoder = Encoder(model, layers, codecs, run)
         _together(
             path,
             "building its shard",
-            lambda: _build_shard(
-                path,
-                rank,
-                world,
-                store.manifest,
-                plan,
-                mine,
-                encoder,
-                train,
-                progress and rank == 0,
-            ),
+            lambda: _build_shard(path, rank, world, main, plan, mine, encoder, train),
         )
         _together(
             path,
             "stitching the shards",
-            (lambda: _stitch(path, store.manifest, plan, world)) if rank == 0 else None,
+            (lambda: _stitch(path, main, plan, world)) if rank == 0 else None,
         )
-    return GradientStore.open(path)
 
 
 def _together(path: Path, what: str, work: Callable[[], T] | None, digest: int = 0) -> T | None:
@@ -208,20 +195,20 @@ def _together(path: Path, what: str, work: Callable[[], T] | None, digest: int =
 
 
 def _plan(path: Path, config: StoreConfig, train: TextDataset):
-    """``(main store, plan, digest)``: the pending chunks as this rank sees them."""
-    store = GradientStore.open(path)
-    diffs = store.config.differences(config, "store", "this process")
+    """``(main manifest, plan, digest)``: the pending parts as this rank sees them."""
+    main = read_manifest(path)
+    diffs = main.config.differences(config, "store", "this process")
     if diffs:
         raise MismatchError(f"{path}: this process's model or data differ: " + "; ".join(diffs))
-    pending = _pending(store, train)
-    step = store.manifest.chunk_size
-    chunks = [pending[lo : lo + step] for lo in range(0, len(pending), step)]
-    plan = _Plan(len(store.manifest.part_counts), len(store), step, chunks)
+    todo = pending(path, main, train)
+    step = main.part_size
+    parts = [todo[lo : lo + step] for lo in range(0, len(todo), step)]
+    plan = _Plan(len(main.part_counts), main.n_examples, step, parts)
     h = hashlib.blake2b(digest_size=8)
-    h.update(f"{store.manifest.uuid} {plan.parts_before} {plan.examples_before} {step}".encode())
-    for i in pending:
-        h.update(train[i].id.encode() + b"\0" + _tokens_digest(train[i].input_ids))
-    return store, plan, int(np.frombuffer(h.digest(), dtype=np.int64)[0])
+    h.update(f"{main.uuid} {plan.parts_before} {plan.examples_before} {step}".encode())
+    for i in todo:
+        h.update(train[i].id.encode() + b"\0" + tokens_digest(train[i].input_ids))
+    return main, plan, int(np.frombuffer(h.digest(), dtype=np.int64)[0])
 
 
 # -- one rank: its shard -----------------------------------------------------------------------
@@ -234,34 +221,31 @@ def _build_shard(
     main: Manifest,
     plan: _Plan,
     mine: range,
-    encoder: _Encoder,
+    encoder: Encoder,
     train: TextDataset,
-    progress: bool,
 ) -> None:
-    """Encode this rank's block of chunks into its shard, resuming what it already holds."""
+    """Encode this rank's share of the parts into its shard, resuming what it already holds."""
     if not mine:
-        return  # fewer chunks than processes: nothing here (rank 0 removes any old shard)
+        return  # fewer parts than processes: nothing here (rank 0 removes any old shard)
     shard = shard_path(path, rank, world)
-    total = sum(len(plan.chunks[j]) for j in mine)
-    with _build_lock(shard):
+    total = sum(len(plan.parts[j]) for j in mine)
+    with build_lock(shard):
         manifest = _open_shard(shard, main, plan, mine, train)
         desc = f"building store (rank 0 of {world})"
-        with progress_counter(total, desc=desc, enabled=progress) as bar:
+        with progress_counter(total, desc=desc, enabled=encoder.run.progress and rank == 0) as bar:
             bar.update(manifest.n_examples)
             for j in mine[len(manifest.part_counts) :]:
-                chunk = plan.chunks[j]
-                examples = PartExamples(
-                    [train[i].id for i in chunk],
-                    [train[i].text for i in chunk],
-                    [dict(train[i].metadata) for i in chunk],
-                    [list(train[i].input_ids) for i in chunk],
-                )
-                arrays = encoder.encode(train, chunk)
+                positions = plan.parts[j]
                 # headed for the main store: its number and first example there
-                _commit(
-                    shard, manifest, examples, arrays, number=plan.number(j), first=plan.first(j)
+                commit(
+                    shard,
+                    manifest,
+                    part_examples(train, positions),
+                    encoder.encode(train, positions),
+                    number=plan.number(j),
+                    first=plan.first(j),
                 )
-                bar.update(len(chunk))
+                bar.update(len(positions))
 
 
 def _open_shard(shard: Path, main: Manifest, plan: _Plan, mine: range, train) -> Manifest:
@@ -275,14 +259,14 @@ def _open_shard(shard: Path, main: Manifest, plan: _Plan, mine: range, train) ->
         except FileFormatError as err:
             problem = str(err)
         if problem is None:
-            _remove_uncommitted(shard, len(manifest.part_counts))
+            remove_uncommitted(shard, len(manifest.part_counts))
             return manifest
         shard.unlink()  # stale: start this shard afresh
-    _remove_uncommitted(shard, 0)
+    remove_uncommitted(shard, 0)
     manifest = Manifest(
         main.config,
         main.uuid,
-        main.chunk_size,
+        main.part_size,
         main.layer_params,
         main.layer_tensors,
         [],
@@ -298,7 +282,7 @@ def _open_shard(shard: Path, main: Manifest, plan: _Plan, mine: range, train) ->
 def _differs_from_main(shard: Manifest, main: Manifest) -> str | None:
     """What makes a shard's manifest other than the main store's (None: nothing)."""
     problems = shard.config.differences(main.config, "shard", "store")
-    for key in ("uuid", "chunk_size", "layer_params", "tokenizer_files"):
+    for key in ("uuid", "part_size", "layer_params", "tokenizer_files"):
         if getattr(shard, key) != getattr(main, key):
             problems.append(f"{key} differs")
     for name, mine, theirs in zip(
@@ -312,20 +296,21 @@ def _differs_from_main(shard: Manifest, main: Manifest) -> str | None:
 
 
 def _off_plan(shard, manifest: Manifest, main: Manifest, plan: _Plan, mine: range, train):
-    """Why the shard's committed parts are not the first chunks of ``mine`` (None: they are)."""
+    """Why the shard's committed parts are not the first planned parts of ``mine`` (None:
+    they are)."""
     if len(manifest.part_counts) > len(mine):
-        return f"it holds {len(manifest.part_counts)} parts, this rank has {len(mine)} chunks"
+        return f"it holds {len(manifest.part_counts)} parts, this rank has {len(mine)}"
     folder = parts_dir(shard)
     for k, (j, count) in enumerate(zip(mine, manifest.part_counts, strict=False)):
-        chunk = plan.chunks[j]
-        if count != len(chunk):
-            return f"part {k} holds {count} examples, chunk {j} {len(chunk)}"
+        positions = plan.parts[j]
+        if count != len(positions):
+            return f"part {k} holds {count} examples, planned part {j} {len(positions)}"
         check_part(folder / part_name(k), main.uuid, plan.number(j), plan.first(j), count)
         stored = read_part_examples(folder / part_name(k))
-        if stored.ids != [train[i].id for i in chunk] or stored.input_ids != [
-            list(train[i].input_ids) for i in chunk
+        if stored.ids != [train[i].id for i in positions] or stored.input_ids != [
+            list(train[i].input_ids) for i in positions
         ]:
-            return f"part {k} holds other examples than chunk {j}"
+            return f"part {k} holds other examples than planned part {j}"
     return None
 
 
@@ -336,7 +321,7 @@ def _stitch(path: Path, main: Manifest, plan: _Plan, world: int) -> None:
     """Check every shard, link its parts into the main store, commit them in one manifest."""
     sources = []
     for rank in range(world):
-        mine = block(len(plan.chunks), rank, world)
+        mine = rank_share(len(plan.parts), rank, world)
         if not mine:
             continue
         shard = shard_path(path, rank, world)
@@ -354,15 +339,15 @@ def _stitch(path: Path, main: Manifest, plan: _Plan, world: int) -> None:
             )
         for k, j in enumerate(mine):
             source = parts_dir(shard) / part_name(k)
-            check_part(source, main.uuid, plan.number(j), plan.first(j), len(plan.chunks[j]))
+            check_part(source, main.uuid, plan.number(j), plan.first(j), len(plan.parts[j]))
             sources.append(source)
     folder = parts_dir(path)
     try:
         for number, source in enumerate(sources, start=plan.parts_before):
             _link(source, folder / part_name(number))
-        _fsync_dir(folder)
+        fsync_dir(folder)
         before = len(main.part_counts)
-        main.part_counts.extend(len(chunk) for chunk in plan.chunks)
+        main.part_counts.extend(len(positions) for positions in plan.parts)
         try:
             write_manifest(path, main)
         except BaseException:

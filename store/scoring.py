@@ -1,0 +1,62 @@
+"""Scoring against a store: already-preconditioned queries contracted with stored gradients.
+
+The caller (:func:`influencekit.score`) preconditions each query gradient ``P_q`` (in full
+dimension, or as rank-r factors); here each layer's codec compresses it exactly as the
+stored gradients were compressed, and every block of the store is contracted with it in one
+streaming pass. Memory holds one block of the store at a time; the scores go to the caller
+block by block. No curvature is computed here: the store knows nothing of EK-FAC.
+
+Example:
+    >>> for indices, block in stored_scores(store, names, forms, device=cpu):  # doctest: +SKIP
+    ...     block.shape                                    # (queries, len(indices), layers)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from influencekit import distributed
+from influencekit.lowrank import QueryForm
+from influencekit.progress import progress_counter
+
+
+def stored_scores(
+    store,
+    names: list[str],
+    forms: list[QueryForm],
+    *,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(training indices (B,), per-layer scores (Q, B, L))`` for every block of ``store``.
+
+    ``names``: the layers to score (in this order), each held by the store; ``forms[j]``:
+    the preconditioned queries of layer ``names[j]``. Under ``torchrun`` each process
+    reads every ``world``-th block: the caller combines the processes' scores.
+    """
+    positions = [store.modules.index(name) for name in names]
+    codecs = [store.codecs[p] for p in positions]
+    queries = [codec.compress_query(p) for codec, p in zip(codecs, forms, strict=True)]
+    rank, world = distributed.rank_and_world()
+    with progress_counter(len(store), desc="scoring store", enabled=progress and rank == 0) as bar:
+        for first, arrays in store.blocks(positions, every=(rank, world)):
+            parts = []
+            for codec, query, stored in zip(codecs, queries, arrays, strict=True):
+                tensors = {k: to_device(v, device, dtype) for k, v in stored.items()}
+                parts.append(codec.contract(query, tensors))
+            block = torch.stack(parts, -1).double().cpu().numpy()  # one copy per block
+            yield np.arange(first, first + block.shape[1]), block
+            bar.update(block.shape[1] * world)  # rank 0's pace stands for every process's
+
+
+def to_device(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A block read from HDF5 onto ``device``; to a GPU through page-locked memory, so the
+    copy runs asynchronously."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device=device, dtype=dtype, non_blocking=True)
+    return tensor.to(device=device, dtype=dtype)
