@@ -29,7 +29,7 @@ import numpy as np
 import traitlets
 
 from ..analysis.layers import layer_groups
-from ..errors import NonFiniteError
+from ..errors import NonFiniteError, ParameterError
 
 STATIC = Path(__file__).parent / "static"
 
@@ -59,7 +59,7 @@ def as_bytes(
     """
     array = np.asarray(values, dtype=dtype)
     if shape is not None and array.shape != shape:
-        raise ValueError(f"{field}: expected shape {shape}, got {array.shape}")
+        raise ParameterError(field, f"an array of shape {array.shape}", f"of shape {shape}")
     if array.dtype.kind == "f":
         bad = np.isinf(array) if allow_nan else ~np.isfinite(array)
         if bad.any():
@@ -92,7 +92,9 @@ def group_names(layers: Sequence[str], groups=None) -> list[str]:
         return names
     groups = [str(g) for g in groups]
     if len(groups) != len(layers):
-        raise ValueError(f"groups: {len(groups)} names for {len(layers)} layers")
+        raise ParameterError(
+            "groups", f"{len(groups)} names for {len(layers)} layers", "one name per layer"
+        )
     return groups
 
 
@@ -148,7 +150,7 @@ class TokenHeatmap(_Component):
     def state(tokens=(), scores=(), *, title: str = "", scale: float = 0.0, message: str = ""):
         tokens = [str(t) for t in tokens]
         if scale < 0 or not np.isfinite(scale):
-            raise ValueError(f"scale must be a finite number >= 0, got {scale}")
+            raise ParameterError("scale", scale, "a finite number >= 0")
         return {
             "tokens": tokens,
             "scores": as_bytes(scores, "scores", shape=(len(tokens),)),
@@ -227,10 +229,18 @@ class LayerHeatmap(_Component):
         layers = [str(name) for name in layers]
         values = np.zeros((len(layers), 0)) if values is None else np.asarray(values, float)
         if values.ndim != 2 or values.shape[0] != len(layers):
-            raise ValueError(f"values: expected ({len(layers)}, columns), got {values.shape}")
+            raise ParameterError(
+                "values",
+                f"an array of shape {values.shape}",
+                f"2-D with one row per layer, expected ({len(layers)}, columns)",
+            )
         columns = [str(c + 1) for c in range(values.shape[1])] if columns is None else columns
         if len(columns) != values.shape[1]:
-            raise ValueError(f"columns: {len(columns)} labels for {values.shape[1]} columns")
+            raise ParameterError(
+                "columns",
+                f"{len(columns)} labels for {values.shape[1]} columns",
+                "one label per column of values",
+            )
         return {
             "layers": layers,
             "groups": group_names(layers, groups) if layers else [],
@@ -270,7 +280,10 @@ class RankedTable(_Component):
         for r, row in enumerate(rows):
             missing = {"id", "text"} - set(row)
             if missing:
-                raise ValueError(f"rows[{r}] lacks {', '.join(sorted(missing))}")
+                lacks = ", ".join(sorted(missing))
+                raise ParameterError(
+                    "rows", rows, f"dicts with 'id' and 'text' (rows[{r}] lacks {lacks})"
+                )
             clean.append(
                 {
                     "rank": int(row.get("rank", r + 1)),
@@ -285,7 +298,7 @@ class RankedTable(_Component):
         n = len(clean)
         shares = np.full(n, np.nan) if shares is None else shares
         if not -1 <= selected < n:
-            raise ValueError(f"selected must be -1 or a row below {n}, got {selected}")
+            raise ParameterError("selected", selected, f"-1 or a row below {n}")
         return {
             "rows": clean,
             "scores": as_bytes(scores, "scores", shape=(n,)),
@@ -342,14 +355,24 @@ class ThemeClusters(_Component):
     ) -> dict:
         k, n = len(names), len(snippets)
         if len(terms) != k:
-            raise ValueError(f"terms: {len(terms)} lists for {k} clusters")
+            raise ParameterError(
+                "terms", f"{len(terms)} lists for {k} clusters", "one list of terms per cluster"
+            )
         assignment = np.asarray(assignment, dtype=np.int64).reshape(-1)
         if len(assignment) != n:
-            raise ValueError(f"assignment: {len(assignment)} labels for {n} snippets")
+            raise ParameterError(
+                "assignment",
+                f"{len(assignment)} labels for {n} snippets",
+                "one cluster number per snippet",
+            )
         if n and not 0 <= assignment.min() <= assignment.max() < k:
-            raise ValueError(f"assignment: cluster numbers must be in 0..{k - 1}")
+            raise ParameterError(
+                "assignment",
+                assignment.tolist(),
+                f"one cluster number per snippet, and cluster numbers must be in 0..{k - 1}",
+            )
         if not -1 <= selected < k:
-            raise ValueError(f"selected must be -1 or a cluster below {k}, got {selected}")
+            raise ParameterError("selected", selected, f"-1 or a cluster below {k}")
         points = np.zeros((n, 2)) if points is None else points
         return {
             "names": [str(x) for x in names],

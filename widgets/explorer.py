@@ -23,6 +23,8 @@ from pathlib import Path
 import ipywidgets as w
 import traitlets
 
+from .. import checks
+from ..data import Query
 from ..errors import InfluenceKitError
 from ..result import InfluenceResult
 from .components import LayerBreakdown, LayerHeatmap, RankedTable, ThemeClusters, TokenHeatmap
@@ -38,7 +40,8 @@ class InfluenceExplorer(w.VBox):
     ``themes.across``, a list of one per query from ``themes.for_query``, or ``None`` (TF-IDF
     clusters of every query's top ``k``, made when the Themes tab is first opened).
     ``queries`` (dicts with ``prompt``, ``completion``, optionally ``kind``, ``theme``,
-    ``source``) default to what ``score`` recorded in the result.
+    ``source``, or ``Query`` objects) default to the result's own (``result.queries``).
+    The direction switch (``largest``) picks the most positive or the most negative sequences.
     """
 
     query = traitlets.Int(0).tag(sync=True)
@@ -52,7 +55,7 @@ class InfluenceExplorer(w.VBox):
         factors=None,
         themes=None,
         *,
-        queries: list[dict] | None = None,
+        queries: list[dict | Query] | None = None,
         k: int = 20,
         **kwargs,
     ) -> None:
@@ -90,7 +93,7 @@ class InfluenceExplorer(w.VBox):
         self.add_class("ik-explorer")
         self._themes_query = None  # the query the Themes tab was last filled for
         self.picker.observe(lambda change: setattr(self, "query", change["new"]), "value")
-        self.direction.observe(lambda change: self._turn(change["new"]), "value")
+        self.direction.observe(lambda change: self._turn(), "value")
         self.table.observe(lambda change: self._select(change["new"]), "selected")
         self.matrix.observe(lambda change: self._follow_column(change["new"]), "selected")
         self.tabs.observe(lambda change: self._refresh_themes(), "selected_index")
@@ -106,17 +109,22 @@ class InfluenceExplorer(w.VBox):
     def _on_query(self, change) -> None:
         self._show_query(change["new"])
 
+    @property
+    def largest(self) -> bool:
+        """Whether the most positive sequences are shown (the direction switch's +1), rather
+        than the most negative (-1)."""
+        return self.direction.value > 0
+
     def _show_query(self, q: int) -> None:
         self.picker.value = q
         self.header.value = self.data.header_html(q)
         self._refresh_themes(fill_table=False)  # first: the table shows their clusters
-        self.table.apply(self.data.table_state(q))  # selected back to -1
-        self.matrix.apply(self.data.matrix_state(q))
+        self.table.apply(self.data.table_state(q, largest=self.largest))  # selected back to -1
+        self.matrix.apply(self.data.matrix_state(q, largest=self.largest))
         self._select(-1)
 
-    def _turn(self, sign: int) -> None:
-        """Show the most positive (+1) or most negative (-1) sequences of the query."""
-        self.data.sign = sign
+    def _turn(self) -> None:
+        """Show the query's most positive or most negative sequences, as the switch says."""
         self._show_query(self.query)
 
     def _select(self, r: int) -> None:
@@ -124,14 +132,14 @@ class InfluenceExplorer(w.VBox):
         if self.table.selected != r:
             self.table.selected = r  # its observer comes back here, once, to do the rest
             return
-        q = self.query
+        q, largest = self.query, self.largest
         self.matrix.selected = r
-        self.selection = self.data.selection(q, r)
-        self.pair.apply(self.data.pair_state(q, r))
+        self.selection = self.data.selection(q, r, largest=largest)
+        self.pair.apply(self.data.pair_state(q, r, largest=largest))
         if r >= 0 and self.data.can_score_tokens:
             self.tokens.show(message="Computing token scores…")
         try:
-            self.tokens.apply(self.data.token_state(q, r))
+            self.tokens.apply(self.data.token_state(q, r, largest=largest))
         except (InfluenceKitError, ValueError) as err:  # shown, not raised into the kernel log
             self.tokens.show(message=f"Token scores failed: {err}")
 
@@ -148,7 +156,8 @@ class InfluenceExplorer(w.VBox):
         self.themes.apply(self.data.themes_state(self.query))
         self._themes_query = self.query
         if fill_table:  # the table's cluster chips exist once the themes do
-            self.table.apply({**self.data.table_state(self.query), "selected": self.table.selected})
+            state = self.data.table_state(self.query, largest=self.largest)
+            self.table.apply({**state, "selected": self.table.selected})
 
     def select(self, rank: int) -> dict:
         """Select the sequence at ``rank`` (1-based) of the current query, as a click would.
@@ -156,9 +165,8 @@ class InfluenceExplorer(w.VBox):
         Example:
             >>> explorer.select(1)["train_id"]   # doctest: +SKIP
         """
-        if not 1 <= rank <= len(self.data.top(self.query)):
-            raise ValueError(f"rank must be in 1..{len(self.data.top(self.query))}, got {rank}")
-        self._select(rank - 1)
+        n = len(self.data.top(self.query, largest=self.largest))
+        self._select(checks.count("rank", rank, minimum=1, maximum=n, allowed=f"in 1..{n}") - 1)
         return self.selection
 
     def to_html(

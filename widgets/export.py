@@ -20,6 +20,8 @@ import os
 from html import escape
 from pathlib import Path
 
+from .. import checks
+from ..errors import FileFormatError, ParameterError
 from ..h5io import temp_name
 from .components import STATIC, TokenHeatmap, module_source, stylesheet
 from .views import NO_MODEL, ExplorerData
@@ -71,8 +73,7 @@ def write_html(
     token_rows: int = 3,
 ) -> Path:
     """Write ``data`` (every query) as one page; see the module docstring."""
-    if token_rows < 0:
-        raise ValueError(f"token_rows must be >= 0, got {token_rows}")
+    checks.count("token_rows", token_rows, minimum=0)
     queries = [_query_payload(data, q, token_rows) for q in range(data.n_queries)]
     # Themes shared by every query (from themes.across) would repeat their texts and map in
     # each query: what all queries have in common is written once.
@@ -103,25 +104,22 @@ def _query_payload(data: ExplorerData, q: int, token_rows: int) -> dict:
     """Query ``q``'s views: its most positive sequences, its most negative ones (``lowers``,
     when the result has every score) and its themes."""
     payload = {"themes": data.themes_state(q)}  # first: the table's chips need the themes
-    payload.update(_direction_payload(data, q, token_rows, sign=1))
+    payload.update(_direction_payload(data, q, token_rows, largest=True))
     if data.can_lower:
-        payload["lowers"] = _direction_payload(data, q, token_rows, sign=-1)
+        payload["lowers"] = _direction_payload(data, q, token_rows, largest=False)
     return payload
 
 
-def _direction_payload(data: ExplorerData, q: int, token_rows: int, sign: int) -> dict:
-    shown, data.sign = data.sign, sign
-    try:
-        rows = range(len(data.top(q)))
-        token_rows = token_rows if data.can_score_tokens else 0
-        return {
-            "table": data.table_state(q),
-            "matrix": data.matrix_state(q),
-            "pair": [data.pair_state(q, r) for r in [-1, *rows]],
-            "tokens": [data.token_state(q, r) for r in [-1, *rows[:token_rows]]],
-        }
-    finally:
-        data.sign = shown
+def _direction_payload(data: ExplorerData, q: int, token_rows: int, *, largest: bool) -> dict:
+    """Query ``q``'s table, matrix, layer bars and token rows in one direction."""
+    rows = range(len(data.top(q, largest=largest)))
+    token_rows = token_rows if data.can_score_tokens else 0
+    return {
+        "table": data.table_state(q, largest=largest),
+        "matrix": data.matrix_state(q, largest=largest),
+        "pair": [data.pair_state(q, r, largest=largest) for r in [-1, *rows]],
+        "tokens": [data.token_state(q, r, largest=largest) for r in [-1, *rows[:token_rows]]],
+    }
 
 
 def _split_common(states: list[dict]) -> tuple[dict, list[dict]]:
@@ -148,7 +146,7 @@ def safe_json(payload) -> str:
     def encode(value):
         if isinstance(value, bytes):
             return {"$bytes": base64.b64encode(value).decode("ascii")}
-        raise TypeError(f"cannot write {type(value).__name__} into the page")
+        raise ParameterError("payload", value, "JSON values or bytes (to write into the page)")
 
     text = json.dumps(payload, default=encode, allow_nan=False, ensure_ascii=False)
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
@@ -160,7 +158,9 @@ def _scripts() -> str:
     for slot, name in MODULES.items():
         source = module_source(name)
         if source.count("export default { render };") != 1:
-            raise RuntimeError(f"static/{name}.js must end with one 'export default {{ render }};'")
+            raise FileFormatError(
+                f"static/{name}.js must end with one 'export default {{ render }};'"
+            )
         body = source.replace("export default { render };", "return { render };")
         parts.append(f"{slot}: (() => {{\n{body}\n}})()")
     modules = "const MODULES = {\n" + ",\n".join(parts) + "\n};\n"

@@ -14,12 +14,16 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from html import escape
 
 import numpy as np
 
-from ..errors import DataError
+from .. import checks
+from ..data import Query
+from ..errors import DataError, ParameterError
 from ..result import InfluenceResult
+from ..themes import Themes
 from .components import (
     LayerBreakdown,
     LayerHeatmap,
@@ -51,11 +55,15 @@ def format_score(value: float) -> str:
 class ExplorerData:
     """The component states of a result: see the module docstring.
 
-    ``queries`` (dicts with ``prompt``, ``completion`` and optionally ``id``, ``kind``,
-    ``theme``, ``source``) default to what ``score`` recorded in ``result.meta``. ``themes`` is
-    one :class:`~influencekit.themes.Themes` for all queries (from ``themes.across``), a list
-    with one per query (from ``themes.for_query``), or ``None`` to cluster every query's top
-    ``k`` by TF-IDF (``themes.across``) on first use.
+    ``queries`` (dicts with ``prompt``, ``completion`` and optionally ``kind``, ``theme``,
+    ``source``, or :class:`~influencekit.Query` objects) default to the result's own
+    (``result.queries``, recorded by ``score``). ``themes`` is one
+    :class:`~influencekit.themes.Themes` for all queries (from ``themes.across``), a list with
+    one per query (from ``themes.for_query``), or ``None`` to cluster every query's top ``k``
+    by TF-IDF (``themes.across``) on first use.
+
+    The methods that depend on the direction take ``largest``: ``True`` for the sequences
+    that raise the completion's log-probability most, ``False`` for those that lower it most.
     """
 
     def __init__(
@@ -66,27 +74,21 @@ class ExplorerData:
         model=None,
         factors=None,
         themes=None,
-        queries: list[dict] | None = None,
+        queries: Sequence[dict | Query] | None = None,
         k: int = 20,
         width: int = 160,
     ) -> None:
-        if not isinstance(result, InfluenceResult):
-            raise TypeError(f"result must be an InfluenceResult, got {type(result).__name__}")
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
-        self.result, self.k, self.width = result, k, width
+        self.result = checks.instance("result", result, InfluenceResult, "an InfluenceResult")
+        self.k = checks.count("k", k)
+        self.width = checks.count("width", width)
         self.model, self.factors = model, factors
+        self.queries = _queries(result, queries)
+        self._themes = _checked_themes(themes, len(self.queries))
         self.examples = _examples_by_id(result, dataset)
         self.tokenizer = getattr(dataset, "tokenizer", None)
-        self.queries = _queries(result, queries)
         self.groups = group_names(result.layers)
-        if isinstance(themes, list) and len(themes) != len(self.queries):
-            raise DataError(f"themes: {len(themes)} Themes for {len(self.queries)} queries")
-        self._themes = themes
         self._tokens: dict[tuple[int, int], np.ndarray] = {}
-        self._tops = {}
-        # +1: the sequences that raise the completion's log-probability most; -1: lower it
-        self.sign = 1
+        self._tops: dict[tuple[int, bool], list[tuple[int, int, float]]] = {}
 
     # -- queries -------------------------------------------------------------------------
 
@@ -137,25 +139,26 @@ class ExplorerData:
         """Whether the most negative sequences are known (a top-k result keeps only the top)."""
         return not self.result.is_top_k
 
-    def top(self, q: int, sign: int | None = None) -> list[tuple[int, int, float]]:
-        """``(column, training index, score)`` of query ``q``'s ``k`` highest scores (``sign``
-        +1, by default ``self.sign``) or lowest (-1), the most extreme first."""
-        sign = self.sign if sign is None else sign
-        if sign < 0 and not self.can_lower:
-            raise ValueError("a top-k result keeps only each query's highest scores")
-        if (q, sign) not in self._tops:
+    def top(self, q: int, *, largest: bool = True) -> list[tuple[int, int, float]]:
+        """``(column, training index, score)`` of query ``q``'s ``k`` highest scores
+        (``largest``) or lowest, the most extreme first (:meth:`InfluenceResult.columns`)."""
+        key = (q, checks.flag("largest", largest))
+        if key not in self._tops:
+            columns = self.result.columns(q, self.k, largest=largest)
+            index = self.result.train_index(q, columns)
             row = self.result.scores[q]
-            columns = np.argsort(-sign * row, kind="stable")[: self.k]
-            index = self.result.indices[q] if self.result.is_top_k else np.arange(len(row))
-            self._tops[q, sign] = [(int(c), int(index[c]), float(row[c])) for c in columns]
-        return self._tops[q, sign]
+            self._tops[key] = [
+                (int(c), int(i), float(row[c])) for c, i in zip(columns, index, strict=True)
+            ]
+        return self._tops[key]
 
     def example(self, i: int):
         """The dataset example of training index ``i`` of the result."""
         return self.examples[self.result.train_ids[i]]
 
-    def table_state(self, q: int) -> dict:
-        top, sign = self.top(q), self.sign
+    def table_state(self, q: int, *, largest: bool = True) -> dict:
+        top = self.top(q, largest=largest)
+        sign = 1 if largest else -1
         # the query's whole influence in this direction: it needs every score, not a top k
         pulled = (
             0.0
@@ -180,14 +183,14 @@ class ExplorerData:
             )
             shares.append(sign * value / pulled if pulled > 0 and sign * value > 0 else np.nan)
         title = f"Top {len(top)} of {len(self.result.train_ids):,} training sequences"
-        if sign < 0:
+        if not largest:
             title = f"The {len(top)} most negative of {len(self.result.train_ids):,} sequences"
             if self.result.meta.get("refined"):  # score(..., refine=K) rescored only the top K
                 title += " (from the store's compressed gradients: only top ones were rescored)"
         return RankedTable.state(rows, [v for _, _, v in top], shares, title=title)
 
-    def matrix_state(self, q: int) -> dict:
-        top = self.top(q)
+    def matrix_state(self, q: int, *, largest: bool = True) -> dict:
+        top = self.top(q, largest=largest)
         values = self.result.layer_scores[q, [c for c, _, _ in top]].T
         labels = [f"#{r} {self.example(i).id}" for r, (_, i, _) in enumerate(top, start=1)]
         return LayerHeatmap.state(
@@ -198,21 +201,18 @@ class ExplorerData:
             title="Influence per layer of each top sequence (click a column)",
         )
 
-    def pair_state(self, q: int, r: int) -> dict:
+    def pair_state(self, q: int, r: int, *, largest: bool = True) -> dict:
         """Layer bars of query ``q`` and its row ``r`` (``r < 0``: the top ``k`` together, as
-        shares)."""
+        shares: :meth:`InfluenceResult.layer_shares`)."""
         if r < 0:
-            per_layer = self.result.layer_scores[q, [c for c, _, _ in self.top(q)]].sum(axis=0)
-            total = per_layer.sum()
-            shares = per_layer / total if total != 0 else np.zeros_like(per_layer)
             return LayerBreakdown.state(
                 self.result.layers,
-                shares,
+                self.result.layer_shares(q, self.k, largest=largest),
                 groups=self.groups,
                 percent=True,
-                title=f"Share per layer of the {self._which(q)}'s summed influence",
+                title=f"Share per layer of the {self._which(q, largest)}'s summed influence",
             )
-        column, i, _ = self.top(q)[r]
+        column, i, _ = self.top(q, largest=largest)[r]
         return LayerBreakdown.state(
             self.result.layers,
             self.result.layer_scores[q, column],
@@ -220,20 +220,20 @@ class ExplorerData:
             title=f"Per layer: #{r + 1} {self.example(i).id}",
         )
 
-    def _which(self, q: int) -> str:
-        n = len(self.top(q))
-        return f"top {n}" if self.sign > 0 else f"{n} most negative"
+    def _which(self, q: int, largest: bool) -> str:
+        n = len(self.top(q, largest=largest))
+        return f"top {n}" if largest else f"{n} most negative"
 
-    def selection(self, q: int, r: int) -> dict:
+    def selection(self, q: int, r: int, *, largest: bool = True) -> dict:
         """What is selected, as plain values a notebook can read."""
         base = {
             "query": q,
             "query_id": self.queries[q]["id"],
-            "direction": "raises" if self.sign > 0 else "lowers",
+            "direction": "raises" if largest else "lowers",
         }
         if r < 0:
             return base
-        _, i, value = self.top(q)[r]
+        _, i, value = self.top(q, largest=largest)[r]
         return {
             **base,
             "rank": r + 1,
@@ -258,11 +258,11 @@ class ExplorerData:
             self._tokens[q, i] = token_scores(self.model, self.factors, record, self.example(i))
         return self._tokens[q, i]
 
-    def token_state(self, q: int, r: int, *, compute: bool = True) -> dict:
+    def token_state(self, q: int, r: int, *, largest: bool = True, compute: bool = True) -> dict:
         """The token heatmap of row ``r`` (a message instead when it cannot be shown)."""
         if r < 0:
             return TokenHeatmap.state(message="Click a row to see its tokens.")
-        _, i, value = self.top(q)[r]
+        _, i, value = self.top(q, largest=largest)[r]
         ex = self.example(i)
         if not self.can_score_tokens:
             return TokenHeatmap.state(message=NO_MODEL)
@@ -307,16 +307,18 @@ class ExplorerData:
         """The Themes view of query ``q``; a message instead when clustering fails."""
         try:
             return self._themes_state(q)
-        except (ValueError, ArithmeticError) as err:  # DataError is a ValueError
+        except (ValueError, ArithmeticError) as err:  # DataError, ParameterError: ValueErrors
             return ThemeClusters.state(message=f"No themes: {err}")
 
     def _themes_state(self, q: int) -> dict:
         found = self.themes_for(q)
         if found.indices is None:
-            raise DataError("themes: give Themes from themes.for_query or themes.across")
+            raise ParameterError(
+                "themes", found, "Themes from themes.for_query or themes.across (with indices)"
+            )
         per_query = found.matrix is not None and len(found.matrix) == self.n_queries
         shares = found.matrix[q] if per_query else found.shares
-        scores = dict((i, v) for _, i, v in self.top(q, sign=1))
+        scores = dict((i, v) for _, i, v in self.top(q, largest=True))
         weights = [scores.get(int(i), 0.0) for i in found.indices]
         highlight = [int(int(i) in scores) for i in found.indices]
         what = "every query's" if per_query else "this query's"
@@ -342,14 +344,46 @@ def _examples_by_id(result, dataset) -> dict:
     return examples
 
 
-def _queries(result, queries: list[dict] | None) -> list[dict]:
+def _queries(result: InfluenceResult, queries) -> list[dict]:
+    """One description per query of the result, as a dict holding the result's query id."""
+    n = len(result.query_ids)
     if queries is None:
         # score() records each query's prompt and completion; a hand-made result may not
-        queries = result.meta.get("queries") or [{}] * len(result.query_ids)
-    if len(queries) != len(result.query_ids):
-        raise DataError(
-            f"{len(queries)} query descriptions for {len(result.query_ids)} queries in the result"
+        queries = result.queries if result.queries is not None else [{}] * n
+    elif isinstance(queries, (str, bytes, Mapping)) or not isinstance(queries, Sequence):
+        raise ParameterError("queries", queries, "a list of dicts or Query objects, or None")
+    if len(queries) != n:
+        raise ParameterError(
+            "queries", f"{len(queries)} query descriptions for {n} queries", f"one per query ({n})"
         )
-    return [
-        {**dict(query), "id": qid} for qid, query in zip(result.query_ids, queries, strict=True)
-    ]
+    described = []
+    for position, (qid, query) in enumerate(zip(result.query_ids, queries, strict=True)):
+        if isinstance(query, Query):
+            fields = {"prompt": query.prompt, "completion": query.completion, **query.metadata}
+        elif isinstance(query, Mapping):
+            fields = dict(query)
+        else:
+            raise ParameterError(
+                "queries", queries, f"a list of dicts or Query objects (queries[{position}] is not)"
+            )
+        described.append({**fields, "id": qid})
+    return described
+
+
+def _checked_themes(themes, n_queries: int):
+    """``None``, one :class:`Themes`, or a list of one per query."""
+    if themes is None or isinstance(themes, Themes):
+        return themes
+    if isinstance(themes, list) and all(isinstance(found, Themes) for found in themes):
+        if len(themes) != n_queries:
+            raise ParameterError(
+                "themes",
+                f"{len(themes)} Themes for {n_queries} queries",
+                f"a list of one Themes per query ({n_queries})",
+            )
+        return themes
+    raise ParameterError(
+        "themes",
+        themes,
+        "None, a Themes (from themes.across) or a list of one per query (themes.for_query)",
+    )
