@@ -27,7 +27,7 @@ from influencekit.errors import DataError
 from influencekit.tiny import TINY_CORPUS
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from tiny_models import make_model
+from helpers.tiny_models import make_model
 
 
 def full_result(layer_scores, layers=("h.0.mlp", "h.1.mlp"), meta=None) -> ik.InfluenceResult:
@@ -47,7 +47,13 @@ def top_k_of(result: ik.InfluenceResult, k: int) -> ik.InfluenceResult:
     order = np.stack([np.lexsort((np.arange(row.size), -row))[:k] for row in result.scores])
     layer_scores = np.take_along_axis(result.layer_scores, order[..., None], 1)
     return ik.InfluenceResult(
-        layer_scores, result.layers, result.train_ids, result.query_ids, result.meta, order
+        layer_scores,
+        result.layers,
+        result.train_ids,
+        result.query_ids,
+        result.meta,
+        order,
+        queries=result.queries,
     )
 
 
@@ -128,7 +134,7 @@ def test_theme_share_planted_by_hand(themed):
 
 def test_shares_are_zero_without_positive_influence(themed):
     dataset, result = themed
-    negative = full_result(-np.abs(result.layer_scores), meta=result.meta)
+    negative = full_result(-np.abs(result.layer_scores), meta={"queries": QUERY_TEXTS})
     assert an.overlap_share(negative, dataset, 0) == 0.0
     assert an.theme_share(negative, dataset, 1, "sailing") == 0.0
 
@@ -555,7 +561,7 @@ def test_score_prefiltered_keeps_each_querys_own_candidates(tiny, tmp_path):
         )
         assert np.all(np.diff(result.scores[q]) <= 0)
     assert result.meta["prefilter"] == {"method": "bm25-binary", "m": 3, "k1": 1.5, "b": 0.75}
-    assert result.meta["queries"][1] == {"prompt": QUERIES[1][0], "completion": QUERIES[1][1]}
+    assert (result.queries[1].prompt, result.queries[1].completion) == QUERIES[1]
     loaded = ik.InfluenceResult.load(result.save(tmp_path / "prefiltered.h5"))
     assert loaded.meta["prefilter"] == result.meta["prefilter"]
     np.testing.assert_array_equal(loaded.indices, result.indices)

@@ -32,7 +32,7 @@ import influencekit as ik
 from influencekit.tiny import TINY_CORPUS
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from tiny_models import make_model
+from helpers.tiny_models import make_model
 
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
 FISHERS = ("sampled", "empirical")

@@ -9,7 +9,7 @@ import pytest
 import influencekit as ik
 from influencekit.cli import main
 
-from tiny_example import QUERIES, corpus_records, train_tiny_model
+from helpers.tiny_example import QUERIES, corpus_records, train_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_errors_are_one_line(workdir, capsys):
 
 def test_demo_finds_same_theme_sentences(tmp_path):
     """End-to-end sanity: a cooking query is most influenced by cooking sentences, etc."""
-    from tiny_example import run_example
+    from helpers.tiny_example import run_example
 
     result, train = run_example(tmp_path, progress=False)
     for q, theme in ((0, "cooking"), (1, "astronomy"), (2, "sailing")):

@@ -21,7 +21,7 @@ from influencekit.data import (
     load_queries,
     query_batches,
 )
-from influencekit.errors import DataError
+from influencekit.errors import DataError, ParameterError
 from influencekit.tiny import TINY_CORPUS, build_tokenizer
 
 LONG_TEXT = " ".join(TINY_CORPUS[:3])
@@ -247,11 +247,11 @@ def test_non_utf8_bytes_name_line_and_byte(tmp_path, tokenizer):
 @pytest.mark.parametrize("max_length", [1, 0, -5])
 def test_max_length_below_two(tmp_path, tokenizer, max_length):
     path = write_lines(tmp_path, [{"text": TINY_CORPUS[0]}])
-    with pytest.raises(DataError, match=rf"max_length must be an int >= 2.*got {max_length}"):
+    with pytest.raises(ParameterError, match=rf"max_length must be an int >= 2.*got {max_length}"):
         TextDataset.from_jsonl(path, tokenizer, max_length=max_length)
-    with pytest.raises(DataError, match="max_length"):
+    with pytest.raises(ParameterError, match="max_length"):
         TextDataset.from_texts(TINY_CORPUS, tokenizer, max_length=max_length)
-    with pytest.raises(DataError, match="max_length"):
+    with pytest.raises(ParameterError, match="max_length"):
         TextDataset.from_records([{"text": TINY_CORPUS[0]}], tokenizer, max_length=max_length)
 
 
@@ -617,7 +617,7 @@ def test_example_batches_with_indices(corpus_ds):
     batches = list(example_batches(corpus_ds, batch_size=2, indices=[7, 3, 30]))
     assert [b.indices for b in batches] == [[7, 3], [30]]
     assert batches[1].lengths == [len(corpus_ds[30].input_ids)]
-    with pytest.raises(DataError, match="batch_size"):
+    with pytest.raises(ParameterError, match="batch_size"):
         next(example_batches(corpus_ds, batch_size=0))
 
 

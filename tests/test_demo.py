@@ -31,7 +31,7 @@ def test_corpus_records_are_themed_quotes():
     assert all(isinstance(r["text"], str) and r["text"].strip() for r in records)
     ids = [r["id"] for r in records]
     assert len(set(ids)) == len(ids)
-    counts = {t: sum(r["theme"] == t for r in records) for t in demo.themes()}
+    counts = {t: sum(r["theme"] == t for r in records) for t in demo.theme_names()}
     assert len(counts) >= 8 and min(counts.values()) >= 40, counts
     assert set(counts) == set(THEMES)
     texts = [r["text"] for r in records]
@@ -54,7 +54,7 @@ def test_load_corpus_limit_keeps_every_theme():
     _, tokenizer = demo.load_demo_model("small", device="cpu")
     train = demo.load_corpus(tokenizer, limit=36)
     assert len(train) == 36
-    assert {ex.metadata["theme"] for ex in train} == set(demo.themes())
+    assert {ex.metadata["theme"] for ex in train} == set(demo.theme_names())
 
 
 # -- the models -------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def test_quick_demo_writes_every_output(quick_demo):
 
 
 def test_report_holds_each_query_top_sequences(quick_demo):
-    from browser_pages import page_data
+    from helpers.browser_pages import page_data
 
     out, _ = quick_demo
     page = (out / "report.html").read_text(encoding="utf-8")

@@ -20,7 +20,7 @@ import pytest
 import influencekit as ik
 from influencekit.cli import main
 
-from tiny_example import QUERIES, corpus_records
+from helpers.tiny_example import QUERIES, corpus_records
 
 
 def _free_port() -> int:

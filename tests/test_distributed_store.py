@@ -1,9 +1,9 @@
 """``GradientStore.build`` under ``torchrun``: two gloo processes on CPU build one store.
 
-Each build runs ``dist_store_child.py`` under ``python -m torch.distributed.run`` with two
-processes (a fresh process group per run, as a user would start it). Every distributed store
-is compared with a single-process build made here from the same inputs
-(``store_child.make_inputs``): same ids, texts, token ids, parts and configuration, and
+Each build runs ``helpers/dist_store_child.py`` under ``python -m torch.distributed.run``
+with two processes (a fresh process group per run, as a user would start it). Every
+distributed store is compared with a single-process build made here from the same inputs
+(``helpers.store_child.make_inputs``): same ids, texts, token ids, parts and configuration, and
 arrays equal bit for bit, for ``dense`` and ``kron:8`` (seeded projections). Kills are
 deterministic: the child's ``--die`` makes one rank SIGKILL itself at a chosen step.
 """
@@ -26,16 +26,16 @@ import torch
 import influencekit as ik
 from influencekit.store import shards
 from influencekit.store.layout import part_name, parts_dir, read_manifest, write_manifest
-from influencekit.store.shards import block, shard_path
+from influencekit.store.shards import rank_share, shard_path
 from influencekit.tiny import TINY_CORPUS
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from store_child import make_inputs
+from helpers.store_child import make_inputs
 
 HERE = pathlib.Path(__file__).resolve().parent
-CHILD = HERE / "dist_store_child.py"
+CHILD = HERE / "helpers" / "dist_store_child.py"
 N = 20
-CHUNK = 3  # 7 chunks for 20 examples: rank 0 encodes chunks 0-2, rank 1 chunks 3-6
+PART_SIZE = 3  # 7 parts for 20 examples: rank 0 encodes parts 0-2, rank 1 parts 3-6
 BATCH = 2
 TIMEOUT = 180  # seconds per torchrun (about 6 s each here)
 
@@ -57,7 +57,7 @@ def dataset(tokenizer, n: int) -> ik.TextDataset:
     return ik.TextDataset.from_texts(TINY_CORPUS[:n], tokenizer, ids=ids)
 
 
-def single_process(path, inputs, codec: str, sizes: list[int], chunk: int = CHUNK):
+def single_process(path, inputs, codec: str, sizes: list[int], part_size: int = PART_SIZE):
     """The reference: one process builds ``path``, once per dataset size in ``sizes``."""
     tokenizer, model, _ = inputs
     for n in sizes:
@@ -67,7 +67,7 @@ def single_process(path, inputs, codec: str, sizes: list[int], chunk: int = CHUN
             dataset(tokenizer, n),
             modules="mlp",
             codec=codec,
-            chunk_size=chunk,
+            part_size=part_size,
             batch_size=BATCH,
             seed=0,
             progress=False,
@@ -122,8 +122,18 @@ def torchrun(*args, timeout: float = TIMEOUT) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def build_args(n: int, codec: str, path, chunk: int = CHUNK) -> list:
-    return ["--examples", n, "--chunk-size", chunk, "--batch-size", BATCH, "--build", codec, path]
+def build_args(n: int, codec: str, path, part_size: int = PART_SIZE) -> list:
+    return [
+        "--examples",
+        n,
+        "--part-size",
+        part_size,
+        "--batch-size",
+        BATCH,
+        "--build",
+        codec,
+        path,
+    ]
 
 
 def assert_same_store(path, reference: ik.GradientStore) -> None:
@@ -131,7 +141,7 @@ def assert_same_store(path, reference: ik.GradientStore) -> None:
     path = pathlib.Path(path)
     got = ik.GradientStore.open(path)
     assert got.config == reference.config
-    assert got.manifest.chunk_size == reference.manifest.chunk_size
+    assert got.manifest.part_size == reference.manifest.part_size
     assert got.manifest.part_counts == reference.manifest.part_counts
     assert got.manifest.layer_params == reference.manifest.layer_params
     assert got.manifest.tokenizer_files == reference.manifest.tokenizer_files
@@ -163,12 +173,12 @@ def commits(log: pathlib.Path) -> list[tuple[int, int]]:
     return [tuple(map(int, line.split())) for line in log.read_text().split("\n") if line]
 
 
-def test_blocks_are_contiguous_and_balanced():
-    for n_chunks in range(12):
+def test_shares_are_contiguous_and_balanced():
+    for n_parts in range(12):
         for world in range(1, 6):
-            blocks = [block(n_chunks, rank, world) for rank in range(world)]
-            assert [j for b in blocks for j in b] == list(range(n_chunks))
-            assert max(len(b) for b in blocks) - min(len(b) for b in blocks) <= 1
+            shares = [rank_share(n_parts, rank, world) for rank in range(world)]
+            assert [j for b in shares for j in b] == list(range(n_parts))
+            assert max(len(b) for b in shares) - min(len(b) for b in shares) <= 1
     assert shard_path("run/g.h5", 1, 2).name == "g.h5.shard-1-of-2.h5"
 
 
@@ -213,18 +223,18 @@ def test_two_processes_build_the_single_process_store(tmp_path, inputs):
 def test_a_killed_rank_resumes_its_shard(tmp_path, inputs):
     """Rank 1 dies after its first commit; then rank 0 dies mid-stitch; then a clean run
     finishes, recomputing nothing that a shard had committed."""
-    path, chunk = tmp_path / "grads.h5", 2  # 10 chunks: parts 0-4 on rank 0, 5-9 on rank 1
+    path, part_size = tmp_path / "grads.h5", 2  # 10 parts: 0-4 on rank 0, 5-9 on rank 1
     logs = [tmp_path / f"commits-{i}.txt" for i in range(3)]
-    args = build_args(N, "dense", path, chunk)
+    args = build_args(N, "dense", path, part_size)
 
     status, out = torchrun(*args, "--commit-log", logs[0], "--die", "1:commit:1")
     assert status != 0, out[-4000:]
     assert len(ik.GradientStore.open(path)) == 0  # created by rank 0; nothing stitched yet
     assert [c for c in commits(logs[0]) if c[0] == 1] == [(1, 5)]
     shard = shard_path(path, 1, 2)
-    assert read_manifest(shard).part_counts == [chunk]
+    assert read_manifest(shard).part_counts == [part_size]
     inode = os.stat(parts_dir(shard) / part_name(0)).st_ino
-    # Rank 0 was stopped wherever it was: its shard holds some of its chunks.
+    # Rank 0 was stopped wherever it was: its shard holds some of its parts.
     shard0 = shard_path(path, 0, 2)
     done0 = len(read_manifest(shard0).part_counts) if shard0.exists() else 0
 
@@ -238,7 +248,7 @@ def test_a_killed_rank_resumes_its_shard(tmp_path, inputs):
     status, out = torchrun(*args, "--commit-log", logs[2])
     assert status == 0, out[-4000:]
     assert commits(logs[2]) == []  # only stitched: every shard was complete
-    reference = single_process(tmp_path / "ref.h5", inputs, "dense", [N], chunk)
+    reference = single_process(tmp_path / "ref.h5", inputs, "dense", [N], part_size)
     assert_same_store(path, reference)
     assert os.stat(parts_dir(path) / part_name(5)).st_ino == inode  # linked, not recomputed
 

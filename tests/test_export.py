@@ -15,7 +15,7 @@ from influencekit.cli import main
 from influencekit.widgets import InfluenceExplorer
 from influencekit.widgets.export import safe_json
 
-from browser_pages import XSS, open_page, page_data, problems
+from helpers.browser_pages import XSS, open_page, page_data, problems
 
 
 def _hostile_page(path, tokenizer):

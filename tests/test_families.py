@@ -1,8 +1,13 @@
 """Every supported model family, end to end: module selection, gradient capture, fit, score.
 
 The references here are plain ``torch.autograd`` gradients of the per-sequence summed loss
-(batch size 1, no padding), in float64, and the EK-FAC formula of DESIGN.md §2 written out
-with explicit matrices: nothing is taken from the kit's own helpers.
+(batch size 1, no padding), in float64, and the EK-FAC formula of docs/math.md (Factors,
+Scores) written out with explicit matrices: nothing is taken from the kit's own helpers.
+Training texts: ``padded_train`` (conftest.py), eight sequences of different token lengths,
+so that a batch of them is padded.
+
+Elsewhere: the caller's mode and ``requires_grad`` flags after a fit or score, on every
+family, in test_hooks.py; batch size, OPT's included, in test_reproducible.py.
 """
 
 from __future__ import annotations
@@ -19,10 +24,9 @@ from transformers.pytorch_utils import Conv1D
 import influencekit as ik
 from influencekit.data import example_batches, query_batches
 from influencekit.hooks import capture, per_sequence_grads
-from influencekit.tiny import TINY_CORPUS
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from tiny_models import FAMILIES, make_model
+from helpers.tiny_models import FAMILIES, make_model
 
 N_BLOCKS = 2
 
@@ -64,8 +68,6 @@ NEVER = {
     "phi": ["lm_head", "model.embed_tokens"],
 }
 
-# Eight texts of different token lengths, so a batch of them is padded.
-TEXT_INDICES = [1, 3, 6, 12, 19, 26, 33, 36]
 QUERIES = [
     ("The chef tastes the stew", " and adds more pepper."),
     ("Jupiter is", " the largest planet."),
@@ -103,14 +105,6 @@ def exact_model(family: str, vocab_size: int, **kwargs):
 @pytest.fixture(scope="module")
 def model(family, tokenizer):
     return exact_model(family, len(tokenizer), layers=N_BLOCKS)
-
-
-@pytest.fixture(scope="module")
-def train(tokenizer):
-    texts = [TINY_CORPUS[i] for i in TEXT_INDICES]
-    ds = ik.TextDataset.from_texts(texts, tokenizer)
-    assert len({len(ex.input_ids) for ex in ds}) > 4, "texts should differ in length"
-    return ds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,10 +236,10 @@ def test_empty_and_duplicate_lists_raise(model, family):
 # (c) captured gradients equal autograd's, and end-to-end scores
 
 
-def test_captured_gradients_equal_autograd_on_a_padded_batch(model, train):
+def test_captured_gradients_equal_autograd_on_a_padded_batch(model, padded_train):
     layers = ik.select_modules(model, "all")
     modules = {layer.name: layer.module for layer in layers}
-    (batch,) = example_batches(train, batch_size=len(train))
+    (batch,) = example_batches(padded_train, batch_size=len(padded_train))
     assert batch.attention_mask.sum() < batch.attention_mask.numel(), "batch must be padded"
     io = capture(model, layers, batch, dtype=torch.float64)
     for layer in layers:
@@ -253,8 +247,8 @@ def test_captured_gradients_equal_autograd_on_a_padded_batch(model, train):
         pad = batch.attention_mask == 0
         assert torch.all(x.a[pad] == 0) and torch.all(x.s[pad] == 0)
         grads = per_sequence_grads(x)
-        assert grads.shape == (len(train), *layer.grad_shape)
-    for b, ex in enumerate(train):
+        assert grads.shape == (len(padded_train), *layer.grad_shape)
+    for b, ex in enumerate(padded_train):
         reference = autograd_grads(model, modules, list(ex.input_ids), start=1)
         for layer in layers:
             got = per_sequence_grads(io[layer.name])[b]
@@ -298,55 +292,34 @@ def reference_scores(model, factors, train, tokenizer, damping):
     return out
 
 
-def test_fit_and_score_end_to_end(model, train, tokenizer):
-    factors = ik.fit_factors(model, train, "all", strategy="ekfac", dtype=torch.float64,
+def test_fit_and_score_end_to_end(model, padded_train, tokenizer):
+    factors = ik.fit_factors(model, padded_train, "all", strategy="ekfac", dtype=torch.float64,
                              batch_size=3, progress=False)  # fmt: skip
     assert factors.modules == [x.name for x in ik.select_modules(model, "all")]
     for lf in factors.layers.values():
         assert lf.lam.dtype == torch.float64 and torch.isfinite(lf.lam).all()
         assert (lf.lam >= 0).all() and lf.lam.sum() > 0
-    result = ik.score(model, factors, QUERIES, train, dtype=torch.float64, batch_size=3,
+    result = ik.score(model, factors, QUERIES, padded_train, dtype=torch.float64, batch_size=3,
                       progress=False)  # fmt: skip
-    assert result.layer_scores.shape == (len(QUERIES), len(train), len(factors.modules))
+    assert result.layer_scores.shape == (len(QUERIES), len(padded_train), len(factors.modules))
     assert np.isfinite(result.scores).all()
     assert np.abs(result.scores).max() > 0
     damping = factors.damping_for(None)
-    want = reference_scores(model, factors, train, tokenizer, damping)
+    want = reference_scores(model, factors, padded_train, tokenizer, damping)
     np.testing.assert_allclose(result.layer_scores, want, rtol=1e-8,
                                atol=1e-10 * np.abs(want).max())  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
-# (d) the caller's mode and requires_grad flags survive
+# (d) OPT's MLP, which flattens its (B, T, d) inputs to (B*T, d)
 
 
-def snapshot(model):
-    modes = {name: m.training for name, m in model.named_modules()}
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    return modes, flags
-
-
-@pytest.mark.parametrize("training", [True, False])
-def test_mode_and_requires_grad_are_restored(family, tokenizer, train, training):
-    model = make_model(family, len(tokenizer), layers=1)
-    model.train(training)
-    params = list(model.named_parameters())
-    for k, (_, p) in enumerate(params):  # a mixture of frozen and trainable parameters
-        p.requires_grad_(k % 3 != 0)
-    before = snapshot(model)
-    factors = ik.fit_factors(model, train, "mlp", progress=False)
-    assert snapshot(model) == before
-    assert model.training is training
-    ik.score(model, factors, QUERIES[:1], train, progress=False)
-    assert snapshot(model) == before
-
-
-def test_opt_mlp_with_one_sequence_per_batch_matches_autograd(tokenizer, train):
+def test_opt_mlp_with_one_sequence_per_batch_matches_autograd(tokenizer, padded_train):
     """OPT flattens (B, T, d) to (B*T, d) around fc1/fc2: one sequence per batch is exact too."""
     model = exact_model("opt", len(tokenizer), layers=1)
     layers = ik.select_modules(model, "mlp")
     modules = {layer.name: layer.module for layer in layers}
-    for batch in example_batches(train, batch_size=1):
+    for batch in example_batches(padded_train, batch_size=1):
         io = capture(model, layers, batch, dtype=torch.float64)
         ids = batch.input_ids[0].tolist()
         reference = autograd_grads(model, modules, ids, start=1)
@@ -354,39 +327,3 @@ def test_opt_mlp_with_one_sequence_per_batch_matches_autograd(tokenizer, train):
             got = per_sequence_grads(io[layer.name])[0]
             want = reference[layer.name]
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * float(want.abs().max()))
-
-
-def test_opt_mlp_batch_size_does_not_matter(tokenizer, train):
-    """Regression: capture once assumed (B, T, d) layer inputs and failed on OPT's fc1/fc2."""
-    model = exact_model("opt", len(tokenizer), layers=1)
-    one = ik.fit_factors(model, train, "mlp", fisher="empirical", dtype=torch.float64,
-                         batch_size=1, progress=False)  # fmt: skip
-    four = ik.fit_factors(model, train, "mlp", fisher="empirical", dtype=torch.float64,
-                          batch_size=4, progress=False)  # fmt: skip
-    for name in one.modules:
-        lam = one.layers[name].lam
-        torch.testing.assert_close(four.layers[name].lam, lam, rtol=1e-10,
-                                   atol=1e-12 * float(lam.max()))  # fmt: skip
-
-
-def test_fit_in_training_mode_runs_without_dropout(tokenizer, train):
-    """A model left in train mode (dropout 0.1) gives the same factors as in eval mode."""
-    model = make_model("gpt2", len(tokenizer), layers=1)
-    assert model.config.resid_pdrop > 0
-    eval_fit = ik.fit_factors(model, train, "mlp", fisher="empirical", dtype=torch.float64,
-                              progress=False)  # fmt: skip
-    model.train()
-    train_fit = ik.fit_factors(model, train, "mlp", fisher="empirical", dtype=torch.float64,
-                               progress=False)  # fmt: skip
-    assert model.training
-    for name in eval_fit.modules:
-        assert torch.equal(eval_fit.layers[name].lam, train_fit.layers[name].lam)
-
-
-def test_mixed_submodule_modes_are_restored(tokenizer, train):
-    model = make_model("gpt2", len(tokenizer), layers=1)
-    model.train()
-    model.transformer.h[0].mlp.eval()  # e.g. a frozen sub-block kept without dropout
-    before = snapshot(model)
-    ik.fit_factors(model, train, "mlp", progress=False)
-    assert snapshot(model) == before

@@ -16,8 +16,8 @@ import pytest
 
 import influencekit as ik
 
-from browser_pages import XSS
-from tiny_example import QUERIES, corpus_records
+from helpers.browser_pages import XSS
+from helpers.tiny_example import QUERIES, corpus_records
 
 NOTEBOOK = """
 import json
@@ -41,7 +41,7 @@ w.VBox([explorer, said])
 @pytest.fixture(scope="module")
 def served(tiny_trained, tmp_path_factory):
     """Voilà serving the notebook; yields ``(url, result, train)``."""
-    live = pytest.importorskip("live")  # needs voila (test extras)
+    live = pytest.importorskip("helpers.live")  # needs voila (test extras)
     model, factors, _, tiny_train = tiny_trained
     folder = tmp_path_factory.mktemp("live")
     records = corpus_records()
@@ -62,7 +62,7 @@ def served(tiny_trained, tmp_path_factory):
 
 
 def test_live_explorer_round_trips_through_the_kernel(browser, served, artifacts, tiny_trained):
-    import live
+    from helpers import live
 
     url, result, train = served
     page = browser.new_page(viewport={"width": 1300, "height": 1000})

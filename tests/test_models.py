@@ -14,7 +14,7 @@ from influencekit.models import candidate_layers, layer_role
 from influencekit.tiny import TINY_CORPUS
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from tiny_models import FAMILIES, make_model
+from helpers.tiny_models import FAMILIES, make_model
 
 TEXTS = ["The moon rises.", "Fresh bread rises slowly.", "Zebras & quokkas: 42!"]
 

@@ -11,7 +11,7 @@ import torch
 import influencekit as ik
 from influencekit.tiny import TINY_CORPUS
 
-from tiny_models import make_model
+from helpers.tiny_models import make_model
 
 QUERIES = [("The captain steers", " the yacht."), ("Stars shine", " at night.")]
 

@@ -4,7 +4,7 @@ Every check compares influencekit with a reference written in this file from scr
 never calls the kit's numerical helpers: one sequence at a time (batch size 1, no padding, no
 attention mask), ``torch.autograd.grad`` of the summed loss with respect to the modules' own
 weights and biases, explicit covariance matrices, ``torch.linalg.eigh``, dense Kronecker
-products (``torch.kron``) and dense solves. The math is DESIGN.md §2.
+products (``torch.kron``) and dense solves. The math is docs/math.md.
 
 1. ``hooks.capture`` on a padded batch: per-sequence ``Σ_t s_t a_tᵀ`` equals the autograd
    gradient of the weight (and bias), Conv1D and Linear, with and without bias, real and
@@ -16,8 +16,8 @@ products (``torch.kron``) and dense solves. The math is DESIGN.md §2.
    every strategy, default and explicit damping; ``scores`` is ``layer_scores`` summed.
 4. ``token_scores``: ``s_tᵀ P_q a_t`` with an explicit ``P_q``; per layer and in total they sum
    to the pair score.
-5. Scores do not depend on batch size (fit and score), tokenizer padding side, or batching
-   of the sampled-Fisher labels.
+5. Scores do not depend on the tokenizer's padding side. (Batch size, which also covers the
+   batching of the sampled-Fisher labels, is tested in test_reproducible.py.)
 6. ``query_rank``: a rank at least ``min(d_out, d_in)`` changes nothing; a small rank equals
    the explicit truncated SVD of the reference ``P_q``.
 7. Sign: a positive score means up-weighting the training sequence raises
@@ -45,7 +45,7 @@ from influencekit.data import example_batches
 from influencekit.hooks import capture, seed_for
 from influencekit.tiny import TINY_CORPUS
 
-from tiny_models import make_model
+from helpers.tiny_models import make_model
 
 F64 = torch.float64
 RTOL = 1e-9
@@ -78,7 +78,7 @@ def assert_close(actual, expected, rtol=RTOL, what=""):
 def float64_model(family: str, tokenizer) -> nn.Module:
     """A tiny model computing in float64 throughout.
 
-    tiny_models builds eager attention, whose softmax runs in float32 for every family here
+    helpers.tiny_models builds eager attention, whose softmax runs in float32 for every family here
     but GPT-2 (``softmax(..., dtype=torch.float32)`` in ``eager_attention_forward``), so its
     gradients carry float32 rounding that depends on sequence length and thread count
     (~1e-8 relative between a padded batch and a lone sequence). SDPA stays in float64.
@@ -431,29 +431,7 @@ def test_token_scores(family, world, train, tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Independence of batching and padding
-
-
-def test_batch_size_independence(tokenizer, train):
-    model = float64_model("gpt2", tokenizer)
-    results, factors = {}, {}
-    for bs in (1, 2, 5):
-        factors[bs] = fit(model, train, "ekfac", "sampled", batch_size=bs)
-        results[bs] = kit_score(model, factors[bs], train, batch_size=bs)
-    for bs in (2, 5):
-        for name in factors[1].modules:
-            for key in ("d_a", "d_s", "lam"):
-                got, want = (
-                    getattr(factors[bs].layers[name], key),
-                    getattr(factors[1].layers[name], key),
-                )
-                assert_close(got, want, rtol=1e-10, what=f"bs={bs} {name} {key}")
-        assert_close(results[bs].layer_scores, results[1].layer_scores, rtol=1e-10,
-                     what=f"bs={bs}")  # fmt: skip
-    # score's batching alone, with fixed factors
-    for bs in (2, 5):
-        again = kit_score(model, factors[1], train, batch_size=bs)
-        assert_close(again.layer_scores, results[1].layer_scores, rtol=1e-10, what=f"score bs={bs}")
+# 5. Independence of the padding side
 
 
 def test_padding_side_independence(tokenizer, train):

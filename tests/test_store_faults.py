@@ -1,12 +1,12 @@
 """The gradient store under faults: kill -9 mid-build, a reader during a build, a full disk,
 appends, refused reuse, damaged files and the build lock.
 
-Builds that must die at arbitrary moments run in other processes: ``store_child.py`` builds
-one deterministic store (a seeded tiny GPT-2, the TINY_CORPUS tokenizer, ids ``ex00..ex39``).
-To save ~4 s of imports per build, most builds are jobs of one ``store_child.py --serve``
-fork server (module-scoped); each job is its own process, killed with SIGKILL like any
-builder. Every resumed or appended store is compared, array by array, with a clean build
-made here in the test process.
+Builds that must die at arbitrary moments run in other processes: ``helpers/store_child.py``
+builds one deterministic store (a seeded tiny GPT-2, the TINY_CORPUS tokenizer, ids
+``ex00..ex39``). To save ~4 s of imports per build, most builds are jobs of one
+``store_child.py --serve`` fork server (module-scoped); each job is its own process, killed
+with SIGKILL like any builder. Every resumed or appended store is compared, array by array,
+with a clean build made here in the test process.
 """
 
 from __future__ import annotations
@@ -39,21 +39,20 @@ from influencekit.store.layout import part_name, parts_dir
 from influencekit.tiny import TINY_CORPUS, build_tokenizer
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from store_child import _fd_point, make_inputs
-
-from tiny_models import make_model
+from helpers.store_child import _fd_point, make_inputs
+from helpers.tiny_models import make_model
 
 HERE = pathlib.Path(__file__).resolve().parent
-CHILD = HERE / "store_child.py"
+CHILD = HERE / "helpers" / "store_child.py"
 N = 40
-CHUNK = 3  # 14 parts for 40 examples: 13 of 3, one of 1
-BATCH = 2  # a chunk of 3 is computed as a padded batch of 2 and a batch of 1
+PART_SIZE = 3  # 14 parts for 40 examples: 13 of 3, one of 1
+BATCH = 2  # a part of 3 is computed as a padded batch of 2 and a batch of 1
 IDS = [f"ex{i:02d}" for i in range(N)]
 QUERY = ("The moon", " rises over the sea.")
 STORE_OPTIONS = {
     "modules": "mlp",
     "codec": "dense",
-    "chunk_size": CHUNK,
+    "part_size": PART_SIZE,
     "batch_size": BATCH,
     "progress": False,
 }
@@ -247,7 +246,7 @@ def assert_same_store(path, clean, *, ids=IDS, same_parts=True) -> None:
     assert a.texts == b.texts
     assert a.metadata == b.metadata
     assert got.config == want.config
-    assert got.manifest.chunk_size == want.manifest.chunk_size
+    assert got.manifest.part_size == want.manifest.part_size
     assert got.manifest.layer_params == want.manifest.layer_params
     assert got.manifest.tokenizer_files == want.manifest.tokenizer_files
     for mine, theirs in zip(got.manifest.layer_tensors, want.manifest.layer_tensors, strict=True):
@@ -270,7 +269,7 @@ def assert_same_store(path, clean, *, ids=IDS, same_parts=True) -> None:
             assert mine["datasets"].keys() == theirs["datasets"].keys()
             for name, value in mine["datasets"].items():
                 assert np.array_equal(value, theirs["datasets"][name]), f"part {number}: {name}"
-    else:  # other chunking (an append): compare the concatenation of all parts
+    else:  # other parts (an append): compare the concatenation of all parts
         for name in raw_want[0]["datasets"]:
             mine = np.concatenate([p["datasets"][name] for p in raw_got])
             theirs = np.concatenate([p["datasets"][name] for p in raw_want])
@@ -308,7 +307,7 @@ def check_committed_prefix(path, clean, last: int) -> int:
     n = len(store)
     assert n >= last, "committed examples went backwards"
     assert store.ids == IDS[:n]
-    assert n % CHUNK == 0 or n == N
+    assert n % PART_SIZE == 0 or n == N
     want = ik.GradientStore.open(clean)
     assert store.examples().input_ids == want.examples().input_ids[:n]
     if n:
@@ -354,7 +353,7 @@ def test_kill9_at_random_moments_then_resume_equals_clean_build(server, referenc
     # Builds killed mid-build: wait for one or two more commits, then a random moment more.
     for _ in range(5):
         with server.job(path, *slow) as job:
-            target = last + CHUNK * rng.randint(1, 2)
+            target = last + PART_SIZE * rng.randint(1, 2)
             deadline = time.monotonic() + 60
             while (committed(path) or 0) < target and job.poll() is None:
                 assert time.monotonic() < deadline, "the build makes no progress"
@@ -399,11 +398,13 @@ def test_kill9_at_each_commit_step_then_resume_equals_clean_build(server, refere
         assert last == expected, point
         leftovers = {p.name for p in parts_dir(path).iterdir()}
         if point.startswith("part-write"):  # parts are built in memory: nothing on disk yet
-            assert not any(part_name(last // CHUNK) in name for name in leftovers)
+            assert not any(part_name(last // PART_SIZE) in name for name in leftovers)
         if point.startswith("part-tmp"):  # the killed write left its complete temp file
-            assert any(name.startswith(f".{part_name(last // CHUNK)}.tmp-") for name in leftovers)
+            assert any(
+                name.startswith(f".{part_name(last // PART_SIZE)}.tmp-") for name in leftovers
+            )
         if point.startswith(("part-dir", "manifest-tmp")):  # a renamed, uncommitted part
-            assert part_name(last // CHUNK) in leftovers
+            assert part_name(last // PART_SIZE) in leftovers
     assert server.run(path, "--codec", "kron:4") == 0
     assert_same_store(path, clean)
     assert_parts_dir_clean(path, 14)
@@ -604,7 +605,7 @@ def test_real_write_failure_exits_with_its_error_status(tmp_path):
 
 @pytest.mark.parametrize("codec", ["dense", "kron:4"])
 def test_append_equals_clean_build(inputs, tmp_path, codec):
-    """batch_size=1: a sequence's gradient does not depend on which chunk it falls in."""
+    """batch_size=1: a sequence's gradient does not depend on which part it falls in."""
     _, model, train = inputs
     clean = build(tmp_path / "clean.h5", model, train, codec=codec, batch_size=1).path
     path = tmp_path / "grads.h5"

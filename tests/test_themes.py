@@ -86,7 +86,7 @@ def test_class_tfidf_prefers_words_frequent_here_and_rare_elsewhere():
 def test_bad_arguments_are_refused_with_the_field_named():
     with pytest.raises(ValueError, match="method must be one of"):
         themes.cluster(["a b"], "words")
-    with pytest.raises(ik.DataError, match="no texts"):
+    with pytest.raises(ik.ParameterError, match="no texts"):
         themes.cluster([])
     with pytest.raises(ValueError, match=r"n_clusters must be in 1\.\.2"):
         themes.cluster(["a b", "c d"], n_clusters=3)
@@ -135,7 +135,7 @@ def test_across_builds_a_query_by_theme_matrix(tokenizer):
 
 
 def test_embedding_method_runs_the_model(tokenizer):
-    from tiny_models import make_model
+    from helpers.tiny_models import make_model
 
     texts, labels = planted_texts(5)
     train = ik.TextDataset.from_texts(texts, tokenizer, ids=[str(i) for i in range(20)])
@@ -156,7 +156,7 @@ def test_gradient_method_needs_the_store():
 def test_gradient_method_reads_the_store_gram(tokenizer, tmp_path):
     """for_query(method="gradient") clusters by the cosine of the stored gradients of exactly
     the query's top sequences, and refuses a store whose ids are not the result's."""
-    from tiny_models import make_model
+    from helpers.tiny_models import make_model
 
     texts, _ = planted_texts(4)
     ids = [f"t{i}" for i in range(len(texts))]

@@ -140,7 +140,7 @@ TINY_INDICES = [0, 9, 12, 15, 26, 33]
 def test_tiny_gpt2_ekfac_tracks_pbrf(tiny_trained):
     import influencekit as ik
 
-    from tiny_example import QUERIES
+    from helpers.tiny_example import QUERIES
 
     model, factors, _, train = tiny_trained
     damping = 100 * float(np.mean(list(factors.damping_for(None).values())))

@@ -51,7 +51,7 @@ def test_token_heatmap_checks_its_arrays():
     heat = TokenHeatmap(["a", "b"], [1.0, 2.0], title="t")
     heat.show(["x"], [3.0])
     assert heat.tokens == ["x"] and floats(heat.scores) == [3.0] and heat.title == ""
-    with pytest.raises(ValueError, match=r"scores: expected shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"scores must be of shape \(2,\)"):
         TokenHeatmap(["a", "b"], [1.0])
     with pytest.raises(
         NonFiniteError, match=r"scores: 1 non-finite value\(s\), first at position \(1,\)"
@@ -246,7 +246,7 @@ def test_given_themes_per_query_are_used(small):
     explorer = InfluenceExplorer(result, train, themes=found, k=4)
     explorer.tabs.selected_index = 2
     assert floats(explorer.themes.shares) == pytest.approx(found[0].shares.tolist())
-    with pytest.raises(ik.DataError, match="1 Themes for 2 queries"):
+    with pytest.raises(ik.ParameterError, match="1 Themes for 2 queries"):
         InfluenceExplorer(result, train, themes=found[:1])
 
 
@@ -265,7 +265,7 @@ def test_the_explorer_refuses_what_does_not_fit(small, tokenizer):
     result, train = small
     with pytest.raises(ik.DataError, match="'s5'"):
         InfluenceExplorer(result, train.subset(range(5)))
-    with pytest.raises(ik.DataError, match="3 query descriptions for 2"):
+    with pytest.raises(ik.ParameterError, match="3 query descriptions for 2"):
         InfluenceExplorer(result, train, queries=[{}, {}, {}])
     with pytest.raises(TypeError, match="InfluenceResult"):
         InfluenceExplorer(result.scores, train)
@@ -288,7 +288,7 @@ def test_token_heatmap_of_a_pair_on_a_trained_model(tiny_trained, monkeypatch):
     assert "".join(explorer.tokens.tokens) == train[i].text
     scores = np.frombuffer(explorer.tokens.scores)
     assert scores.sum() == pytest.approx(result.scores[0, i], rel=1e-3)
-    expected = original(model, factors, result.meta["queries"][0], train[i])
+    expected = original(model, factors, result.queries[0], train[i])
     assert np.allclose(scores, expected)
     explorer.select(1)
     explorer.select(2)  # back to the same pair: from the cache

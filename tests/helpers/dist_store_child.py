@@ -3,8 +3,8 @@ test_distributed_store.py).
 
 Usage::
 
-    python -m torch.distributed.run --nproc_per_node=2 ... tests/dist_store_child.py \\
-        --examples 20 --chunk-size 3 --batch-size 2 --build dense OUT.h5 [--build kron:8 OUT2.h5] \\
+    python -m torch.distributed.run --nproc_per_node=2 ... tests/helpers/dist_store_child.py \\
+        --examples 20 --part-size 3 --batch-size 2 --build dense OUT.h5 [--build kron:8 OUT2.h5] \\
         [--commit-log FILE] [--die RANK:POINT[:N]]
 
 Every rank makes the same inputs as ``store_child.make_inputs`` (a seeded tiny GPT-2, the
@@ -15,7 +15,7 @@ none abbreviates one of torchrun's own: it would take them.) No library code is 
 the hooks below only wrap functions inside this process:
 
 ``--commit-log FILE``  append ``<rank> <part number>`` to FILE after each shard commit (the part's
-                number in the main store), so a test can tell which chunks were computed.
+                number in the main store), so a test can tell which parts were computed.
 ``--die R:P[:N]``  rank R SIGKILLs itself at point P: ``commit`` (after its N-th shard commit,
                 default 1) or ``stitch`` (rank 0 only: the shards' parts linked into the main
                 store's folder, its manifest not yet rewritten).
@@ -32,9 +32,11 @@ import pathlib
 import signal
 import sys
 
-HERE = pathlib.Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+# Run by path, this folder (tests/helpers) is on sys.path but tests/ is not: put it there, so
+# that ``helpers.store_child`` imports as it does in the test process.
+TESTS = pathlib.Path(__file__).resolve().parent.parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
 
 
 def install_hooks(rank: int, log: str | None, die: str | None) -> None:
@@ -52,7 +54,7 @@ def install_hooks(rank: int, log: str | None, die: str | None) -> None:
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
-    real_commit = shards._commit
+    real_commit = shards.commit
 
     def commit(shard, manifest, examples, arrays, *, number, first):
         real_commit(shard, manifest, examples, arrays, number=number, first=first)
@@ -63,15 +65,15 @@ def install_hooks(rank: int, log: str | None, die: str | None) -> None:
         if commits["n"] == at:
             kill_if("commit")
 
-    shards._commit = commit
+    shards.commit = commit
 
-    real_fsync_dir = shards._fsync_dir  # in shards, called only once the parts are linked
+    real_fsync_dir = shards.fsync_dir  # in shards, called only once the parts are linked
 
     def fsync_dir(folder):
         real_fsync_dir(folder)
         kill_if("stitch")
 
-    shards._fsync_dir = fsync_dir
+    shards.fsync_dir = fsync_dir
 
 
 def say(line: str) -> None:
@@ -83,17 +85,17 @@ def say(line: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--examples", type=int, default=20)
-    parser.add_argument("--chunk-size", type=int, default=3)
+    parser.add_argument("--part-size", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--build", nargs=2, action="append", metavar=("CODEC", "PATH"))
     parser.add_argument("--commit-log", default=None)
     parser.add_argument("--die", default=None)
     args = parser.parse_args(argv)
 
-    from store_child import make_inputs
-
     import influencekit as ik
     from influencekit.distributed import barrier, init_from_env, rank_and_world
+
+    from helpers.store_child import make_inputs
 
     init_from_env()
     rank, world = rank_and_world()
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
                 modules="mlp",
                 codec=codec,
                 batch_size=args.batch_size,
-                chunk_size=args.chunk_size,
+                part_size=args.part_size,
                 seed=0,
                 progress=False,
             )

@@ -1,25 +1,30 @@
-"""``GradientStore.rows`` and ``GradientStore.gram``: inner products of stored gradients.
+"""Tests of store/reader.py: ``GradientStore`` reading a store back.
 
 What is checked, against float64 references computed independently of the store code:
 
-1. ``dense``: ``store.gram`` equals the Gram of the per-sequence weight gradients from
+1. ``gram``: with ``dense``, the Gram of the per-sequence weight gradients from
    ``torch.autograd`` (sum of token losses, bias as the last input column), summed over
-   layers, to 1e-9; a float32 store of the same model to float32 rounding.
-2. ``lowrank:R`` with ``R >=`` every sequence's token count equals the dense Gram; a small
-   ``R`` equals the Gram of its explicit reconstructions ``uᵀ v`` (and differs from dense).
-3. ``kron`` and ``eig``: the inner products of the stored ``c`` arrays, read with plain h5py.
-4. Every Gram is exactly symmetric, positive semi-definite, and the sum of its per-layer
+   layers, to 1e-9; a float32 store of the same model to float32 rounding. ``lowrank:R``
+   with ``R >=`` every sequence's token count equals the dense Gram; a small ``R`` equals
+   the Gram of its explicit reconstructions ``uᵀ v`` (and differs from dense). ``kron`` and
+   ``eig``: the inner products of the stored ``c`` arrays, read with plain h5py.
+2. Every Gram is exactly symmetric, positive semi-definite, and the sum of its per-layer
    Grams; repeated and unsorted indices pick rows and columns of the full Gram.
-5. ``rows``: requested order, repeats, chosen layers only; IndexError for bad indices or
-   layers; a damaged chunk raises FileFormatError naming the part file.
-6. The codecs' ``gram`` on random tensors, including the chunked lowrank path.
+3. ``rows``: requested order, repeats, chosen layers only; IndexError for bad indices or
+   layers; a damaged chunk, or a part missing one array, raises FileFormatError naming the
+   part file (from ``rows``, ``gram`` and scoring alike).
+4. ``blocks``: rows 0..N-1 once, in order, bounded by the block size; tiny blocks give the
+   same scores. ``token_ids`` reads just the asked rows.
+5. ``dataset()`` and ``tokenizer()`` give back the training set and tokenizer.
+
+Elsewhere: the codecs themselves in test_codecs.py; scoring from a store in
+test_store_scoring.py; damaged, truncated and foreign store files in test_store_faults.py.
 """
 
 from __future__ import annotations
 
 import pathlib
 import shutil
-import sys
 
 import h5py
 import numpy as np
@@ -27,13 +32,18 @@ import pytest
 import torch
 
 import influencekit as ik
-from influencekit.store import codecs as codecs_module
-from influencekit.store.codecs import make_codec, parse_codec
+from influencekit.store.reader import GradientStore
+from influencekit.tiny import TINY_CORPUS
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from test_store_scoring import SHORT_MAX_LENGTH, SHORT_TEXTS, autograd_weight_grads
-
-from tiny_models import make_model
+from helpers import store_worlds
+from helpers.store_worlds import (
+    QUERIES,
+    SHORT_MAX_LENGTH,
+    SHORT_TEXTS,
+    autograd_weight_grads,
+    top_order,
+)
+from helpers.tiny_models import make_model
 
 F64 = torch.float64
 CHUNK = 3  # 10 examples -> 4 parts (3, 3, 3, 1)
@@ -57,7 +67,7 @@ class World:
             path = self.folder / f"{codec.replace(':', '')}-{dtype}.h5"
             self._stores[key] = ik.GradientStore.build(
                 path, self.model, self.train, codec=codec, dtype=dtype, factors=self.factors,
-                chunk_size=CHUNK, batch_size=3, progress=False,
+                part_size=CHUNK, batch_size=3, progress=False,
             )  # fmt: skip
         return self._stores[key]
 
@@ -116,7 +126,7 @@ def check_gram_properties(store: ik.GradientStore) -> np.ndarray:
     np.testing.assert_array_equal(full, full.T)
     eig = np.linalg.eigvalsh(full)
     assert eig.min() >= -1e-9 * eig.max(), (store.codec, eig)
-    per_layer = sum(store.gram(list(range(n)), layers=[j]) for j in range(len(store.modules)))
+    per_layer = sum(store.gram(list(range(n)), positions=[j]) for j in range(len(store.modules)))
     assert_rel(per_layer, full, 1e-12, what=f"{store.codec}: layer sum")
     asked = [7, 2, 7, 0, 9]  # unsorted, repeated, across parts
     sub = store.gram(asked)  # a smaller matmul than the full one: equal up to rounding
@@ -127,7 +137,7 @@ def check_gram_properties(store: ik.GradientStore) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# 1-3. Grams against independent references
+# 1-2. gram against independent references
 
 
 def test_dense_gram_equals_autograd(world, exact_gram):
@@ -173,13 +183,13 @@ def test_projection_gram_equals_stored_c(world, exact_gram, codec):
     )
     assert_rel(full, expected, 1e-12, what=codec)
     for j, layer in enumerate(stored):
-        assert_rel(store.gram(list(range(len(store))), layers=[j]), flat_gram(layer["c"]), 1e-12,
+        assert_rel(store.gram(list(range(len(store))), positions=[j]), flat_gram(layer["c"]), 1e-12,
                    what=f"{codec} layer {j}")  # fmt: skip
     assert np.abs(full - exact_gram).max() > 1e-4 * np.abs(exact_gram).max()  # compressed
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. rows
+# 3. rows, and damaged parts
 
 
 @pytest.mark.parametrize("codec", ["dense", "lowrank:3"])
@@ -224,7 +234,7 @@ def test_damaged_chunk_is_named(world, tmp_path):
         data[start + i] ^= 0xA5  # not a 0x0000 <-> 0xFFFF swap, which Fletcher-32 misses
     part.write_bytes(bytes(data))
     store.rows([0, 9])  # other parts read fine
-    store.rows([4], layers=[0])  # and so does an intact layer of the damaged part
+    store.rows([4], positions=[0])  # and so does an intact layer of the damaged part
     for call in (lambda: store.rows([9, 4]), lambda: store.gram([4, 0])):
         with pytest.raises(ik.FileFormatError) as info:
             call()
@@ -255,35 +265,112 @@ def test_a_part_missing_one_array_is_named_by_every_reader(world, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. The codecs' gram on random tensors
+# 4-5. blocks, token_ids, dataset() and tokenizer(), on the stores of the w32 world
 
 
-@pytest.mark.parametrize("spec", ["dense", "kron:7", "kron:3", "lowrank:2", "lowrank:9"])
-def test_codec_gram_random(spec, monkeypatch):
-    shape = (5, 7)
-    codec = make_codec(parse_codec(spec), shape, seed=3, layer_index=1)
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(6, 4, 7, generator=gen, dtype=F64)  # 6 examples of 4 tokens
-    s = torch.randn(6, 4, 5, generator=gen, dtype=F64)
-    stored = codec.encode(a, s)
-    first = {k: v[:4] for k, v in stored.items()}
-    second = {k: v[2:] for k, v in stored.items()}
-    got = codec.gram(first, second)
-    assert got.shape == (4, 4) and got.dtype == F64
-    if spec.startswith("kron"):
-        c = stored["c"].flatten(1)
-        expected = c[:4] @ c[2:].T
-    else:
-        dense = (
-            stored["g"] if spec == "dense" else stored["u"].transpose(1, 2) @ stored["v"]
-        ).flatten(1)
-        expected = dense[:4] @ dense[2:].T
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    if spec in ("dense", "kron:7", "lowrank:9"):  # exact: orthogonal projections, R >= T
-        g = torch.einsum("bto,bti->boi", s, a).flatten(1)
-        torch.testing.assert_close(got, g[:4] @ g[2:].T, rtol=1e-10, atol=1e-10)
-    if spec.startswith("lowrank"):  # a few rows of ``a`` at a time: the same numbers
-        monkeypatch.setattr(codecs_module, "GRAM_ELEMENTS", 1)
-        torch.testing.assert_close(codec.gram(first, second), got, rtol=1e-14, atol=1e-14)
-        empty = codec.gram({k: v[:0] for k, v in stored.items()}, second)
-        assert empty.shape == (0, 4)
+def test_blocks_cover_rows_once_in_order(w32, monkeypatch):
+    store = w32.store("dense")
+    n, per_example = len(store), store.bytes_per_example()
+    expected_bytes = sum(
+        int(np.prod(w32.factors.layers[m].shape)) for m in store.modules
+    ) * 4  # fmt: skip
+    assert per_example == expected_bytes
+    everything = [arrays for _, arrays in store.blocks()]
+    reference = [
+        np.concatenate([arrays[j]["g"] for arrays in everything]) for j in range(len(store.modules))
+    ]
+    assert [len(r) for r in reference] == [n] * len(store.modules)
+    # Blocks hold whole HDF5 chunks (a chunk is never read twice), so at least one chunk.
+    chunk = max(h5py.File(p)["/"].attrs["chunk_rows"] for p in store.part_paths())
+    for block_bytes in (1, per_example, 2 * per_example + 1, 3 * per_example, 10**9):
+        rows_max = max(chunk, block_bytes // per_example)
+        seen, pieces = [], [[] for _ in store.modules]
+        for first, arrays in store.blocks(block_bytes=block_bytes):
+            rows = {len(a["g"]) for a in arrays}
+            assert len(rows) == 1, rows
+            (count,) = rows
+            assert 1 <= count <= rows_max
+            assert count * per_example <= max(block_bytes, chunk * per_example)
+            seen.extend(range(first, first + count))
+            for j, a in enumerate(arrays):
+                assert a["g"].shape[1:] == tuple(w32.factors.layers[store.modules[j]].shape)
+                pieces[j].append(a["g"])
+        assert seen == list(range(n)), (block_bytes, seen)
+        for j, piece in enumerate(pieces):
+            np.testing.assert_array_equal(np.concatenate(piece), reference[j])
+    # A subset of layers, by position.
+    for first, arrays in store.blocks([2, 0], block_bytes=per_example):
+        assert len(arrays) == 2
+        rows = len(arrays[0]["g"])
+        np.testing.assert_array_equal(arrays[0]["g"], reference[2][first : first + rows])
+        np.testing.assert_array_equal(arrays[1]["g"], reference[0][first : first + rows])
+
+    # Scores streamed one chunk at a time equal the default blocks' scores.
+    default = w32.score(store)
+    calls = []
+
+    def tiny_blocks(layers=None, **kw):
+        calls.append(layers)
+        return GradientStore.blocks(store, layers, block_bytes=1)
+
+    monkeypatch.setattr(store, "blocks", tiny_blocks)
+    tiny = w32.score(store, top_k=5)
+    whole = w32.score(store)
+    assert calls, "score did not stream through store.blocks"
+    # float32 matmuls of 1 row round differently from those of 5: equal up to float32 rounding.
+    # (the scores' tolerance: relative, plus absolute in units of the largest score)
+    store_worlds.assert_rel(whole.layer_scores, default.layer_scores, 1e-5, what="block_bytes=1")
+    for q in range(len(QUERIES)):
+        order = top_order(default.scores[q], 5)
+        np.testing.assert_array_equal(tiny.indices[q], order)
+
+
+def test_token_ids_reads_just_the_asked_rows(w32):
+    """refine reads its candidates' token ids row by row: they equal the full listing."""
+    store = w32.store("dense")
+    everything = store.examples().input_ids
+    asked = [len(store) - 1, 0, 3, 3, 1]  # unsorted, repeated, across parts
+    assert store.token_ids(asked) == [everything[i] for i in asked]
+    assert store.token_ids([]) == []
+    with pytest.raises(IndexError):
+        store.token_ids([len(store)])
+
+
+def test_store_dataset_and_tokenizer(w32, tokenizer, tmp_path):
+    records = [
+        {"text": TINY_CORPUS[i], "id": f"ex-{i}" if i % 2 else i, "theme": theme, "rank": r,
+         "tags": [theme, "t"], "weight": 0.5 * r, "note": None}
+        for r, (i, theme) in enumerate([(0, "cooking"), (13, "astronomy"), (21, "sailing"),
+                                        (30, "music"), (12, "astronomy"), (5, "cooking")])
+    ]  # fmt: skip
+    records.append({"text": "Ünïcode ☃ sails — beyond the corpus, twice over " * 3, "id": "ü"})
+    train = ik.TextDataset.from_records(records, tokenizer, max_length=24)
+    assert any(len(ex.input_ids) == 24 for ex in train)  # one is truncated
+    path = tmp_path / "grads.h5"
+    built = ik.GradientStore.build(path, w32.model, train, part_size=3, batch_size=2,
+                                   progress=False)  # fmt: skip
+    for store in (built, ik.GradientStore.open(path)):
+        assert len(store) == len(train) and store.ids == train.ids
+        for ds in (store.dataset(), store.dataset(tokenizer)):
+            assert len(ds) == len(train) and ds.max_length == train.max_length
+            assert ds.ids == train.ids
+            for mine, theirs in zip(ds, train, strict=True):
+                assert mine.index == theirs.index
+                assert mine.id == theirs.id and mine.text == theirs.text
+                assert tuple(mine.input_ids) == tuple(theirs.input_ids)
+                assert mine.metadata == theirs.metadata
+        assert store.dataset()[2].metadata["theme"] == "sailing"
+        rebuilt = store.tokenizer
+        texts = [r["text"] for r in records] + ["", " leading space", "x\ny\tz", "🚢 ⛵"]
+        for text in texts:
+            assert rebuilt(text)["input_ids"] == tokenizer(text)["input_ids"]
+            ids = tokenizer(text)["input_ids"]
+            assert rebuilt.decode(ids) == tokenizer.decode(ids)
+        assert rebuilt.eos_token_id == tokenizer.eos_token_id
+        assert len(rebuilt) == len(tokenizer)
+    # The dataset read back scores like the original one (on the fly).
+    factors = ik.fit_factors(w32.model, train, "mlp", batch_size=4, progress=False)
+    a = w32.score(train, factors=factors)
+    b = w32.score(built.dataset(), factors=factors)
+    np.testing.assert_array_equal(a.layer_scores, b.layer_scores)
+    assert b.train_ids == a.train_ids

@@ -2,10 +2,10 @@
 
 Usage::
 
-    python tests/store_child.py STORE_PATH [--codec dense] [--n 40] [--chunk 3] [--batch 2]
-        [--delay SECONDS] [--die POINT:N] [--fsize-after PARTS --fsize BYTES]
+    python tests/helpers/store_child.py STORE_PATH [--codec dense] [--n 40] [--part-size 3]
+        [--batch 2] [--delay SECONDS] [--die POINT:N] [--fsize-after PARTS --fsize BYTES]
         [--message-file FILE]
-    python tests/store_child.py --serve     # a fork server: the same builds, one per stdin line
+    python tests/helpers/store_child.py --serve   # a fork server: the same builds, one per line
 
 The store is always the same one: a seeded tiny GPT-2, the tokenizer trained on TINY_CORPUS,
 the first ``--n`` sentences of TINY_CORPUS with ids ``ex00``, ``ex01``, ... The test module
@@ -39,9 +39,11 @@ import signal
 import sys
 import time
 
-HERE = pathlib.Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+# Run by path, this folder (tests/helpers) is on sys.path but tests/ is not: put it there, so
+# that ``helpers.tiny_models`` imports as it does in the test process.
+TESTS = pathlib.Path(__file__).resolve().parent.parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
 
 MODEL_SEED = 0
 # The tokenizer is trained with a thread pool before workers are forked (--serve).
@@ -55,7 +57,7 @@ def make_inputs(n: int = 40, *, seed: int = MODEL_SEED):
     import influencekit as ik
     from influencekit.tiny import TINY_CORPUS, build_tokenizer
 
-    from tiny_models import make_model
+    from helpers.tiny_models import make_model
 
     torch.set_num_threads(1)
     tokenizer = build_tokenizer(TINY_CORPUS)
@@ -125,7 +127,7 @@ def limit_file_size_after(parts: int, limit: int) -> None:
 
     from influencekit.store import build
 
-    real_commit = build._commit
+    real_commit = build.commit
     done = {"n": 0}
 
     def commit(*args, **kwargs):
@@ -135,7 +137,7 @@ def limit_file_size_after(parts: int, limit: int) -> None:
         real_commit(*args, **kwargs)
         done["n"] += 1
 
-    build._commit = commit
+    build.commit = commit
 
 
 def build_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -143,7 +145,7 @@ def build_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("path")
     parser.add_argument("--codec", default="dense")
     parser.add_argument("--n", type=int, default=40)
-    parser.add_argument("--chunk", type=int, default=3)
+    parser.add_argument("--part-size", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--die", default=None)
@@ -171,7 +173,7 @@ def run_build(args: argparse.Namespace, model, tokenizer) -> int:
             modules="mlp",
             codec=args.codec,
             batch_size=args.batch,
-            chunk_size=args.chunk,
+            part_size=args.part_size,
             seed=0,
             progress=False,
         )
