@@ -37,8 +37,8 @@ import transformers as tf
 sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/ is not a package
 
 import influencekit as ik
-from influencekit.store.build import MAX_CHUNK
 from influencekit.store.layout import PART_BYTES, Manifest, StoreConfig, write_manifest
+from influencekit.store.writing import MAX_PART_SIZE
 from influencekit.tiny import TINY_CORPUS, build_tokenizer
 
 QUIET = {"progress": False}
@@ -326,7 +326,7 @@ def section_commit(root: Path) -> float:
     train = ik.TextDataset.from_texts(TINY_CORPUS, tok, max_length=32)
     model = tiny_models()["gpt2"]
     path = root / "one-per-part.h5"
-    ik.GradientStore.build(path, model, train, codec="kron:8", chunk_size=1, **QUIET)
+    ik.GradientStore.build(path, model, train, codec="kron:8", part_size=1, **QUIET)
     best = min(timed(lambda: ik.GradientStore.open(path)) for _ in range(3))
     print(
         f"  GradientStore.open, {len(train)} parts: {best:.3f} s "
@@ -493,7 +493,7 @@ def section_example(commit_s: float | None, eigh: dict[int, float] | None) -> No
     head = (
         f"{'codec':10} {'fp16 MB/seq':>11} {'fp16 TB':>8} {'fp32 TB':>8} "
         f"{'encode GF/tok':>13} {'encode s':>8} {'write GB/s':>10} {'read h':>7} "
-        f"{'contract GMAC/seq':>17} {'path':>8} {'contract s':>10} {'chunk':>5} {'parts':>9}"
+        f"{'contract GMAC/seq':>17} {'path':>8} {'contract s':>10} {'part':>5} {'parts':>9}"
         f"{'' if commit_s is None else ' ' + format('manifest s', '>12')}"
     )
     print(head)
@@ -507,8 +507,8 @@ def section_example(commit_s: float | None, eigh: dict[int, float] | None) -> No
         per_seq = sum(m for m, _ in macs)
         paths = "/".join(sorted({p for _, p in macs}))
         contract_s = 2 * per_seq * N_SEQ / (GPUS * FP32_FLOPS)
-        chunk = max(1, min(MAX_CHUNK, PART_BYTES // b16))  # store/build.py default chunk_size
-        parts = -(-N_SEQ // chunk)
+        part = max(1, min(MAX_PART_SIZE, PART_BYTES // b16))  # the default part_size
+        parts = -(-N_SEQ // part)
         # every commit rewrites the manifest, which lists every part: c·P²/2 in one process
         manifest = "" if commit_s is None else f" {commit_s * parts**2 / 2:>12,.0f}"
         encode_s = encode * tokens / (GPUS * FP32_FLOPS)
@@ -516,7 +516,7 @@ def section_example(commit_s: float | None, eigh: dict[int, float] | None) -> No
         print(
             f"{codec:10} {b16 / 1e6:>11.3f} {N_SEQ * b16 / 1e12:>8.2f} {N_SEQ * b32 / 1e12:>8.2f} "
             f"{encode / 1e9:>13.3f} {encode_s:>8,.0f} {write:>10.2f} {read_h:>7.2f} "
-            f"{per_seq / 1e9:>17.3f} {paths:>8} {contract_s:>10,.1f} {chunk:>5} {parts:>9,}"
+            f"{per_seq / 1e9:>17.3f} {paths:>8} {contract_s:>10,.1f} {part:>5} {parts:>9,}"
             f"{manifest}"
         )
     print()
@@ -526,7 +526,7 @@ def section_example(commit_s: float | None, eigh: dict[int, float] | None) -> No
         "assumed fp32 rate on all GPUs; write GB/s: what the build writes, all ranks together, "
         "fp16; read h: one pass over the fp16 store at the assumed read "
         "bandwidth, all ranks; contract: multiply-adds per stored sequence for the query batch, "
-        "and seconds at the assumed fp32 rate on all GPUs; chunk: the default chunk_size "
+        "and seconds at the assumed fp32 rate on all GPUs; part: the default part_size "
         "(examples per part, about 64 MiB) of an fp16 store; parts: parts of one process's "
         "store; manifest s: the sum of the manifest rewrites of one process's build at the "
         "cost per listed part measured in the commit section."
@@ -560,29 +560,29 @@ def section_example(commit_s: float | None, eigh: dict[int, float] | None) -> No
     )
     print()
     if commit_s is not None:
-        chunk_table(commit_s)
+        part_table(commit_s)
     budget_table()
 
 
-def chunk_table(commit_s: float, codec: str = "lowrank:8", dtype: str = "float16") -> None:
-    """Parts, manifest rewrites and host memory of one chunk in flight, against chunk_size."""
+def part_table(commit_s: float, codec: str = "lowrank:8", dtype: str = "float16") -> None:
+    """Parts, manifest rewrites and host memory of one part in flight, against part_size."""
     disk = bytes_per_example(codec, SHAPES, dtype)
     compute = bytes_per_example(codec, SHAPES, "float32")  # encode() fills float32 arrays
-    default = max(1, min(MAX_CHUNK, PART_BYTES // disk))
-    print(f"chunk_size for {codec} {dtype} ({disk / 1e6:.2f} MB per sequence):")
+    default = max(1, min(MAX_PART_SIZE, PART_BYTES // disk))
+    print(f"part_size for {codec} {dtype} ({disk / 1e6:.2f} MB per sequence):")
     head = (
-        f"  {'chunk_size':>10} {'parts':>10} {'manifest s, 1 process':>22} "
+        f"  {'part_size':>10} {'parts':>10} {'manifest s, 1 process':>22} "
         f"{'per rank, 8 shards':>18} {'part GB':>8} {'host GB in flight':>17}"
     )
     print(head)
-    for chunk in (default, 64, 256, 1024):
-        parts = -(-N_SEQ // chunk)
+    for size in (default, 64, 256, 1024):
+        parts = -(-N_SEQ // size)
         shard = -(-parts // GPUS)
         # float32 arrays from encode(), their cast to the store dtype, the in-memory HDF5 image
-        flight = chunk * (compute + 2 * disk)
+        flight = size * (compute + 2 * disk)
         print(
-            f"  {chunk:>10} {parts:>10,} {commit_s * parts**2 / 2:>22,.0f} "
-            f"{commit_s * shard**2 / 2:>18,.0f} {chunk * disk / 1e9:>8.2f} {flight / 1e9:>17.1f}"
+            f"  {size:>10} {parts:>10,} {commit_s * parts**2 / 2:>22,.0f} "
+            f"{commit_s * shard**2 / 2:>18,.0f} {size * disk / 1e9:>8.2f} {flight / 1e9:>17.1f}"
         )
     print()
 

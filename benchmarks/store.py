@@ -9,7 +9,7 @@ Columns, per codec:
     build x       time of ``GradientStore.build`` over the data / a plain forward+backward over
                   the same batches (the mean of one run just before and one just after)
     read x        time to read every stored array with plain h5py / time of the streaming
-                  scoring pass over the same store (``stream_store``): >= 0.7 means scoring
+                  scoring pass over the same store (``stored_scores``): >= 0.7 means scoring
                   runs at 70% or more of the raw read speed
     answer x      time to score a new batch of queries on the fly (``ik.score`` with the
                   ``TextDataset``) / time to score them from the store (``ik.score`` with the
@@ -52,8 +52,10 @@ from engine import FULL, QUICK, build_data, build_model, plain_forward_backward,
 
 import influencekit as ik
 from influencekit.data import example_batches, length_order
-from influencekit.scoring import query_tokens
-from influencekit.store_scoring import stream_store
+from influencekit.keep import AllScores
+from influencekit.scoring import preconditioned, query_tokens
+from influencekit.settings import RunSettings
+from influencekit.store.scoring import stored_scores
 
 CODECS = (
     "dense",
@@ -92,39 +94,27 @@ def raw_read(store: ik.GradientStore) -> None:
                     f["layers"][name][key][()]
 
 
-def compressed_queries(model, factors, queries, store, device, rank):
-    """Each layer's preconditioned queries (rank ``rank`` if given), compressed by its codec."""
+def preconditioned_queries(model, factors, queries, store, device, rank):
+    """Each layer's preconditioned queries (rank ``rank`` if given), as ``score`` makes them."""
     layers = factors.tracked_layers(model)
-    tokens = query_tokens(
-        model, layers, ik.as_queries(queries), store.tokenizer(), device=device, **QUIET
-    )
-    lambdas = factors.damping_for(None)
-    out = []
-    for layer in layers:
-        x, lf = tokens[layer.name], factors.layers[layer.name]
-        if rank is None:
-            p = lf.precondition_tokens(x.s, x.a, lambdas[layer.name])
-        else:
-            p = lf.precondition_truncated(x.s, x.a, lambdas[layer.name], rank)
-        out.append(store.codecs[store.modules.index(layer.name)].compress_query(p))
-    return layers, out
+    run = RunSettings(device=device, **QUIET).on(model)
+    tokens = query_tokens(model, layers, ik.as_queries(queries), store.tokenizer, run)
+    forms = preconditioned(factors, tokens, factors.damping_for(None), rank)
+    return layers, forms
 
 
-def stream_time(store, layers, compressed, device) -> float:
-    keep = np.zeros(
-        (
-            len(compressed[0][0]) if isinstance(compressed[0], tuple) else len(compressed[0]),
-            len(store),
-            len(layers),
-        )
-    )
-    return min(
-        timed(
-            lambda: stream_store(store, layers, compressed, keep, device, torch.float32, False),
-            device,
-        )
-        for _ in range(2)
-    )
+def stream_time(store, layers, forms, device) -> float:
+    """Seconds of the streaming pass alone: every stored block contracted and kept."""
+    names = [layer.name for layer in layers]
+
+    def stream() -> None:
+        keep = None
+        blocks = stored_scores(store, names, [forms[n] for n in names], device=device, **QUIET)
+        for indices, block in blocks:
+            keep = keep or AllScores(block.shape[0], len(store), len(layers))
+            keep.add(indices, block)
+
+    return min(timed(stream, device) for _ in range(2))
 
 
 def timed_score(*args, **kwargs):
@@ -150,10 +140,10 @@ def measure_codec(codec, model, factors, train, queries, exact, t_fly, batches, 
     raw_read(store)  # warm the page cache for both reads alike
     t_read = min(timed(lambda: raw_read(store), device) for _ in range(2))
     t_stream = stream_time(
-        store, *compressed_queries(model, factors, queries, store, device, None), device
+        store, *preconditioned_queries(model, factors, queries, store, device, None), device
     )
     t_stream_r = stream_time(
-        store, *compressed_queries(model, factors, queries, store, device, RANK), device
+        store, *preconditioned_queries(model, factors, queries, store, device, RANK), device
     )
     t_answer, result = timed_score(model, factors, queries, store)
     t_answer_r, result_r = timed_score(model, factors, queries, store, query_rank=RANK)

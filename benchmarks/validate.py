@@ -53,7 +53,7 @@ from influencekit.validate import (
     retrain,
 )
 
-from tiny_example import QUERIES, corpus_records, train_tiny_model
+from helpers.tiny_example import QUERIES, corpus_records, train_tiny_model
 
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
 

@@ -33,7 +33,7 @@ then measures, in one run:
   (``InfluenceResult.load``; ``Example(index, id, text, (), {"theme": ...})`` per JSONL
   line) and shows ``InfluenceExplorer(result, examples, queries=queries)`` and a ``.picked``
   label that an ``explorer.observe(..., "selection")`` callback fills with the selection's
-  JSON. Voilà serves it on 127.0.0.1 (``tests/live.py``'s ``voila_server``, offline) and
+  JSON. Voilà serves it on 127.0.0.1 (``tests/helpers/live.py``'s ``voila_server``, offline) and
   chromium opens it ``--repeats`` times; each load starts a fresh kernel and runs the
   cell, then times, once per load: ``first render`` (navigation start until the table's
   rows are visible: kernel start, imports, the cell's run, the page's scripts, the widgets'
@@ -64,7 +64,7 @@ then measures, in one run:
   websocket open, rows in the DOM and visible, and the cell's own imports, loading,
   reading and building. Console errors, page errors and requests off 127.0.0.1 are
   printed when there are any. Needs voila (test extras), psutil and
-  tests/live.py; when they cannot be imported the live rows are skipped with a note.
+  tests/helpers/live.py; when they cannot be imported the live rows are skipped with a note.
 
 ``budget`` is the median against a 100 ms interactive budget (median / 100 ms): below 1x
 feels immediate. The machine is shared and noisy: read the medians and ratios, not single
@@ -664,12 +664,12 @@ def timed_step(page, trigger: str, check: str, arg, reply: str, target, option=N
 
 def live_steps(result, dataset, queries, repeats: int):
     """``({step: [ms, ...]}, {step: [split, ...]}, first-render details, problems)``, or
-    ``None`` when the live helpers (tests/live.py: Voilà, psutil) cannot be imported."""
+    ``None`` when the live helpers (tests/helpers/live.py: Voilà, psutil) cannot be imported."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     try:
         from playwright.sync_api import sync_playwright
 
-        import live
+        from helpers import live
     except ImportError as err:
         print(f"--live skipped: {err}")
         return None
