@@ -49,7 +49,7 @@ from .result import InfluenceResult
 from .settings import RunSettings
 from .store import GradientStore
 from .store.codecs import DenseCodec
-from .store.scoring import stored_scores
+from .store.scoring import compressed_queries, stored_scores
 
 Scores = Iterator[tuple[np.ndarray, np.ndarray]]  # (training indices (B,), scores (Q, B, L))
 
@@ -231,13 +231,10 @@ class Stored(_Source):
         forms: dict[str, QueryForm],
         run: RunSettings,
     ) -> Scores:
+        names = [layer.name for layer in layers]
+        queries = compressed_queries(self.store, names, [forms[name] for name in names])
         return stored_scores(
-            self.store,
-            [layer.name for layer in layers],
-            [forms[layer.name] for layer in layers],
-            device=run.device,
-            dtype=run.dtype,
-            progress=run.progress,
+            self.store, names, queries, device=run.device, dtype=run.dtype, progress=run.progress
         )
 
     def exact_scores(

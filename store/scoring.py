@@ -7,7 +7,8 @@ streaming pass. Memory holds one block of the store at a time; the scores go to 
 block by block. No curvature is computed here: the store knows nothing of EK-FAC.
 
 Example:
-    >>> for indices, block in stored_scores(store, names, forms, device=cpu):  # doctest: +SKIP
+    >>> queries = compressed_queries(store, names, forms)                  # doctest: +SKIP
+    >>> for indices, block in stored_scores(store, names, queries, device=cpu):  # doctest: +SKIP
     ...     block.shape                                    # (queries, len(indices), layers)
 """
 
@@ -23,10 +24,17 @@ from influencekit.lowrank import QueryForm
 from influencekit.progress import progress_counter
 
 
+def compressed_queries(store, names: list[str], forms: list[QueryForm]) -> list[QueryForm]:
+    """Each layer's preconditioned queries ``forms[j]`` compressed by the codec of layer
+    ``names[j]`` exactly as the stored gradients were: what :func:`stored_scores` takes."""
+    codecs = [store.codecs[store.modules.index(name)] for name in names]
+    return [codec.compress_query(p) for codec, p in zip(codecs, forms, strict=True)]
+
+
 def stored_scores(
     store,
     names: list[str],
-    forms: list[QueryForm],
+    queries: list[QueryForm],
     *,
     device: torch.device,
     dtype: torch.dtype = torch.float32,
@@ -34,13 +42,12 @@ def stored_scores(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(training indices (B,), per-layer scores (Q, B, L))`` for every block of ``store``.
 
-    ``names``: the layers to score (in this order), each held by the store; ``forms[j]``:
-    the preconditioned queries of layer ``names[j]``. Under ``torchrun`` each process
-    reads every ``world``-th block: the caller combines the processes' scores.
+    ``names``: the layers to score (in this order), each held by the store; ``queries[j]``:
+    layer ``names[j]``'s queries from :func:`compressed_queries`. Under ``torchrun`` each
+    process reads every ``world``-th block: the caller combines the processes' scores.
     """
     positions = [store.modules.index(name) for name in names]
     codecs = [store.codecs[p] for p in positions]
-    queries = [codec.compress_query(p) for codec, p in zip(codecs, forms, strict=True)]
     rank, world = distributed.rank_and_world()
     with progress_counter(len(store), desc="scoring store", enabled=progress and rank == 0) as bar:
         for first, arrays in store.blocks(positions, every=(rank, world)):
