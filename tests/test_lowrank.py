@@ -1,0 +1,75 @@
+"""Rank-r queries (``influencekit.lowrank``) against dense float64 references.
+
+``truncate_rank`` against ``torch.linalg.svd`` (tall and wide matrices, rank above the
+matrix rank), ``factored_inner`` against the inner product of the dense matrices, and
+``factored_is_cheaper`` against its cost formula counted by hand.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from influencekit.lowrank import (
+    LowRank,
+    as_dense,
+    factored_inner,
+    factored_is_cheaper,
+    truncate_rank,
+    zero_pad,
+)
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 4), (3, 4, 9), (1, 6, 6)])
+@pytest.mark.parametrize("rank", [1, 3, 12])
+def test_truncate_rank_is_the_truncated_svd(shape, rank):
+    p = torch.randn(*shape, generator=torch.Generator().manual_seed(rank), dtype=F64)
+    u, s, vh = torch.linalg.svd(p, full_matrices=False)
+    r = min(rank, s.shape[-1])
+    want = (u[..., :r] * s[..., None, :r]) @ vh[..., :r, :]
+    low = truncate_rank(p, rank)
+    assert low.rank == r and low.n_queries == shape[0]
+    torch.testing.assert_close(low.dense(), want, rtol=1e-10, atol=1e-10)
+
+
+def test_factored_inner_equals_the_dense_inner_product():
+    gen = torch.Generator().manual_seed(0)
+    query = LowRank(torch.randn(3, 7, 2, generator=gen, dtype=F64),
+                    torch.randn(3, 5, 2, generator=gen, dtype=F64))  # fmt: skip
+    u = torch.randn(4, 6, 7, generator=gen, dtype=F64)  # 4 examples, 6 factor pairs each
+    v = torch.randn(4, 6, 5, generator=gen, dtype=F64)
+    g = u.transpose(1, 2) @ v  # each example's Σ_k u_k v_kᵀ
+    want = torch.einsum("qoi,boi->qb", query.dense(), g)
+    torch.testing.assert_close(factored_inner(query, u, v), want, rtol=1e-12, atol=1e-12)
+    # zero factor pairs (padded tokens, missing rank) change nothing
+    padded = factored_inner(query, zero_pad(u, 9), zero_pad(v, 9))
+    torch.testing.assert_close(padded, want, rtol=1e-12, atol=1e-12)
+
+
+def test_map_and_as_dense():
+    gen = torch.Generator().manual_seed(1)
+    low = LowRank(torch.randn(2, 4, 3, generator=gen), torch.randn(2, 5, 3, generator=gen))
+    left, right = torch.randn(6, 4, generator=gen), torch.randn(2, 5, generator=gen)
+    torch.testing.assert_close(low.map(left, right).dense(), left @ low.dense() @ right.T)
+    dense = torch.randn(2, 4, 5)
+    assert as_dense(dense) is dense
+    torch.testing.assert_close(as_dense(low), low.dense())
+
+
+@pytest.mark.parametrize(
+    ("n_queries", "rank", "stored", "shape", "cheaper"),
+    [
+        (1, 4, 8, (1024, 1024), True),  # 65,536 in factors against 9.4M through G_z
+        (64, 64, 8, (64, 64), False),  # 4.2M against 295k
+        (8, 16, 32, (512, 129), True),  # 2,625,536 against 2,641,920: just cheaper
+        (8, 16, 34, (512, 129), False),  # 2,789,632 against 2,774,016: just dearer
+    ],
+)
+def test_factored_is_cheaper_counts_multiply_adds(n_queries, rank, stored, shape, cheaper):
+    d_out, d_in = shape
+    factored = n_queries * rank * stored * (d_out + d_in)  # Σ_kr (u_k·us_r)(v_k·v_r) per pair
+    dense = stored * d_out * d_in + n_queries * d_out * d_in  # form G_z, then contract
+    assert (factored <= dense) == cheaper  # the hand count above
+    assert factored_is_cheaper(n_queries, rank, stored, shape) == cheaper
