@@ -61,6 +61,10 @@ class MissingFileError(InfluenceKitError, FileNotFoundError):
     """A file or folder the kit was pointed at does not exist: names the path."""
 
 
+class MissingDependencyError(InfluenceKitError, ImportError):
+    """An optional package a function needs is not installed: names it and how to get it."""
+
+
 class OutOfRangeError(InfluenceKitError, IndexError):
     """An index past the end of a dataset, store or layer list: names the valid range."""
 

@@ -72,8 +72,8 @@ def build(
 ) -> Path:
     """Compute, compress and store each training sequence's per-layer gradient at ``path``.
 
-    See :meth:`influencekit.GradientStore.build` for the parameters. Every argument is
-    checked before anything is written. Returns ``path``.
+    What :meth:`influencekit.GradientStore.build` runs; its docstring describes the
+    parameters. Every argument is checked before anything is written. Returns ``path``.
     """
     path = Path(path)
     spec = parse_codec(codec)

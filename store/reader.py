@@ -38,7 +38,7 @@ from influencekit.models import (
 )
 
 from . import build as building
-from .codecs import DEFAULT_CODEC, recorded_codecs
+from .codecs import recorded_codecs
 from .layout import (
     PART_FORMAT,
     VERSION,
@@ -84,27 +84,22 @@ class GradientStore:
         model: nn.Module,
         train: TextDataset,
         modules: str | list[str] = "mlp",
-        *,
-        codec: str = DEFAULT_CODEC,
-        dtype: str | torch.dtype = "float32",
-        batch_size: int = 8,
-        device: str | torch.device | None = None,
-        amp_dtype: torch.dtype | None = None,
-        part_size: int | None = None,
-        seed: int = 0,
-        factors=None,
-        progress: bool = True,
-        chunk_size: int | None = None,
+        **options,
     ) -> GradientStore:
         """Compute, compress and store each training sequence's per-layer gradient; open it.
 
-        ``modules``: which layers (as for ``fit_factors``). ``codec``: ``dense``, ``kron:K``,
-        ``lowrank:R`` or ``eig:K`` (needs ``factors``). ``dtype``: ``float16``, ``float32``
-        or ``float64`` on disk, as a name or a ``torch.dtype`` (computation is float32, or
-        float64 for a float64 store). ``part_size``: examples per part, one commit each
-        (default: about 64 MiB of gradients; ``chunk_size`` is its former name). ``seed``
-        draws the ``kron`` projections and the ``lowrank`` range finder. ``batch_size``,
-        ``device``, ``amp_dtype``, ``progress``: as for ``fit_factors``.
+        ``modules``: which layers (as for ``fit_factors``). Keyword options (their defaults
+        in :func:`influencekit.store.build.build`):
+
+        - ``codec="lowrank:8"``: ``dense``, ``kron:K``, ``lowrank:R`` or ``eig:K`` (needs
+          ``factors``, fitted ekfac or kfac factors);
+        - ``dtype="float32"``: ``float16``, ``float32`` or ``float64`` on disk, as a name or a
+          ``torch.dtype`` (computation is float32, or float64 for a float64 store);
+        - ``part_size=None``: examples per part, one commit each (default: about 64 MiB of
+          gradients; ``chunk_size`` is its former name);
+        - ``seed=0``: draws the ``kron`` projections and the ``lowrank`` range finder;
+        - ``batch_size=8``, ``device=None``, ``amp_dtype=None``, ``progress=True``: the run
+          settings, as for ``fit_factors``.
 
         An existing store at ``path`` is continued: it must have been built with the same
         model, tokenizer, modules, max_length, codec, dtype and seed, or
@@ -120,9 +115,6 @@ class GradientStore:
         Example:
             >>> store = GradientStore.build("g.h5", model, train, codec="kron:32")  # doctest: +SKIP
         """
-        options = {"codec": codec, "dtype": dtype, "batch_size": batch_size, "device": device}
-        options |= {"amp_dtype": amp_dtype, "part_size": part_size, "seed": seed}
-        options |= {"factors": factors, "progress": progress, "chunk_size": chunk_size}
         return cls.open(building.build(path, model, train, modules, **options))
 
     # -- what is stored ---------------------------------------------------------------------

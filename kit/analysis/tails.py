@@ -13,7 +13,7 @@ import numbers
 
 import numpy as np
 
-from ..errors import DataError, ParameterError
+from ..errors import DataError, MissingDependencyError, ParameterError
 from ._checks import _scores
 
 MIN_TAIL = 10  # fewer tail points than this give no usable exponent
@@ -140,7 +140,7 @@ def plot_tail(scores, ax=None, fit: dict | None = None):
     try:
         import matplotlib.pyplot as plt
     except ImportError as err:
-        raise ImportError("plot_tail needs matplotlib: pip install matplotlib") from err
+        raise MissingDependencyError("plot_tail needs matplotlib: pip install matplotlib") from err
     x, p = ccdf(scores)
     if ax is None:
         _, ax = plt.subplots()
