@@ -172,7 +172,7 @@ class InfluenceResult:
                 {
                     "format": FORMAT,
                     "version": VERSION,
-                    "meta": json.dumps({**self.meta, **self._queries_record()}),
+                    "meta": json.dumps({**self.meta, **self._queries_record()}, default=_plain),
                     "layers": json.dumps(self.layers),
                 }
             )
@@ -211,6 +211,14 @@ class InfluenceResult:
             return cls(layer_scores, layers, train_ids, query_ids, meta, indices)
         except (ValueError, TypeError) as err:
             raise FileFormatError(f"{path}: inconsistent result ({err})") from err
+
+
+def _plain(value):
+    """A value JSON cannot write as it is (a query's metadata may hold numpy values): numpy
+    scalars and arrays as numbers and lists, anything else as its text."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    return str(value)
 
 
 def _typed_queries(queries, query_ids: list[str]) -> list[Query]:

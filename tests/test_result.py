@@ -2,8 +2,8 @@
 
 1. Construction refuses non-finite scores (naming the query, training id and layer) and
    arrays of the wrong shape.
-2. ``save``/``load`` round-trip exactly: scores, ids, layers, meta and ``top``, also with
-   non-ASCII ids and meta and extreme values.
+2. ``save``/``load`` round-trip exactly: scores, ids, layers, meta, queries and ``top``, also
+   with non-ASCII ids and meta and extreme values; queries are typed records.
 3. Files that are not result files, truncated ones and ones missing a dataset raise
    FileFormatError naming the file (the files start from ``gpt2_files``).
 
@@ -14,6 +14,7 @@ test_analysis.py and test_widgets.py.
 
 from __future__ import annotations
 
+import json
 import pathlib
 import shutil
 
@@ -60,6 +61,7 @@ def test_result_round_trips_exactly(gpt2_model, gpt2_train, tmp_path):
         result.query_ids,
     )
     assert loaded.meta == result.meta
+    assert loaded.queries == result.queries and result.queries is not None
     assert loaded.top(1, k=4) == result.top(1, k=4)
 
     values = np.array([[[0.1, -2.5e-300], [np.pi, 1e300]]])
@@ -68,6 +70,28 @@ def test_result_round_trips_exactly(gpt2_model, gpt2_train, tmp_path):
     back = ik.InfluenceResult.load(odd.save(tmp_path / "odd.h5"))
     assert np.array_equal(back.layer_scores, odd.layer_scores)
     assert (back.train_ids, back.query_ids, back.meta) == (odd.train_ids, odd.query_ids, odd.meta)
+
+
+def test_queries_are_typed_records_kept_in_the_file(tmp_path):
+    """``result.queries``: one ``Query`` per query id, with its metadata; on disk still
+    ``meta["queries"]``, so files of either shape load alike."""
+    values = np.zeros((2, 3, 1))
+    queries = [ik.Query("The moon", " rises", "own-id", {"kind": "fact", "n": np.int64(3)}),
+               {"prompt": "A ship", "completion": " sails", "theme": ["sea"]}]  # fmt: skip
+    result = ik.InfluenceResult(values, ["l"], ["a", "b", "c"], ["q0", "q1"], queries=queries)
+    assert [q.id for q in result.queries] == ["q0", "q1"]  # the result's ids win
+    assert result.queries[1] == ik.Query("A ship", " sails", "q1", {"theme": ["sea"]})
+    assert "queries" not in result.meta
+    back = ik.InfluenceResult.load(result.save(tmp_path / "q.h5"))
+    assert back.queries[0] == ik.Query("The moon", " rises", "q0", {"kind": "fact", "n": 3})
+    assert back.queries[1] == result.queries[1]
+    with h5py.File(tmp_path / "q.h5") as f:  # the file keeps them where it always did
+        assert json.loads(f.attrs["meta"])["queries"][1]["prompt"] == "A ship"
+    in_meta = {"queries": [{"prompt": "p", "completion": " c"}] * 2}  # as a file has them
+    from_meta = ik.InfluenceResult(values, ["l"], ["a", "b", "c"], ["q0", "q1"], in_meta)
+    assert [q.prompt for q in from_meta.queries] == ["p", "p"] and from_meta.meta == {}
+    with pytest.raises(ik.ParameterError, match="queries"):
+        ik.InfluenceResult(values, ["l"], ["a", "b", "c"], ["q0", "q1"], queries=queries[:1])
 
 
 # ---------------------------------------------------------------------------------------------
