@@ -16,8 +16,11 @@ Columns, per codec:
                   store, query gradients included): how much faster the store answers
     pearson       mean over queries of the Pearson correlation with the exact scores
     top10         mean over queries of |top-10 ∩ exact top-10| / 10
+    full-rank     scored with ``query_rank="full"`` (every preconditioned query exact)
     (r=16)        the same with ``query_rank=16`` (each preconditioned query cut to rank 16)
     top10+refine  top10 after ``refine=20`` (each query's top 20 rescored exactly)
+    default       answer x and pearson of ``ik.score`` with no argument beyond the store
+                  (``query_rank="auto"``), and the ranks it chose (``full`` where exact)
 
 Then peak RSS of a fresh process scoring a store of N/4 and of N sequences with ``top_k=10``:
 flat means memory does not grow with the store.
@@ -147,9 +150,12 @@ def measure_codec(codec, model, factors, train, queries, exact, t_fly, batches, 
     t_stream_r = stream_time(
         store, *preconditioned_queries(model, factors, queries, store, device, RANK), device
     )
-    t_answer, result = timed_score(model, factors, queries, store)
+    t_answer, result = timed_score(model, factors, queries, store, query_rank="full")
     t_answer_r, result_r = timed_score(model, factors, queries, store, query_rank=RANK)
-    _, refined = timed_score(model, factors, queries, store, top_k=10, refine=REFINE)
+    t_answer_a, result_a = timed_score(model, factors, queries, store)  # the default: auto
+    _, refined = timed_score(
+        model, factors, queries, store, top_k=10, refine=REFINE, query_rank="full"
+    )
     truth = exact.scores[:, :n]
     scale = n / len(train)  # the dense row answers fewer sequences: compare per sequence
     return {
@@ -161,6 +167,9 @@ def measure_codec(codec, model, factors, train, queries, exact, t_fly, batches, 
         "read_r": t_read / t_stream_r,
         "answer": t_fly * scale / t_answer,
         "answer_r": t_fly * scale / t_answer_r,
+        "answer_a": t_fly * scale / t_answer_a,
+        "pearson_a": pearson(result_a.scores, truth),
+        "ranks_a": sorted(set(result_a.meta["query_ranks"].values()), key=str),
         "pearson": pearson(result.scores, truth),
         "pearson_r": pearson(result_r.scores, truth),
         "top10": top10(result.scores, truth),
@@ -204,15 +213,19 @@ def report(rows, rss, train, n_params) -> None:
     print(
         f"\n{'codec':<11} {'seqs':>5} {'bytes/ex':>10} {'build x':>8} {'read x':>7} "
         f"{'answer x':>9} {'pearson':>8} {'top10':>6} {'read x':>7} {'answer x':>9} "
-        f"{'pearson':>8} {'top10':>6} {'top10':>6}"
+        f"{'pearson':>8} {'top10':>6} {'top10':>6} {'answer x':>9} {'pearson':>8}  ranks"
     )
-    print(f"{'':<43}{'full-rank queries':^42}{'query_rank=' + str(RANK):^42}{'refine':>6}")
+    print(
+        f"{'':<43}{'full-rank queries':^42}{'query_rank=' + str(RANK):^42}{'refine':>6}"
+        f"{'default (auto)':^26}"
+    )
     for r in rows:
         print(
             f"{r['codec']:<11} {r['n']:>5} {r['bytes']:>10,} {r['build']:>7.2f}x "
             f"{r['read']:>6.2f}x {r['answer']:>8.1f}x {r['pearson']:>8.3f} {r['top10']:>6.2f} "
             f"{r['read_r']:>6.2f}x {r['answer_r']:>8.1f}x {r['pearson_r']:>8.3f} "
-            f"{r['top10_r']:>6.2f} {r['top10_refine']:>6.2f}"
+            f"{r['top10_r']:>6.2f} {r['top10_refine']:>6.2f} {r['answer_a']:>8.1f}x "
+            f"{r['pearson_a']:>8.3f}  {'/'.join(map(str, r['ranks_a']))}"
         )
     print(
         f"\ntargets: build x <= 1.3, read x >= 0.7, answer x >= 20 at pearson >= 0.95 "

@@ -6,7 +6,7 @@
     influencekit build --model DIR --train FILE --out STORE.h5 [--codec kron:64] [--modules mlp]
                        [--part-size N]
     influencekit score --model DIR --factors F.h5 --store S.h5 --queries Q.jsonl --out RESULT.h5
-                       [--top-k K] [--query-rank R] [--damping X] [--refine K]
+                       [--top-k K] [--query-rank auto|full|R] [--damping X] [--refine K]
     influencekit score ... --train FILE ...  # training gradients on the fly instead of a store
     influencekit report RESULT.h5 --train FILE --out report.html [--model DIR --factors F.h5]
                                            # the explorer as one offline HTML page
@@ -44,6 +44,11 @@ AMP = {"none": None, "bf16": AMP_DTYPES["bfloat16"], "fp16": AMP_DTYPES["float16
 def _modules(text: str) -> str | list[str]:
     """``mlp`` / ``attention`` / ``all``, or a comma-separated list of module names."""
     return text if text in ("mlp", "attention", "all") else [n for n in text.split(",") if n]
+
+
+def _query_rank(text: str) -> str | int:
+    """``auto``, ``full`` or an int (checked by ``score``)."""
+    return text if text in ("auto", "full") else int(text)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -131,7 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=ACCUMULATION_DTYPES, default="float32", help="accumulation dtype"
     )
     sc.add_argument("--damping", type=float, default=None, help="default 0.1 × mean(Λ)")
-    sc.add_argument("--query-rank", type=int, default=None)
+    sc.add_argument(
+        "--query-rank",
+        type=_query_rank,
+        default="auto",
+        help="auto (default: truncated where the store gains from it) | full | an int",
+    )
     sc.add_argument("--top-k", type=int, default=None, help="keep only each query's top K")
     sc.add_argument("--refine", type=int, default=None, help="rescore top K exactly (store)")
     sc.add_argument("--show", type=int, default=5, help="rows printed per query (5)")

@@ -32,7 +32,7 @@ from .data import TextDataset, example_batches, length_order
 from .errors import DataError, FileFormatError, ModelError, NonFiniteError, ParameterError
 from .h5io import atomic_h5, open_h5, read_array
 from .hooks import LayerIO, per_sequence_grads
-from .lowrank import LowRank, truncate_rank
+from .lowrank import LowRank, truncate
 from .models import (
     TrackedLayer,
     candidate_layers,
@@ -103,15 +103,23 @@ class LayerFactors:
         return self.q_s.to(x) @ x @ self.q_a.to(x).T
 
     def precondition_truncated(
-        self, s: torch.Tensor, a: torch.Tensor, damping: float, rank: int
+        self,
+        s: torch.Tensor,
+        a: torch.Tensor,
+        damping: float,
+        rank: int | None = None,
+        *,
+        energy: float | None = None,
     ) -> LowRank:
-        """The rank-``rank`` truncated SVD of ``(Ĝ + λI)⁻¹ G``, as ``(U Σ, V)``.
+        """The truncated SVD of ``(Ĝ + λI)⁻¹ G``, as ``(U Σ, V)``: to ``rank``, or to the
+        smallest rank keeping the share ``energy`` of its squared norm
+        (:func:`~influencekit.lowrank.truncate`).
 
         The eigenbases are orthogonal, so the SVD is taken of the small-side-rotated matrix
         in the eigenbasis and only its ``rank`` singular vectors are rotated back: the full
         preconditioned matrix is never formed.
         """
-        low = truncate_rank(self._scaled_eigen(s, a, damping), rank)
+        low = truncate(self._scaled_eigen(s, a, damping), rank=rank, energy=energy)
         if self.q_a is None:
             return low
         return low.map(self.q_s.to(low.us), self.q_a.to(low.v))

@@ -7,7 +7,7 @@ kept as factors (token by token on the fly, or a ``lowrank`` store) never forms 
 matrix: :func:`factored_inner` and :func:`factored_is_cheaper` decide and do that.
 
 Example:
-    >>> p = truncate_rank(torch.eye(2)[None] * 2, 1)
+    >>> p = truncate(torch.eye(2)[None] * 2, rank=1)
     >>> p.us.shape, p.v.shape, p.rank
     (torch.Size([1, 2, 1]), torch.Size([1, 2, 1]), 1)
 """
@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .errors import ParameterError
 
 
 @dataclass(frozen=True)
@@ -100,27 +102,49 @@ def zero_pad(x: torch.Tensor, length: int) -> torch.Tensor:
     return x if missing <= 0 else torch.cat([x, x.new_zeros(x.shape[0], missing, x.shape[2])], 1)
 
 
-def truncate_rank(p: torch.Tensor, rank: int) -> LowRank:
-    """Rank-``rank`` truncated SVD of each matrix in ``p`` (Q, d_out, d_in) as :class:`LowRank`.
+def truncate(p: torch.Tensor, *, rank: int | None = None, energy: float | None = None) -> LowRank:
+    """The truncated SVD of each matrix in ``p`` (Q, d_out, d_in) as :class:`LowRank`: to
+    ``rank``, or to the smallest rank that keeps the share ``energy`` of every matrix's
+    squared Frobenius norm (one rank for the whole stack: the largest any matrix needs).
 
-    Computed from the float64 Gram matrix of the narrower side (``pᵀp`` or ``ppᵀ``) and its
+    Computed from the Gram matrix of the narrower side (``pᵀp`` or ``ppᵀ``) and its
     eigendecomposition: the same leading singular pairs as a full SVD, several times faster
     for the tall matrices of MLP layers (e.g. 1536 × 385), and only the leading ones are kept.
 
     Example:
-        >>> p = truncate_rank(torch.diag(torch.tensor([3.0, 1.0, 2.0]))[None], 2)
+        >>> p = truncate(torch.diag(torch.tensor([3.0, 1.0, 2.0]))[None], rank=2)
         >>> p.dense().diagonal(dim1=1, dim2=2).tolist()
         [[3.0, 0.0, 2.0]]
+        >>> truncate(torch.diag(torch.tensor([3.0, 1.0, 2.0]))[None], energy=0.9).rank
+        2
     """
+    if (rank is None) == (energy is None):
+        raise ParameterError("rank", rank, "given, or energy= given, but not both")
     wide = p.shape[-2] < p.shape[-1]
     x = p.transpose(-1, -2) if wide else p  # tall: (Q, m, n), m >= n
     # In p's own dtype: float32 gives the leading singular vectors to ~1e-6, which is far
     # below the error of dropping the others; float64 input keeps float64 throughout.
-    values, vectors = torch.linalg.eigh(x.transpose(-1, -2) @ x)
-    r = min(rank, values.shape[-1])
+    values, vectors = torch.linalg.eigh(x.transpose(-1, -2) @ x)  # ascending: σ²
+    r = min(rank, values.shape[-1]) if rank is not None else energy_rank(values, energy)
     v = vectors[..., -r:].flip(-1)  # leading right singular vectors of x
     us = x @ v  # U Σ
     if not wide:
         return LowRank(us, v)
     sigma = us.norm(dim=-2, keepdim=True)
     return LowRank(v * sigma, us / torch.where(sigma > 0, sigma, torch.ones_like(sigma)))
+
+
+def energy_rank(squares: torch.Tensor, energy: float) -> int:
+    """The smallest rank whose leading ``squares`` (squared singular values, ascending, per
+    matrix) sum to at least ``energy`` of each matrix's total; at least 1.
+
+    Example:
+        >>> energy_rank(torch.tensor([[1.0, 4.0, 95.0]]), 0.95), energy_rank(torch.zeros(1, 3), 0.9)
+        (1, 1)
+    """
+    leading = squares.flip(-1).clamp(min=0).double()
+    total = leading.sum(-1, keepdim=True)
+    kept = leading.cumsum(-1) / torch.where(total > 0, total, torch.ones_like(total))
+    needed = (kept < energy - 1e-12).sum(-1) + 1  # leading values needed to reach energy
+    needed = torch.where(total[..., 0] > 0, needed, 1)  # a zero matrix: rank 1 holds it all
+    return int(min(int(needed.max()), squares.shape[-1]))

@@ -13,7 +13,10 @@ the store keeps: the compressed store finds the candidates, the exact pass ranks
 
 With ``query_rank=r`` each ``P_q`` is replaced by its rank-r truncated SVD ``U Σ Vᵀ``
 (:class:`~influencekit.lowrank.LowRank`), contracted without forming ``G_z`` where that is
-cheaper (the paper's query batching).
+cheaper (the paper's query batching). The default, ``query_rank="auto"``, truncates only
+where the training gradients' form gains from it (a ``lowrank`` store), to the smallest
+rank that keeps ``AUTO_ENERGY`` of each preconditioned query's squared norm, and keeps the
+queries exact everywhere else (on the fly, and ``dense``, ``kron``, ``eig`` stores).
 
 Example:
     >>> result = score(model, factors, queries, train)      # doctest: +SKIP
@@ -52,6 +55,8 @@ from .store.codecs import DenseCodec
 from .store.scoring import compressed_queries, stored_scores
 
 Scores = Iterator[tuple[np.ndarray, np.ndarray]]  # (training indices (B,), scores (Q, B, L))
+QUERY_RANKS = ("auto", "full")  # or an int >= 1
+AUTO_ENERGY = 0.999  # query_rank="auto" keeps this share of each query's squared norm
 
 
 def score(
@@ -61,7 +66,7 @@ def score(
     train: TextDataset | GradientStore,
     *,
     damping: float | Mapping[str, float] | None = None,
-    query_rank: int | None = None,
+    query_rank: int | str | None = "auto",
     top_k: int | None = None,
     refine: int | None = None,
     batch_size: int = 8,
@@ -76,13 +81,16 @@ def score(
     ``train`` is a :class:`TextDataset` (training gradients computed on the fly, streaming)
     or a :class:`~influencekit.store.GradientStore` (stored gradients, one pass over the file).
     ``damping``: ``None`` (``0.1 × mean(Λ)`` per layer), one float, or ``{layer: float}``.
-    ``query_rank``: rank of the truncated SVD of each preconditioned query gradient.
+    ``query_rank``: ``"auto"`` (the default: the smallest rank keeping ``AUTO_ENERGY`` of
+    each preconditioned query gradient's squared norm, only where the store's codec
+    contracts rank-r queries more cheaply, e.g. ``lowrank``; exact queries otherwise),
+    ``"full"`` (or ``None``: never truncated) or an int ``r`` (the rank-r truncated SVD
+    everywhere). The ranks used are recorded in ``result.meta["query_ranks"]``.
     ``top_k``: keep only each query's ``k`` highest scores (a top-k result, see
     :class:`InfluenceResult`); memory then does not grow with the number of training sequences.
     ``refine`` (store only): rescore each query's top ``refine`` candidates exactly.
-    With a ``lowrank`` store pass ``query_rank`` (e.g. 16): a full-rank query costs
-    ``d_out·d_in`` per stored sequence and layer, a rank-r one ``r·R·(d_out + d_in)``
-    (docs/store-format.md).
+    Against a ``lowrank`` store a full-rank query costs ``d_out·d_in`` per stored sequence
+    and layer, a rank-r one ``r·R·(d_out + d_in)`` (docs/store-format.md).
     ``dtype``: accumulation dtype (``torch.float32`` or ``torch.float64``; a float64 store
     is scored in float64); ``amp_dtype``: autocast for the forward (bf16/fp16).
     ``tokenizer`` defaults to ``train.tokenizer`` (the dataset's, or the store's own).
@@ -94,7 +102,7 @@ def score(
     """
     checks.instance("factors", factors, Factors, "Factors (from fit_factors or Factors.load)")
     source = gradient_source(train)
-    query_rank = checks.count("query_rank", query_rank, optional=True)
+    query_rank = _query_rank(query_rank)
     top_k = checks.count("top_k", top_k, optional=True)
     refine = checks.count("refine", refine, optional=True)
     if refine is not None and not isinstance(source, Stored):
@@ -109,7 +117,13 @@ def score(
     run = source.settings(run).on(model)
     lambdas = factors.damping_for(damping)
     tokens = query_tokens(model, layers, queries, tokenizer, run)
-    forms = preconditioned(factors, tokens, lambdas, query_rank)
+    if query_rank == "auto":  # truncated only where the training gradients' form gains
+        cut = source.factored_layers([layer.name for layer in layers])
+        forms = preconditioned(factors, tokens, lambdas, energy=AUTO_ENERGY, only=cut)
+    else:
+        forms = preconditioned(
+            factors, tokens, lambdas, None if query_rank == "full" else query_rank
+        )
 
     width = None if top_k is None else max(top_k, refine or 0)
     keep = keeper(len(queries), len(source), len(layers), width)
@@ -121,6 +135,9 @@ def score(
         "fisher": factors.fisher,
         "damping": lambdas,
         "query_rank": query_rank,
+        "query_ranks": {
+            name: f.rank if isinstance(f, LowRank) else "full" for name, f in forms.items()
+        },
         "top_k": top_k,
         "refine": refine,
         "source": source.source,
@@ -129,13 +146,22 @@ def score(
     }
     if refine is not None:  # exact scores, with the full-rank P_q, replace the candidates'
         candidates = keep.best(refine)
-        full = forms if query_rank is None else preconditioned(factors, tokens, lambdas, None)
+        truncated = any(isinstance(form, LowRank) for form in forms.values())
+        full = preconditioned(factors, tokens, lambdas) if truncated else forms
         keep.replace(candidates, source.exact_scores(model, layers, full, run, candidates))
         meta["refined"] = candidates.tolist()
     layer_scores, indices = keep.final(top_k)
     names = [layer.name for layer in layers]
     ids = [q.id for q in queries]
     return InfluenceResult(layer_scores, names, source.ids, ids, meta, indices, queries)
+
+
+def _query_rank(value) -> int | str:
+    """``"auto"``, ``"full"`` (``None`` too) or an int >= 1."""
+    if value is None or value in QUERY_RANKS:
+        return "full" if value is None else value
+    allowed = "'auto', 'full', None or an int >= 1"
+    return checks.count("query_rank", value, allowed=allowed)
 
 
 def gradient_source(train) -> OnTheFly | Stored:
@@ -181,6 +207,10 @@ class OnTheFly(_Source):
     def settings(self, run: RunSettings) -> RunSettings:
         return run
 
+    def factored_layers(self, names: list[str]) -> list[str]:
+        """None: queries stay exact on the fly (a truncated query would only add error)."""
+        return []
+
     def scores(
         self,
         model: nn.Module,
@@ -223,6 +253,11 @@ class Stored(_Source):
     def settings(self, run: RunSettings) -> RunSettings:
         """A float64 store is scored in float64."""
         return run.replace(dtype=torch.float64) if self.store.config.dtype == "float64" else run
+
+    def factored_layers(self, names: list[str]) -> list[str]:
+        """The layers whose codec contracts rank-r queries more cheaply than dense ones."""
+        codec = {name: self.store.codecs[self.store.modules.index(name)] for name in names}
+        return [name for name in names if codec[name].factored_queries]
 
     def scores(
         self,
@@ -326,16 +361,22 @@ def preconditioned(
     tokens: dict[str, LayerIO],
     damping: dict[str, float],
     rank: int | None = None,
+    *,
+    energy: float | None = None,
+    only: list[str] | None = None,
 ) -> dict[str, QueryForm]:
-    """Each layer's ``P_q = (Ĝ + λI)⁻¹ G_q`` from the query tokens: dense, or its rank-``rank``
-    truncated SVD as :class:`~influencekit.lowrank.LowRank`."""
+    """Each layer's ``P_q = (Ĝ + λI)⁻¹ G_q`` from the query tokens: dense, or its truncated
+    SVD as :class:`~influencekit.lowrank.LowRank`, to ``rank`` or to the smallest rank
+    keeping the share ``energy`` of its squared norm; ``only`` the layers named (default:
+    every layer, when ``rank`` or ``energy`` is given)."""
     out: dict[str, QueryForm] = {}
     for name, x in tokens.items():
         layer = factors.layers[name]
-        if rank is None:
-            out[name] = layer.precondition_tokens(x.s, x.a, damping[name])
+        cut = (rank is not None or energy is not None) and (only is None or name in only)
+        if cut:
+            out[name] = layer.precondition_truncated(x.s, x.a, damping[name], rank, energy=energy)
         else:
-            out[name] = layer.precondition_truncated(x.s, x.a, damping[name], rank)
+            out[name] = layer.precondition_tokens(x.s, x.a, damping[name])
     return out
 
 

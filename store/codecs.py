@@ -98,6 +98,10 @@ def parse_codec(text: str) -> CodecSpec:
 class DenseCodec:
     """The exact gradient ``G_z`` per example."""
 
+    # Whether a rank-r query contracts more cheaply than a dense one (``query_rank="auto"``
+    # truncates queries only for codecs that gain from it).
+    factored_queries = False
+
     def __init__(self, shape: tuple[int, int]) -> None:
         self.shape = tuple(shape)
         self.params: dict = {}
@@ -126,6 +130,8 @@ class ProjectionCodec:
 
     ``kron`` draws scaled random orthogonal rows; ``eig`` takes leading eigenvectors.
     """
+
+    factored_queries = False  # a query is projected to a small dense (k_out, k_in) anyway
 
     def __init__(self, shape: tuple[int, int], p_out: Tensor, p_in: Tensor) -> None:
         self.shape = tuple(shape)
@@ -168,6 +174,8 @@ class LowRankCodec:
     ``omega`` ``(d_in, R + OVERSAMPLE)`` is the fixed random test matrix of the range finder,
     recorded in the store so every build of it computes the same factors.
     """
+
+    factored_queries = True  # R·r·(d_out + d_in) per example instead of d_out·d_in
 
     def __init__(self, shape: tuple[int, int], rank: int, omega: Tensor) -> None:
         self.shape = tuple(shape)

@@ -63,7 +63,7 @@ def test_exact_codecs_float64(w64, kind):
     codec = "dense" if kind == "dense" else f"{kind}:{size}"
     store = w64.store(codec)
     assert store.codec == codec and store.dtype == np.float64
-    result = w64.score(store)
+    result = w64.score(store, query_rank="full")  # exact queries: the codec's exactness
     assert result.meta["codec"] == codec
     assert_rel(result.layer_scores, w64.exact.layer_scores, 1e-9, what=codec)
     assert_rel(result.scores, w64.exact.scores, 1e-9, what=f"{codec} total")
@@ -72,7 +72,7 @@ def test_exact_codecs_float64(w64, kind):
     ranked_exact = w64.score(w64.train, query_rank=2)
     assert_rel(ranked.layer_scores, ranked_exact.layer_scores, 1e-9, what=f"{codec} rank 2")
     # A float64 store is scored in float64 whatever dtype= says (float32 would be ~1e-7 off).
-    default = ik.score(w64.model, w64.factors, QUERIES, store, progress=False)
+    default = ik.score(w64.model, w64.factors, QUERIES, store, query_rank="full", progress=False)
     assert_rel(default.layer_scores, w64.exact.layer_scores, 1e-9, what=f"{codec} dtype=None")
 
 

@@ -1,7 +1,8 @@
 """Rank-r queries (``influencekit.lowrank``) against dense float64 references.
 
-``truncate_rank`` against ``torch.linalg.svd`` (tall and wide matrices, rank above the
-matrix rank), ``factored_inner`` against the inner product of the dense matrices, and
+``truncate`` against ``torch.linalg.svd`` (tall and wide matrices, rank above the matrix
+rank; the rank kept by ``energy=`` against the singular values), ``factored_inner`` against
+the inner product of the dense matrices, and
 ``factored_is_cheaper`` against its cost formula counted by hand.
 """
 
@@ -10,12 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+import influencekit as ik
 from influencekit.lowrank import (
     LowRank,
     as_dense,
     factored_inner,
     factored_is_cheaper,
-    truncate_rank,
+    truncate,
     zero_pad,
 )
 
@@ -24,14 +26,33 @@ F64 = torch.float64
 
 @pytest.mark.parametrize("shape", [(2, 9, 4), (3, 4, 9), (1, 6, 6)])
 @pytest.mark.parametrize("rank", [1, 3, 12])
-def test_truncate_rank_is_the_truncated_svd(shape, rank):
+def test_truncate_to_a_rank_is_the_truncated_svd(shape, rank):
     p = torch.randn(*shape, generator=torch.Generator().manual_seed(rank), dtype=F64)
     u, s, vh = torch.linalg.svd(p, full_matrices=False)
     r = min(rank, s.shape[-1])
     want = (u[..., :r] * s[..., None, :r]) @ vh[..., :r, :]
-    low = truncate_rank(p, rank)
+    low = truncate(p, rank=rank)
     assert low.rank == r and low.n_queries == shape[0]
     torch.testing.assert_close(low.dense(), want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("energy", [0.5, 0.9, 0.999, 1.0])
+def test_truncate_to_an_energy_keeps_the_smallest_rank_that_holds_it(energy):
+    gen = torch.Generator().manual_seed(7)
+    p = torch.randn(3, 12, 5, generator=gen, dtype=F64) @ torch.diag(
+        torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5], dtype=F64)
+    )
+    squares = torch.linalg.svdvals(p) ** 2  # (3, 5), descending
+    shares = squares.cumsum(-1) / squares.sum(-1, keepdim=True)
+    # per matrix, the first rank whose leading share reaches energy; the stack keeps the most
+    needed = [next(r + 1 for r in range(5) if row[r] >= energy - 1e-12) for row in shares]
+    low = truncate(p, energy=energy)
+    assert low.rank == max(needed)
+    kept = (low.dense().square().sum((-1, -2)) / p.square().sum((-1, -2))).min()
+    assert kept >= energy - 1e-9
+    torch.testing.assert_close(low.dense(), truncate(p, rank=low.rank).dense())
+    with pytest.raises(ik.ParameterError):
+        truncate(p, rank=2, energy=energy)
 
 
 def test_factored_inner_equals_the_dense_inner_product():

@@ -140,6 +140,7 @@ CASES = [
     ("score-damping='big'", "damping", score(damping="big")),
     ("score-damping=unknown-layer", "damping", score(damping={"no.such.layer": 1.0})),
     ("score-query_rank=0", "query_rank", score(query_rank=0)),
+    ("score-query_rank=sometimes", "query_rank", score(query_rank="sometimes")),
     ("score-top_k=0", "top_k", score(top_k=0)),
     ("score-top_k=1.5", "top_k", score(top_k=1.5)),
     ("score-refine=0", "refine", score(refine=0)),

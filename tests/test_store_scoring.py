@@ -11,6 +11,8 @@ What is checked (docs/math.md for the scores; store/codecs.py for the codec theo
 3. ``refine``: refined candidates carry exact scores (the full ``P_q``, even with
    ``query_rank``), with and without ``top_k``; the final top list is sorted by them.
 4. A float16 store takes half the bytes and scores within 1e-2 of the float32 store.
+5. ``query_rank="auto"`` (the default): on a ``lowrank`` store within its Cauchy–Schwarz
+   promise of ``"full"``, layer by layer; identical to ``"full"`` everywhere else.
 
 The stores come from the ``w32`` (twelve sequences, float32) and ``w64`` (ten short
 sequences, float64) worlds of conftest.py and helpers/store_worlds.py. Elsewhere: each
@@ -24,8 +26,11 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
+import torch
 
 import influencekit as ik
+from influencekit.scoring import AUTO_ENERGY, preconditioned, query_tokens
+from influencekit.settings import RunSettings
 
 from helpers.store_worlds import CHUNK, QUERIES, assert_rel, rel_error, top_order
 
@@ -223,3 +228,41 @@ def test_float16_store(w32, codec):
         assert err < 1e-2, f"{codec} {layer}: float16 relative error {err:.2e}"
     err = rel_error(a.scores, b.scores)
     assert 0 < err < 1e-2, err  # float16 rounding shows, but stays small
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. query_rank="auto", the default
+
+
+def test_auto_query_rank_is_within_its_promise_of_full(w64):
+    """On a ``lowrank`` store the default truncates each preconditioned query to the rank
+    keeping ``AUTO_ENERGY`` of its squared norm, so per layer |auto − full| ≤
+    sqrt(1 − AUTO_ENERGY)·‖P_q‖·‖G_z‖ (Cauchy–Schwarz, ``G_z`` as stored); elsewhere it
+    changes nothing."""
+    store = w64.store("lowrank:4")
+    full, auto = w64.score(store, query_rank="full"), w64.score(store)
+    assert auto.meta["query_rank"] == "auto" and full.meta["query_rank"] == "full"
+    ranks = auto.meta["query_ranks"]
+    shapes = {name: w64.factors.layers[name].shape for name in auto.layers}
+    assert all(1 <= ranks[name] <= min(shapes[name]) for name in auto.layers), ranks
+    assert any(ranks[name] < min(shapes[name]) for name in auto.layers), ranks  # it did cut
+    assert set(full.meta["query_ranks"].values()) == {"full"}
+
+    run = RunSettings(dtype=torch.float64).on(w64.model)
+    layers = w64.factors.tracked_layers(w64.model)
+    tokens = query_tokens(w64.model, layers, ik.as_queries(QUERIES), w64.train.tokenizer, run)
+    forms = preconditioned(w64.factors, tokens, w64.factors.damping_for(None))
+    everything = list(range(len(store)))
+    for j, name in enumerate(auto.layers):
+        p_norm = forms[name].flatten(1).norm(dim=1).numpy()
+        g_norm = np.sqrt(np.diag(store.gram(everything, positions=[store.modules.index(name)])))
+        bound = np.sqrt(1 - AUTO_ENERGY) * np.outer(p_norm, g_norm)
+        gap = np.abs(auto.layer_scores[..., j] - full.layer_scores[..., j])
+        assert (gap <= bound * (1 + 1e-9) + 1e-12).all(), (name, (gap / bound).max())
+        assert gap.max() > 0 or ranks[name] == min(shapes[name])
+
+    # Exact everywhere else: on the fly and stores whose codec gains nothing from a rank.
+    for train in (w64.train, w64.store("dense"), w64.store("kron:4")):
+        auto, full = w64.score(train), w64.score(train, query_rank="full")
+        np.testing.assert_array_equal(auto.layer_scores, full.layer_scores)
+        assert set(auto.meta["query_ranks"].values()) == {"full"}
