@@ -82,8 +82,10 @@ class LayerFactors:
         rotated = q_s.T @ grads @ q_a
         return q_s @ (rotated / denom) @ q_a.T
 
-    def _scaled_eigen(self, s: torch.Tensor, a: torch.Tensor, damping: float) -> torch.Tensor:
-        """``(Q_Sᵀ G Q_A) ⊘ (Λ + λ)`` for ``G = Σ_t s_t a_tᵀ``, rotating the tokens, not ``G``.
+    def in_eigenbasis(self, s: torch.Tensor, a: torch.Tensor, damping: float) -> torch.Tensor:
+        """``(Q_Sᵀ G Q_A) ⊘ (Λ + λ)`` for ``G = Σ_t s_t a_tᵀ``, rotating the tokens, not ``G``:
+        the preconditioned gradient in the eigenbasis (the standard basis for ``diagonal``
+        and ``identity``).
 
         ``s`` ``(Q, T, d_out)``, ``a`` ``(Q, T, d_in)``: ``T·(d_out² + d_in²)`` per query
         instead of ``d_out·d_in·(d_out + d_in)`` when a query has fewer tokens than ``d_in``.
@@ -95,34 +97,40 @@ class LayerFactors:
         s_rot, a_rot = s @ self.q_s.to(**like), a @ self.q_a.to(**like)
         return s_rot.transpose(-1, -2) @ a_rot / denom
 
-    def precondition_tokens(self, s: torch.Tensor, a: torch.Tensor, damping: float) -> torch.Tensor:
-        """``(Ĝ + λI)⁻¹ G`` for ``G = Σ_t s_t a_tᵀ`` from its token factors: ``(Q, O, I)``."""
-        x = self._scaled_eigen(s, a, damping)
-        if self.q_a is None:
-            return x
-        return self.q_s.to(x) @ x @ self.q_a.to(x).T
+    def from_eigenbasis(self, x: torch.Tensor) -> torch.Tensor:
+        """``Q_S x Q_Aᵀ``: back from :meth:`in_eigenbasis` to the weights' own basis."""
+        return x if self.q_a is None else self.q_s.to(x) @ x @ self.q_a.to(x).T
 
-    def precondition_truncated(
+    def truncated_from_eigenbasis(
         self,
-        s: torch.Tensor,
-        a: torch.Tensor,
-        damping: float,
+        x: torch.Tensor,
         rank: int | None = None,
         *,
         energy: float | None = None,
-    ) -> LowRank:
-        """The truncated SVD of ``(Ĝ + λI)⁻¹ G``, as ``(U Σ, V)``: to ``rank``, or to the
-        smallest rank keeping the share ``energy`` of its squared norm
-        (:func:`~influencekit.lowrank.truncate`).
+        max_rank: int | None = None,
+    ) -> LowRank | None:
+        """The truncated SVD of :meth:`from_eigenbasis` ``(x)``, as ``(U Σ, V)``: to ``rank``,
+        or to the smallest rank keeping the share ``energy`` of its squared norm, ``None``
+        when that is above ``max_rank`` (:func:`~influencekit.lowrank.truncate`).
 
-        The eigenbases are orthogonal, so the SVD is taken of the small-side-rotated matrix
-        in the eigenbasis and only its ``rank`` singular vectors are rotated back: the full
-        preconditioned matrix is never formed.
+        The eigenbases are orthogonal, so the SVD is taken of ``x`` in the eigenbasis and
+        only its leading singular vectors are rotated back: the full matrix is never formed.
         """
-        low = truncate(self._scaled_eigen(s, a, damping), rank=rank, energy=energy)
-        if self.q_a is None:
+        low = truncate(x, rank=rank, energy=energy, max_rank=max_rank)
+        if self.q_a is None or low is None:
             return low
         return low.map(self.q_s.to(low.us), self.q_a.to(low.v))
+
+    def precondition_tokens(self, s: torch.Tensor, a: torch.Tensor, damping: float) -> torch.Tensor:
+        """``(Ĝ + λI)⁻¹ G`` for ``G = Σ_t s_t a_tᵀ`` from its token factors: ``(Q, O, I)``."""
+        return self.from_eigenbasis(self.in_eigenbasis(s, a, damping))
+
+    def precondition_truncated(
+        self, s: torch.Tensor, a: torch.Tensor, damping: float, rank: int
+    ) -> LowRank:
+        """The rank-``rank`` truncated SVD of ``(Ĝ + λI)⁻¹ G``, as ``(U Σ, V)``, without
+        forming the full preconditioned matrix."""
+        return self.truncated_from_eigenbasis(self.in_eigenbasis(s, a, damping), rank)
 
 
 @dataclass

@@ -4,7 +4,7 @@ Used for the paper's query batching (``query_rank``): a preconditioned query gra
 ``P_q`` is replaced by its best rank-r approximation ``U Σ Vᵀ``, kept as :class:`LowRank`
 ``(U Σ, V)``. Contracting it with a training gradient ``G_z = Σ_k u_k v_kᵀ`` that is itself
 kept as factors (token by token on the fly, or a ``lowrank`` store) never forms either
-matrix: :func:`factored_inner` and :func:`factored_is_cheaper` decide and do that.
+matrix: :func:`max_factored_rank` decides when that pays and :func:`factored_inner` does it.
 
 Example:
     >>> p = truncate(torch.eye(2)[None] * 2, rank=1)
@@ -60,22 +60,20 @@ def as_dense(p: QueryForm) -> torch.Tensor:
     return p.dense() if isinstance(p, LowRank) else p
 
 
-def factored_is_cheaper(n_queries: int, rank: int, stored_rank: int, shape) -> bool:
-    """Whether contracting a rank-``rank`` query with a gradient kept as ``stored_rank``
-    factor pairs costs less in factors than through the dense gradient.
+def max_factored_rank(n_queries: int, stored_rank: int, shape) -> int:
+    """The highest query rank whose contraction in factors costs no more than through the
+    dense gradient, with the gradient kept as ``stored_rank`` factor pairs (0: none).
 
     In factors: ``Q·r·R·(d_out + d_in)`` multiply-adds per example; dense: ``R·d_out·d_in``
     to form ``G_z`` plus ``Q·d_out·d_in`` to contract. Many queries or a high rank make the
     dense route cheaper; both give the same scores up to rounding.
 
     Example:
-        >>> factored_is_cheaper(1, 4, 8, (1024, 1024)), factored_is_cheaper(64, 64, 8, (64, 64))
-        (True, False)
+        >>> max_factored_rank(1, 8, (1024, 1024)), max_factored_rank(64, 8, (64, 64))
+        (576, 4)
     """
     d_out, d_in = shape
-    return n_queries * rank * stored_rank * (d_out + d_in) <= d_out * d_in * (
-        stored_rank + n_queries
-    )
+    return d_out * d_in * (stored_rank + n_queries) // (n_queries * stored_rank * (d_out + d_in))
 
 
 def factored_inner(query: LowRank, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -102,10 +100,18 @@ def zero_pad(x: torch.Tensor, length: int) -> torch.Tensor:
     return x if missing <= 0 else torch.cat([x, x.new_zeros(x.shape[0], missing, x.shape[2])], 1)
 
 
-def truncate(p: torch.Tensor, *, rank: int | None = None, energy: float | None = None) -> LowRank:
+def truncate(
+    p: torch.Tensor,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    max_rank: int | None = None,
+) -> LowRank | None:
     """The truncated SVD of each matrix in ``p`` (Q, d_out, d_in) as :class:`LowRank`: to
     ``rank``, or to the smallest rank that keeps the share ``energy`` of every matrix's
     squared Frobenius norm (one rank for the whole stack: the largest any matrix needs).
+    With ``energy``, ``None`` when that rank exceeds ``max_rank`` (found from the singular
+    values alone, before any singular vector is computed).
 
     Computed from the Gram matrix of the narrower side (``pᵀp`` or ``ppᵀ``) and its
     eigendecomposition: the same leading singular pairs as a full SVD, several times faster
@@ -124,8 +130,14 @@ def truncate(p: torch.Tensor, *, rank: int | None = None, energy: float | None =
     x = p.transpose(-1, -2) if wide else p  # tall: (Q, m, n), m >= n
     # In p's own dtype: float32 gives the leading singular vectors to ~1e-6, which is far
     # below the error of dropping the others; float64 input keeps float64 throughout.
-    values, vectors = torch.linalg.eigh(x.transpose(-1, -2) @ x)  # ascending: σ²
-    r = min(rank, values.shape[-1]) if rank is not None else energy_rank(values, energy)
+    gram = x.transpose(-1, -2) @ x
+    if rank is not None:
+        r = min(rank, gram.shape[-1])
+    else:
+        r = energy_rank(torch.linalg.eigvalsh(gram), energy)  # σ², ascending
+        if max_rank is not None and r > max_rank:
+            return None
+    vectors = torch.linalg.eigh(gram)[1]
     v = vectors[..., -r:].flip(-1)  # leading right singular vectors of x
     us = x @ v  # U Σ
     if not wide:

@@ -13,10 +13,11 @@ the store keeps: the compressed store finds the candidates, the exact pass ranks
 
 With ``query_rank=r`` each ``P_q`` is replaced by its rank-r truncated SVD ``U Σ Vᵀ``
 (:class:`~influencekit.lowrank.LowRank`), contracted without forming ``G_z`` where that is
-cheaper (the paper's query batching). The default, ``query_rank="auto"``, truncates only
-where the training gradients' form gains from it (a ``lowrank`` store), to the smallest
-rank that keeps ``AUTO_ENERGY`` of each preconditioned query's squared norm, and keeps the
-queries exact everywhere else (on the fly, and ``dense``, ``kron``, ``eig`` stores).
+cheaper (the paper's query batching). The default, ``query_rank="auto"``, cuts each layer's
+queries to the smallest rank that keeps ``AUTO_ENERGY`` of their squared norm only where the
+training gradients' form then contracts them more cheaply (a ``lowrank`` store, when that
+rank is small enough), and keeps them exact everywhere else (on the fly, and ``dense``,
+``kron``, ``eig`` stores).
 
 Example:
     >>> result = score(model, factors, queries, train)      # doctest: +SKIP
@@ -46,7 +47,7 @@ from .errors import NonFiniteError, ParameterError
 from .factors import Factors
 from .hooks import LayerIO
 from .keep import AllScores, keeper
-from .lowrank import LowRank, QueryForm, as_dense, factored_inner, factored_is_cheaper, zero_pad
+from .lowrank import LowRank, QueryForm, as_dense, factored_inner, max_factored_rank, zero_pad
 from .models import TrackedLayer, check_sequences_fit
 from .result import InfluenceResult
 from .settings import RunSettings
@@ -117,9 +118,8 @@ def score(
     run = source.settings(run).on(model)
     lambdas = factors.damping_for(damping)
     tokens = query_tokens(model, layers, queries, tokenizer, run)
-    if query_rank == "auto":  # truncated only where the training gradients' form gains
-        cut = source.factored_layers([layer.name for layer in layers])
-        forms = preconditioned(factors, tokens, lambdas, energy=AUTO_ENERGY, only=cut)
+    if query_rank == "auto":
+        forms = auto_forms(factors, tokens, lambdas, source)
     else:
         forms = preconditioned(
             factors, tokens, lambdas, None if query_rank == "full" else query_rank
@@ -207,9 +207,9 @@ class OnTheFly(_Source):
     def settings(self, run: RunSettings) -> RunSettings:
         return run
 
-    def factored_layers(self, names: list[str]) -> list[str]:
+    def max_factored_rank(self, name: str, n_queries: int) -> int:
         """None: queries stay exact on the fly (a truncated query would only add error)."""
-        return []
+        return 0
 
     def scores(
         self,
@@ -254,10 +254,10 @@ class Stored(_Source):
         """A float64 store is scored in float64."""
         return run.replace(dtype=torch.float64) if self.store.config.dtype == "float64" else run
 
-    def factored_layers(self, names: list[str]) -> list[str]:
-        """The layers whose codec contracts rank-r queries more cheaply than dense ones."""
-        codec = {name: self.store.codecs[self.store.modules.index(name)] for name in names}
-        return [name for name in names if codec[name].factored_queries]
+    def max_factored_rank(self, name: str, n_queries: int) -> int:
+        """The highest query rank layer ``name``'s codec contracts more cheaply than dense."""
+        codec = self.store.codecs[self.store.modules.index(name)]
+        return codec.max_factored_rank(n_queries)
 
     def scores(
         self,
@@ -304,8 +304,8 @@ class Stored(_Source):
 def _cheaper(form: QueryForm, n_tokens: int, layer: TrackedLayer) -> QueryForm:
     """A rank-r query kept as factors where that contraction with ``n_tokens`` token pairs
     is cheaper than through the dense ``G_z``; else its dense product."""
-    if isinstance(form, LowRank) and factored_is_cheaper(
-        form.n_queries, form.rank, n_tokens, layer.grad_shape
+    if isinstance(form, LowRank) and form.rank <= max_factored_rank(
+        form.n_queries, n_tokens, layer.grad_shape
     ):
         return form
     return as_dense(form)
@@ -361,22 +361,35 @@ def preconditioned(
     tokens: dict[str, LayerIO],
     damping: dict[str, float],
     rank: int | None = None,
-    *,
-    energy: float | None = None,
-    only: list[str] | None = None,
 ) -> dict[str, QueryForm]:
-    """Each layer's ``P_q = (Ĝ + λI)⁻¹ G_q`` from the query tokens: dense, or its truncated
-    SVD as :class:`~influencekit.lowrank.LowRank`, to ``rank`` or to the smallest rank
-    keeping the share ``energy`` of its squared norm; ``only`` the layers named (default:
-    every layer, when ``rank`` or ``energy`` is given)."""
+    """Each layer's ``P_q = (Ĝ + λI)⁻¹ G_q`` from the query tokens: dense, or its rank-``rank``
+    truncated SVD as :class:`~influencekit.lowrank.LowRank`."""
     out: dict[str, QueryForm] = {}
     for name, x in tokens.items():
         layer = factors.layers[name]
-        cut = (rank is not None or energy is not None) and (only is None or name in only)
-        if cut:
-            out[name] = layer.precondition_truncated(x.s, x.a, damping[name], rank, energy=energy)
-        else:
+        if rank is None:
             out[name] = layer.precondition_tokens(x.s, x.a, damping[name])
+        else:
+            out[name] = layer.precondition_truncated(x.s, x.a, damping[name], rank)
+    return out
+
+
+def auto_forms(
+    factors: Factors, tokens: dict[str, LayerIO], damping: dict[str, float], source
+) -> dict[str, QueryForm]:
+    """``query_rank="auto"``: per layer, the queries cut to the smallest rank keeping
+    ``AUTO_ENERGY`` of their squared norm where ``source`` contracts that rank more cheaply
+    than exact dense queries (``source.max_factored_rank``), and the exact queries elsewhere.
+    Deciding costs the singular values of each query in the eigenbasis, not the vectors."""
+    out: dict[str, QueryForm] = {}
+    for name, x in tokens.items():
+        layer = factors.layers[name]
+        in_basis = layer.in_eigenbasis(x.s, x.a, damping[name])  # once, for either form
+        max_rank = source.max_factored_rank(name, x.a.shape[0])
+        low = None
+        if max_rank >= 1:
+            low = layer.truncated_from_eigenbasis(in_basis, energy=AUTO_ENERGY, max_rank=max_rank)
+        out[name] = layer.from_eigenbasis(in_basis) if low is None else low
     return out
 
 

@@ -54,7 +54,7 @@ from influencekit.lowrank import (
     QueryForm,
     as_dense,
     factored_inner,
-    factored_is_cheaper,
+    max_factored_rank,
     zero_pad,
 )
 
@@ -98,9 +98,10 @@ def parse_codec(text: str) -> CodecSpec:
 class DenseCodec:
     """The exact gradient ``G_z`` per example."""
 
-    # Whether a rank-r query contracts more cheaply than a dense one (``query_rank="auto"``
-    # truncates queries only for codecs that gain from it).
-    factored_queries = False
+    def max_factored_rank(self, n_queries: int) -> int:
+        """The highest query rank that contracts more cheaply than dense queries: none here
+        (``query_rank="auto"`` truncates queries only where a codec says it pays)."""
+        return 0
 
     def __init__(self, shape: tuple[int, int]) -> None:
         self.shape = tuple(shape)
@@ -131,7 +132,8 @@ class ProjectionCodec:
     ``kron`` draws scaled random orthogonal rows; ``eig`` takes leading eigenvectors.
     """
 
-    factored_queries = False  # a query is projected to a small dense (k_out, k_in) anyway
+    def max_factored_rank(self, n_queries: int) -> int:
+        return 0  # a query is projected to a small dense (k_out, k_in) whatever its rank
 
     def __init__(self, shape: tuple[int, int], p_out: Tensor, p_in: Tensor) -> None:
         self.shape = tuple(shape)
@@ -175,7 +177,9 @@ class LowRankCodec:
     recorded in the store so every build of it computes the same factors.
     """
 
-    factored_queries = True  # R·r·(d_out + d_in) per example instead of d_out·d_in
+    def max_factored_rank(self, n_queries: int) -> int:
+        """``Q·r·R·(d_out + d_in)`` against ``(R + Q)·d_out·d_in`` per example."""
+        return max_factored_rank(n_queries, self.rank, self.shape)
 
     def __init__(self, shape: tuple[int, int], rank: int, omega: Tensor) -> None:
         self.shape = tuple(shape)
@@ -209,9 +213,7 @@ class LowRankCodec:
 
     def compress_query(self, p: QueryForm) -> QueryForm:
         """Keep rank-r factors when the factored contraction is cheaper than the dense one."""
-        if isinstance(p, LowRank) and factored_is_cheaper(
-            p.n_queries, p.rank, self.rank, self.shape
-        ):
+        if isinstance(p, LowRank) and p.rank <= self.max_factored_rank(p.n_queries):
             return p
         return as_dense(p)
 

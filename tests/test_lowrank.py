@@ -3,7 +3,7 @@
 ``truncate`` against ``torch.linalg.svd`` (tall and wide matrices, rank above the matrix
 rank; the rank kept by ``energy=`` against the singular values), ``factored_inner`` against
 the inner product of the dense matrices, and
-``factored_is_cheaper`` against its cost formula counted by hand.
+``max_factored_rank`` against its cost formula counted by hand.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from influencekit.lowrank import (
     LowRank,
     as_dense,
     factored_inner,
-    factored_is_cheaper,
+    max_factored_rank,
     truncate,
     zero_pad,
 )
@@ -80,17 +80,21 @@ def test_map_and_as_dense():
 
 
 @pytest.mark.parametrize(
-    ("n_queries", "rank", "stored", "shape", "cheaper"),
+    ("n_queries", "stored", "shape", "highest"),
     [
-        (1, 4, 8, (1024, 1024), True),  # 65,536 in factors against 9.4M through G_z
-        (64, 64, 8, (64, 64), False),  # 4.2M against 295k
-        (8, 16, 32, (512, 129), True),  # 2,625,536 against 2,641,920: just cheaper
-        (8, 16, 34, (512, 129), False),  # 2,789,632 against 2,774,016: just dearer
+        (1, 8, (1024, 1024), 576),  # rank 576: 9,437,184 against 9,437,184
+        (64, 8, (64, 64), 4),
+        (8, 32, (512, 129), 16),  # rank 16: 2,625,536 against 2,641,920
+        (3, 4, (16, 65), 7),
+        (1, 1, (2, 2), 2),
     ],
 )
-def test_factored_is_cheaper_counts_multiply_adds(n_queries, rank, stored, shape, cheaper):
+def test_max_factored_rank_counts_multiply_adds(n_queries, stored, shape, highest):
     d_out, d_in = shape
-    factored = n_queries * rank * stored * (d_out + d_in)  # Σ_kr (u_k·us_r)(v_k·v_r) per pair
-    dense = stored * d_out * d_in + n_queries * d_out * d_in  # form G_z, then contract
-    assert (factored <= dense) == cheaper  # the hand count above
-    assert factored_is_cheaper(n_queries, rank, stored, shape) == cheaper
+
+    def factored_pays(rank: int) -> bool:  # Σ_kr (u_k·us_r)(v_k·v_r) against forming G_z
+        factored = n_queries * rank * stored * (d_out + d_in)
+        return factored <= stored * d_out * d_in + n_queries * d_out * d_in
+
+    assert factored_pays(highest) and not factored_pays(highest + 1)  # the hand count
+    assert max_factored_rank(n_queries, stored, shape) == highest

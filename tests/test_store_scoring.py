@@ -235,11 +235,11 @@ def test_float16_store(w32, codec):
 
 
 def test_auto_query_rank_is_within_its_promise_of_full(w64):
-    """On a ``lowrank`` store the default truncates each preconditioned query to the rank
-    keeping ``AUTO_ENERGY`` of its squared norm, so per layer |auto − full| ≤
-    sqrt(1 − AUTO_ENERGY)·‖P_q‖·‖G_z‖ (Cauchy–Schwarz, ``G_z`` as stored); elsewhere it
-    changes nothing."""
-    store = w64.store("lowrank:4")
+    """Against a ``lowrank:1`` store (where a rank-r query is cheaper for r up to about 17
+    here) the default cuts each preconditioned query to the rank keeping ``AUTO_ENERGY`` of
+    its squared norm, so per layer |auto − full| ≤ sqrt(1 − AUTO_ENERGY)·‖P_q‖·‖G_z‖
+    (Cauchy–Schwarz, ``G_z`` as stored); where no rank pays, nothing changes."""
+    store = w64.store("lowrank:1")
     full, auto = w64.score(store, query_rank="full"), w64.score(store)
     assert auto.meta["query_rank"] == "auto" and full.meta["query_rank"] == "full"
     ranks = auto.meta["query_ranks"]
@@ -253,16 +253,19 @@ def test_auto_query_rank_is_within_its_promise_of_full(w64):
     tokens = query_tokens(w64.model, layers, ik.as_queries(QUERIES), w64.train.tokenizer, run)
     forms = preconditioned(w64.factors, tokens, w64.factors.damping_for(None))
     everything = list(range(len(store)))
+    cut = 0
     for j, name in enumerate(auto.layers):
         p_norm = forms[name].flatten(1).norm(dim=1).numpy()
         g_norm = np.sqrt(np.diag(store.gram(everything, positions=[store.modules.index(name)])))
         bound = np.sqrt(1 - AUTO_ENERGY) * np.outer(p_norm, g_norm)
         gap = np.abs(auto.layer_scores[..., j] - full.layer_scores[..., j])
         assert (gap <= bound * (1 + 1e-9) + 1e-12).all(), (name, (gap / bound).max())
-        assert gap.max() > 0 or ranks[name] == min(shapes[name])
+        cut += gap.max() > 1e-9 * np.abs(full.layer_scores[..., j]).max()
+    assert cut > 0  # some layer's scores really moved, within the bound
 
-    # Exact everywhere else: on the fly and stores whose codec gains nothing from a rank.
-    for train in (w64.train, w64.store("dense"), w64.store("kron:4")):
+    # Exact wherever cutting does not pay: on the fly, codecs that never gain from a rank,
+    # and a lowrank:4 store, where the rank that keeps AUTO_ENERGY is too high to pay.
+    for train in (w64.train, w64.store("dense"), w64.store("kron:4"), w64.store("lowrank:4")):
         auto, full = w64.score(train), w64.score(train, query_rank="full")
         np.testing.assert_array_equal(auto.layer_scores, full.layer_scores)
         assert set(auto.meta["query_ranks"].values()) == {"full"}
