@@ -31,6 +31,10 @@ Usage:
     python benchmarks/store.py --codecs kron:64,eig:64 --sequences 768 --device cuda
     python benchmarks/store.py --demo small   # the shipped, trained demo model and corpus
                                               # (22 demo queries; no RSS measurement)
+    python benchmarks/store.py --wide --codecs lowrank:8,kron:64 --sequences 300
+                                              # the wide trained model of
+                                              # benchmarks/wide_model.py (8 of its held-out
+                                              # queries; no RSS measurement)
 """
 
 from __future__ import annotations
@@ -209,6 +213,31 @@ def rss_child(args, setting) -> None:
     print(json.dumps({"rss_mib": rss_kib / 1024}))
 
 
+def wide_folder() -> Path:
+    """Where benchmarks/wide_model.py keeps its model by default."""
+    cache = os.environ.get("INFLUENCEKIT_CACHE") or "~/.cache/influencekit"
+    return Path(cache).expanduser() / "wide-model"
+
+
+def load_wide(folder: Path, n_sequences: int, device: torch.device):
+    """The wide trained model, its first ``n_sequences`` training records and 8 held-out
+    queries, as benchmarks/wide_model.py wrote them."""
+    recipe = folder / "recipe.json"
+    if not recipe.is_file() or not json.loads(recipe.read_text()).get("finished"):
+        raise SystemExit(f"{folder}: no finished wide model; run python benchmarks/wide_model.py")
+    max_length = json.loads(recipe.read_text())["settings"]["max_length"]
+    model, tokenizer = ik.load_model(folder, device=device)
+    train = ik.TextDataset.from_jsonl(folder / "train.jsonl", tokenizer, max_length)
+    queries = ik.load_queries(folder / "queries.jsonl")[:8]
+    return model, train[: min(n_sequences, len(train))], queries
+
+
+def model_name(args) -> str:
+    if args.demo:
+        return f"demo {args.demo}"
+    return "wide GPT-NeoX" if args.wide else "GPT-2"
+
+
 def report(rows, rss, train, n_params) -> None:
     print(
         f"\n{'codec':<11} {'seqs':>5} {'bytes/ex':>10} {'build x':>8} {'read x':>7} "
@@ -249,6 +278,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--demo", choices=["small", "large"], default=None, help="shipped model and corpus"
     )
+    parser.add_argument(
+        "--wide",
+        nargs="?",
+        const=str(wide_folder()),
+        default=None,
+        metavar="DIR",
+        help="the wide model of benchmarks/wide_model.py (default: its cache folder)",
+    )
     parser.add_argument("--rss-codec", default="lowrank:8", help="codec of the RSS measurement")
     parser.add_argument("--rss-child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -263,14 +300,16 @@ def main(argv: list[str] | None = None) -> None:
         model, tokenizer = ik.demo.load_demo_model(args.demo, device=device)
         train = ik.demo.load_corpus(tokenizer, limit=args.sequences)
         queries = ik.demo.QUERIES
+    elif args.wide:
+        model, train, queries = load_wide(Path(args.wide), setting.n_sequences, device)
     else:
         model = build_model(setting, device)
         train, queries = build_data(setting)
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"torch {torch.__version__} | device {device} | threads {torch.get_num_threads()}\n"
-        f"model: {'demo ' + args.demo if args.demo else 'GPT-2'} "
-        f"n_layer={model.config.n_layer} n_embd={model.config.n_embd}, "
+        f"model: {model_name(args)} n_layer={model.config.num_hidden_layers} "
+        f"n_embd={model.config.hidden_size}, "
         f"{n_params / 1e6:.1f}M params; {len(train)} sequences, {train.n_tokens} tokens; "
         f"{len(queries)} queries; modules mlp",
         flush=True,
@@ -295,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
             print(f"  {codec}: {json.dumps(shown)}", flush=True)
-        if args.demo:  # the RSS child rebuilds the synthetic setting only
+        if args.demo or args.wide:  # the RSS child rebuilds the synthetic setting only
             return report(rows, rss, train, n_params)
         factors.save(root / "factors.h5")
         small_n = max(1, len(train) // 4)
