@@ -131,13 +131,14 @@ def truncate(
     # In p's own dtype: float32 gives the leading singular vectors to ~1e-6, which is far
     # below the error of dropping the others; float64 input keeps float64 throughout.
     gram = x.transpose(-1, -2) @ x
-    if rank is not None:
-        r = min(rank, gram.shape[-1])
-    else:
-        r = energy_rank(torch.linalg.eigvalsh(gram), energy)  # σ², ascending
-        if max_rank is not None and r > max_rank:
+    r = None
+    if max_rank is not None and energy is not None:  # decide from the values alone first
+        r = energy_rank(torch.linalg.eigvalsh(gram), energy)
+        if r > max_rank:
             return None
-    vectors = torch.linalg.eigh(gram)[1]
+    values, vectors = torch.linalg.eigh(gram)  # σ², ascending
+    if r is None:
+        r = min(rank, gram.shape[-1]) if rank is not None else energy_rank(values, energy)
     v = vectors[..., -r:].flip(-1)  # leading right singular vectors of x
     us = x @ v  # U Σ
     if not wide:
