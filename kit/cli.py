@@ -34,7 +34,6 @@ from .checks import ACCUMULATION_DTYPES, AMP_DTYPES
 from .distributed import active, init_from_env, is_main
 from .errors import InfluenceKitError, ParameterError
 from .factors import FISHERS, STRATEGIES
-from .store.codecs import DEFAULT_CODEC
 from .store.layout import DTYPES as STORE_DTYPES
 
 # The command line's short names for the autocast dtypes.
@@ -113,17 +112,34 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", required=True, help="gradient store to create or continue")
     build.add_argument(
         "--codec",
-        default=DEFAULT_CODEC,
-        help=f"dense | kron:K | lowrank:R | eig:K ({DEFAULT_CODEC})",
+        default=None,
+        help="force a codec: dense | kron:K | lowrank:R | eig:K | sparse:K "
+        "(default: the best that fits --budget)",
     )
     build.add_argument(
-        "--dtype", choices=STORE_DTYPES, default="float32", help="dtype on disk (float32)"
+        "--budget",
+        default=None,
+        help="bytes per sequence, e.g. 128KiB or 660KB (default: those of lowrank:8 in float32)",
+    )
+    build.add_argument(
+        "--dtype",
+        choices=STORE_DTYPES,
+        default=None,
+        help="dtype on disk (float16 for a chosen codec, float32 for a forced one)",
+    )
+    build.add_argument(
+        "--no-fidelity", action="store_true", help="skip measuring the store's fidelity"
+    )
+    build.add_argument(
+        "--fidelity-queries", default=None, help="JSONL queries to measure the fidelity with"
     )
     build.add_argument(
         "--part-size", "--chunk-size", type=int, default=None, help="examples per part (commit)"
     )
     build.add_argument("--seed", type=int, default=0, help="seed of the kron projections")
-    build.add_argument("--factors", default=None, help="factors file (needed by eig:K)")
+    build.add_argument(
+        "--factors", default=None, help="factors file (eig:K needs it; sparse:K is best with it)"
+    )
 
     sc = sub.add_parser("score", help="score queries against a gradient store (or on the fly)")
     _add_model_args(sc)
@@ -216,9 +232,18 @@ def cmd_fit(args) -> None:
 
 
 def cmd_build(args) -> None:
+    from .data import load_queries
     from .factors import Factors
     from .store import GradientStore
+    from .store.budget import parse_bytes
+    from .store.codecs import parse_codec
 
+    if args.codec is not None:  # cheap checks before the model loads
+        parse_codec(args.codec)
+    if args.budget is not None:
+        parse_bytes(args.budget)
+    probe = None if args.fidelity_queries is None else load_queries(args.fidelity_queries)
+    factors = Factors.load(args.factors) if args.factors else None
     model, train = _load(args)
     store = GradientStore.build(
         args.out,
@@ -226,16 +251,21 @@ def cmd_build(args) -> None:
         train,
         modules=args.modules,
         codec=args.codec,
+        budget=args.budget,
+        fidelity=not args.no_fidelity,
+        fidelity_queries=probe,
         dtype=args.dtype,
         batch_size=args.batch_size,
         amp_dtype=AMP[args.amp],
         part_size=args.part_size,
         seed=args.seed,
-        factors=Factors.load(args.factors) if args.factors else None,
+        factors=factors,
         progress=not args.quiet,
     )
     if is_main():
         print(f"wrote {store}")
+        if store.fidelity is not None:
+            print(f"fidelity: {store.fidelity}")
 
 
 def cmd_score(args) -> None:
@@ -349,8 +379,20 @@ def cmd_info(args) -> None:
     with h5py.File(path, "r") as f:
         print(path)
         for key, value in sorted(f.attrs.items()):
-            print(f"  {key}: {_short(value)}")
+            if key != "fidelity":
+                print(f"  {key}: {_short(value)}")
+        if "fidelity" in f.attrs:  # a store's: in words, not truncated JSON
+            print(f"  fidelity: {_fidelity(f.attrs['fidelity'])}")
         f.visititems(_print_item)
+
+
+def _fidelity(text: str) -> str:
+    from .store.fidelity import Fidelity
+
+    try:
+        return str(Fidelity.from_dict(json.loads(text)))
+    except (ValueError, TypeError):
+        return _short(text)
 
 
 def _print_item(name: str, obj) -> None:

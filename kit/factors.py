@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -67,10 +68,36 @@ class LayerFactors:
     q_s: torch.Tensor | None = None
     d_s: torch.Tensor | None = None
     lam: torch.Tensor | None = None
+    _basis_name: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _copies: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def default_damping(self) -> float:
         """``0.1 × mean(Λ)``; 1 for ``identity`` (no curvature, plain dot product)."""
         return 1.0 if self.lam is None else 0.1 * float(self.lam.mean())
+
+    def basis_fingerprint(self) -> str:
+        """A name for this layer's eigenbasis (``Q_S``, ``Q_A``): equal for the same
+        eigenvectors, ``"standard"`` without any (``diagonal``, ``identity``). Hashed once
+        per pair of arrays (every score against a ``sparse`` store asks)."""
+        if self.q_a is None:
+            return "standard"
+        key = (id(self.q_s), id(self.q_a))
+        if self._basis_name is None or self._basis_name[0] != key:
+            digest = hashlib.blake2b(digest_size=8)
+            for q in (self.q_s, self.q_a):
+                digest.update(q.to(torch.float64).contiguous().numpy().tobytes())
+            self._basis_name = (key, "eig-" + digest.hexdigest())
+        return self._basis_name[1]
+
+    def arrays_like(self, like: torch.Tensor) -> tuple:
+        """``(q_s, q_a, lam)`` in ``like``'s dtype and device (``None`` where absent), converted
+        once and kept for the next call on the same dtype and device."""
+        key = (like.dtype, like.device, id(self.q_s), id(self.q_a), id(self.lam))
+        if self._copies is None or self._copies[0] != key:
+            opts = {"dtype": like.dtype, "device": like.device}
+            found = (self.q_s, self.q_a, self.lam)
+            self._copies = (key, *(None if x is None else x.to(**opts) for x in found))
+        return self._copies[1:]
 
     def precondition(self, grads: torch.Tensor, damping: float) -> torch.Tensor:
         """``(Ĝ + λI)⁻¹`` applied to gradients ``(..., d_out, d_in)`` in their own dtype/device."""
@@ -90,16 +117,18 @@ class LayerFactors:
         ``s`` ``(Q, T, d_out)``, ``a`` ``(Q, T, d_in)``: ``T·(d_out² + d_in²)`` per query
         instead of ``d_out·d_in·(d_out + d_in)`` when a query has fewer tokens than ``d_in``.
         """
-        like = {"dtype": s.dtype, "device": s.device}
-        denom = (0.0 if self.lam is None else self.lam.to(**like)) + damping
-        if self.q_a is None:
+        q_s, q_a, lam = self.arrays_like(s)
+        denom = (0.0 if lam is None else lam) + damping
+        if q_a is None:
             return s.transpose(-1, -2) @ a / denom
-        s_rot, a_rot = s @ self.q_s.to(**like), a @ self.q_a.to(**like)
-        return s_rot.transpose(-1, -2) @ a_rot / denom
+        return ((s @ q_s).transpose(-1, -2) @ (a @ q_a)).div_(denom)
 
     def from_eigenbasis(self, x: torch.Tensor) -> torch.Tensor:
         """``Q_S x Q_Aᵀ``: back from :meth:`in_eigenbasis` to the weights' own basis."""
-        return x if self.q_a is None else self.q_s.to(x) @ x @ self.q_a.to(x).T
+        if self.q_a is None:
+            return x
+        q_s, q_a, _ = self.arrays_like(x)
+        return q_s @ x @ q_a.T
 
     def truncated_from_eigenbasis(
         self,

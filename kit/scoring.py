@@ -47,7 +47,15 @@ from .errors import NonFiniteError, ParameterError
 from .factors import Factors
 from .hooks import LayerIO
 from .keep import AllScores, keeper
-from .lowrank import LowRank, QueryForm, as_dense, factored_inner, max_factored_rank, zero_pad
+from .lowrank import (
+    LowRank,
+    QueryForm,
+    as_dense,
+    factored_inner,
+    max_factored_rank,
+    truncate,
+    zero_pad,
+)
 from .models import TrackedLayer, check_sequences_fit
 from .result import InfluenceResult
 from .settings import RunSettings
@@ -122,12 +130,7 @@ def score(
     run = source.settings(run).on(model)
     lambdas = factors.damping_for(damping)
     tokens = query_tokens(model, layers, queries, tokenizer, run)
-    if query_rank == "auto":
-        forms = auto_forms(factors, tokens, lambdas, source)
-    else:
-        forms = preconditioned(
-            factors, tokens, lambdas, None if query_rank == "full" else query_rank
-        )
+    forms = query_forms(factors, tokens, lambdas, query_rank, source)
 
     width = None if top_k is None else max(top_k, refine or 0)
     keep = keeper(len(queries), len(source), len(layers), width)
@@ -150,8 +153,7 @@ def score(
     }
     if refine is not None:  # exact scores, with the full-rank P_q, replace the candidates'
         candidates = keep.best(refine)
-        truncated = any(isinstance(form, LowRank) for form in forms.values())
-        full = preconditioned(factors, tokens, lambdas) if truncated else forms
+        full = preconditioned(factors, tokens, lambdas)  # in the weights' basis, untruncated
         keep.replace(candidates, source.exact_scores(model, layers, full, run, candidates))
         meta["refined"] = candidates.tolist()
     layer_scores, indices = keep.final(top_k)
@@ -215,6 +217,10 @@ class OnTheFly(_Source):
         """None: queries stay exact on the fly (a truncated query would only add error)."""
         return 0
 
+    def in_eigenbasis(self, name: str) -> bool:
+        """Training gradients on the fly are met in the weights' own basis."""
+        return False
+
     def scores(
         self,
         model: nn.Module,
@@ -249,9 +255,12 @@ class Stored(_Source):
         self.codec = store.codec
 
     def check(self, model: nn.Module, factors: Factors, tokenizer):
-        """Refuse a model, tokenizer or layers the store was not built with."""
+        """Refuse a model, tokenizer, layers or eigenbasis the store was not built with."""
         tokenizer = self.store.tokenizer if tokenizer is None else tokenizer
         self.store.check(model=model, tokenizer=tokenizer, modules=factors.modules)
+        self.store.check_eigenbasis(
+            {name: layer.basis_fingerprint() for name, layer in factors.layers.items()}
+        )
         return tokenizer
 
     def settings(self, run: RunSettings) -> RunSettings:
@@ -262,6 +271,11 @@ class Stored(_Source):
         """The highest query rank layer ``name``'s codec contracts more cheaply than dense."""
         codec = self.store.codecs[self.store.modules.index(name)]
         return codec.max_factored_rank(n_queries)
+
+    def in_eigenbasis(self, name: str) -> bool:
+        """Whether layer ``name`` is kept in the curvature eigenbasis (``sparse``)."""
+        codec = self.store.codecs[self.store.modules.index(name)]
+        return getattr(codec, "eigenbasis", None) is not None
 
     def scores(
         self,
@@ -378,22 +392,40 @@ def preconditioned(
     return out
 
 
-def auto_forms(
-    factors: Factors, tokens: dict[str, LayerIO], damping: dict[str, float], source
+def query_forms(
+    factors: Factors,
+    tokens: dict[str, LayerIO],
+    damping: dict[str, float],
+    query_rank: int | str,
+    source,
 ) -> dict[str, QueryForm]:
-    """``query_rank="auto"``: per layer, the queries cut to the smallest rank keeping
-    ``AUTO_ENERGY`` of their squared norm where ``source`` contracts that rank more cheaply
-    than exact dense queries (``source.max_factored_rank``), and the exact queries elsewhere.
-    Deciding costs the singular values of each query in the eigenbasis, not the vectors."""
+    """Each layer's preconditioned queries in the form ``source`` contracts them in.
+
+    Where the source keeps that layer in the curvature eigenbasis (a ``sparse`` store), the
+    queries stay there (``(Ĝ + λI)⁻¹ G_q`` rotated, never rotated back). Elsewhere, in the
+    weights' basis: ``"full"``, exact; an int ``r``, the rank-r truncated SVD;
+    ``"auto"``, cut to the smallest rank keeping ``AUTO_ENERGY`` of their squared norm where
+    ``source`` contracts that rank more cheaply than exact dense queries
+    (``source.max_factored_rank``), exact elsewhere. Deciding costs the singular values of
+    each query in the eigenbasis, not the vectors.
+    """
     out: dict[str, QueryForm] = {}
+    rank = query_rank if isinstance(query_rank, int) else None
     for name, x in tokens.items():
         layer = factors.layers[name]
-        in_basis = layer.in_eigenbasis(x.s, x.a, damping[name])  # once, for either form
-        max_rank = source.max_factored_rank(name, x.a.shape[0])
-        low = None
-        if max_rank >= 1:
-            low = layer.truncated_from_eigenbasis(in_basis, energy=AUTO_ENERGY, max_rank=max_rank)
-        out[name] = layer.from_eigenbasis(in_basis) if low is None else low
+        in_basis = layer.in_eigenbasis(x.s, x.a, damping[name])  # once, for any form
+        if source.in_eigenbasis(name):
+            out[name] = in_basis if rank is None else truncate(in_basis, rank=rank)
+        elif rank is not None:
+            out[name] = layer.truncated_from_eigenbasis(in_basis, rank)
+        else:
+            max_rank = source.max_factored_rank(name, x.a.shape[0])
+            low = None
+            if query_rank == "auto" and max_rank >= 1:
+                low = layer.truncated_from_eigenbasis(
+                    in_basis, energy=AUTO_ENERGY, max_rank=max_rank
+                )
+            out[name] = layer.from_eigenbasis(in_basis) if low is None else low
     return out
 
 

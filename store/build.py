@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from influencekit import checks, distributed
-from influencekit.data import TextDataset
+from influencekit.data import TextDataset, as_queries
 from influencekit.errors import ParameterError
 from influencekit.models import (
     check_finite_weights,
@@ -39,8 +39,10 @@ from influencekit.models import (
 from influencekit.progress import progress_counter
 from influencekit.settings import RunSettings
 
-from .codecs import DEFAULT_CODEC, new_codecs, parse_codec, recorded_codecs
-from .layout import DTYPES, StoreConfig
+from .budget import choose_codec, parse_bytes
+from .codecs import Basis, new_codecs, parse_codec, recorded_codecs
+from .fidelity import measure as measure_fidelity
+from .layout import DTYPES, Manifest, StoreConfig
 from .shards import build_sharded
 from .writing import (
     Encoder,
@@ -50,6 +52,7 @@ from .writing import (
     open_or_create,
     part_examples,
     pending,
+    record_fidelity,
 )
 
 
@@ -59,8 +62,11 @@ def build(
     train: TextDataset,
     modules: str | list[str] = "mlp",
     *,
-    codec: str = DEFAULT_CODEC,
-    dtype: str | torch.dtype = "float32",
+    codec: str | None = None,
+    budget: int | str | None = None,
+    dtype: str | torch.dtype | None = None,
+    fidelity: bool = True,
+    fidelity_queries=None,
     batch_size: int = 8,
     device: str | torch.device | None = None,
     amp_dtype: torch.dtype | None = None,
@@ -76,22 +82,36 @@ def build(
     parameters. Every argument is checked before anything is written. Returns ``path``.
     """
     path = Path(path)
-    spec = parse_codec(codec)
-    dtype = checks.storage_dtype("dtype", dtype, DTYPES)
+    if codec is not None:
+        parse_codec(codec)  # a bad string is refused before anything else is looked at
+    if dtype is not None:
+        dtype = checks.storage_dtype("dtype", dtype, DTYPES)
+    if budget is not None:
+        parse_bytes(budget)
     part_size = _part_size(part_size, chunk_size)
     seed = checks.count("seed", seed, minimum=0)
+    fidelity = checks.flag("fidelity", fidelity)
     checks.instance("train", train, TextDataset, "a TextDataset")
+    if factors is not None and not hasattr(factors, "layers"):
+        raise ParameterError("factors", factors, "Factors (from fit_factors or Factors.load)")
+    probe_queries = None if fidelity_queries is None else as_queries(fidelity_queries)
+    check_unique_ids(train)
+    layers = select_modules(model, modules)
+    shapes = [tuple(layer.grad_shape) for layer in layers]
+    covered = factors is not None and all(layer.name in factors.layers for layer in layers)
+    spec, dtype = choose_codec(codec, budget, dtype, shapes, sparse=covered)
     if spec.kind == "eig" and not callable(getattr(factors, "eigenbasis", None)):
         raise ParameterError("factors", factors, f"fitted ekfac or kfac factors for codec {spec}")
     compute = torch.float64 if dtype == "float64" else torch.float32
     run = RunSettings(batch_size, device, compute, amp_dtype, progress)
-    check_unique_ids(train)
-    layers = select_modules(model, modules)
     check_finite_weights(layers)
     check_sequences_fit(model, (ex.input_ids for ex in train), f"training data {train.source}")
+    if spec.kind in ("eig", "sparse", "sparse8"):
+        check_factors_cover(factors, layers)
     eigenbases = (
         [factors.eigenbasis(layer.name) for layer in layers] if spec.kind == "eig" else None
     )
+    bases = sparse_bases(factors, layers) if spec.kind in ("sparse", "sparse8") else None
     config = StoreConfig(
         codec=str(spec),
         dtype=dtype,
@@ -104,15 +124,30 @@ def build(
         max_length=train.max_length,
     )
     run = run.on(model)
+
+    def probe(manifest: Manifest, codecs: list) -> None:
+        """Measure and record the codec's fidelity once, when the store has none yet."""
+        if fidelity and manifest.fidelity is None:
+            found = measure_fidelity(
+                model, layers, codecs, train, run,
+                dtype=dtype, factors=factors if covered else None, queries=probe_queries,
+                seed=seed,
+            )  # fmt: skip
+            record_fidelity(path, manifest, found)
+
     if distributed.active():  # under torchrun: a shard per process, stitched by rank 0
-        build_sharded(path, model, train, config, layers, eigenbases, part_size, run)
+        curvature = (eigenbases, bases)
+        build_sharded(path, model, train, config, layers, curvature, part_size, run, probe)
         return path
     with build_lock(path):
-        fresh = new_codecs(spec, config.shapes, seed=seed, eigenbases=eigenbases)
+        fresh = new_codecs(spec, config.shapes, seed=seed, eigenbases=eigenbases, bases=bases)
         manifest = open_or_create(path, config, fresh, part_size, train.tokenizer)
         # the recorded codec arrays, not fresh draws: a resumed build encodes as the first did
-        codecs = recorded_codecs(config.codec, config.shapes, manifest.layer_tensors)
-        encoder = Encoder(model, layers, codecs, run)
+        codecs = recorded_codecs(
+            config.codec, config.shapes, manifest.layer_tensors, manifest.layer_params, bases
+        )
+        probe(manifest, codecs)
+        encoder = Encoder(model, layers, codecs, run, dtype)
         todo = pending(path, manifest, train)
         with progress_counter(len(todo), desc="building store", enabled=run.progress) as bar:
             for lo in range(0, len(todo), manifest.part_size):
@@ -125,6 +160,38 @@ def build(
                 )
                 bar.update(len(positions))
     return path
+
+
+def check_factors_cover(factors, layers: list) -> None:
+    """Refuse factors that lack a tracked layer or hold it with another shape."""
+    if factors is None:
+        return
+    for layer in layers:
+        fitted = factors.layers.get(layer.name)
+        if fitted is None:
+            raise ParameterError(
+                "factors", f"factors of {factors.modules}", f"factors fitted on {layer.name}"
+            )
+        if tuple(fitted.shape) != tuple(layer.grad_shape):
+            raise ParameterError(
+                "factors",
+                f"{layer.name} of shape {tuple(fitted.shape)}",
+                f"factors of this model ({layer.name} has shape {tuple(layer.grad_shape)})",
+            )
+
+
+def sparse_bases(factors, layers: list) -> list[Basis]:
+    """Each layer's eigenbasis and whitening ``1 / (Λ + λ)`` (default damping) from fitted
+    factors, for ``sparse``; the standard basis and plain magnitudes without factors."""
+    if factors is None:
+        return [Basis() for _ in layers]
+    out = []
+    for layer in layers:
+        fitted = factors.layers[layer.name]
+        damping = fitted.default_damping()
+        weight = None if fitted.lam is None else 1.0 / (fitted.lam + damping)
+        out.append(Basis(fitted.basis_fingerprint(), fitted.q_s, fitted.q_a, weight, damping))
+    return out
 
 
 def _part_size(part_size: int | None, chunk_size: int | None) -> int | None:

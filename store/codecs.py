@@ -26,6 +26,15 @@ The codecs (``spec`` strings, recorded in the store):
 - ``eig:K``: like ``kron`` but ``P`` are the top-``K`` eigenvectors of the layer's
   ``S`` and ``A`` covariances (rows orthonormal, no scaling): the score restricted to
   the leading curvature directions. Needs fitted factors at build time.
+- ``sparse:K``: the ``K`` entries of ``G̃_z = Q_Sᵀ G_z Q_A`` (the gradient in the layer's
+  curvature eigenbasis) of largest whitened energy ``G̃²/(Λ + λ)``: values ``x (K,)``, and
+  their flat positions, increasing, in two bytes each: ``i (K,)`` uint16 the position
+  within its page of 65,536 entries, ``n (P,)`` int32 the count kept per page. Queries
+  meet it in the same eigenbasis (``P̃_q = G̃_q ⊘ (Λ + λ)``), so a score is
+  ``Σ_k P̃_q[i_k] x_k``: the kept entries are the ones an average query's score depends on
+  most. Exact when ``K ≥ d_out·d_in``. With
+  ``identity`` (or no) factors, the standard basis and plain magnitudes. Needs the factors at
+  build time and the same factors' eigenbasis (checked by fingerprint) at scoring time.
 
 Example:
     >>> import torch
@@ -46,6 +55,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+import scipy.sparse
 import torch
 
 from influencekit.errors import ParameterError
@@ -59,11 +70,15 @@ from influencekit.lowrank import (
 )
 
 Tensor = torch.Tensor
-KINDS = ("dense", "kron", "lowrank", "eig")
-DEFAULT_CODEC = "lowrank:8"  # chosen from benchmarks/store.py: see docs/store-format.md
+KINDS = ("dense", "kron", "lowrank", "eig", "sparse", "sparse8")
 OVERSAMPLE = 8  # extra columns of the lowrank range finder
 POWER_ITERATIONS = 2
 GRAM_ELEMENTS = 2**24  # lowrank gram: at most this many (a, b, k, j) products at once
+ROTATE_ELEMENTS = 2**25  # sparse encode: at most this many rotated-gradient entries at once
+STANDARD_BASIS = "standard"  # a sparse codec's basis without eigenvectors
+PAGE = 2**16  # sparse positions: a uint16 offset within a page of this many entries
+SAMPLE = 8192  # sparse encode: entries sampled to set a row's candidate threshold
+FLOAT8_MAX = 448.0  # the largest float8 e4m3 value: sparse8 scales each row's largest to it
 
 
 @dataclass(frozen=True)
@@ -78,13 +93,17 @@ class CodecSpec:
 
 
 def parse_codec(text: str) -> CodecSpec:
-    """Parse ``dense``, ``kron:K``, ``lowrank:R`` or ``eig:K``, with a clear error otherwise.
+    """Parse ``dense``, ``kron:K``, ``lowrank:R``, ``eig:K`` or ``sparse:K``, with a clear
+    error otherwise.
 
     Example:
         >>> parse_codec("lowrank:8")
         CodecSpec(kind='lowrank', size=8)
     """
-    allowed = "dense, kron:K, lowrank:R or eig:K (K, R integers >= 1), e.g. kron:32"
+    allowed = (
+        "dense, kron:K, lowrank:R, eig:K, sparse:K or sparse8:K (K, R integers >= 1), "
+        "e.g. sparse8:4096"
+    )
     if not isinstance(text, str):
         raise ParameterError("codec", text, allowed)
     kind, _, size = text.strip().partition(":")
@@ -241,6 +260,200 @@ class LowRankCodec:
         return torch.cat(out)
 
 
+@dataclass(frozen=True)
+class Basis:
+    """Where a ``sparse`` codec keeps a layer's gradients, and how it picks their entries.
+
+    ``q_s`` ``(d_out, d_out)`` and ``q_a`` ``(d_in, d_in)``: the eigenvectors (columns) of the
+    layer's curvature factors, or ``None`` for the standard basis; ``weight`` ``(d_out, d_in)``:
+    each entry's whitening ``1 / (Λ + λ)``, or ``None`` (all equal); ``fingerprint`` names the
+    rotations, so scoring can check it holds the same eigenbasis.
+    """
+
+    fingerprint: str = STANDARD_BASIS
+    q_s: Tensor | None = None
+    q_a: Tensor | None = None
+    weight: Tensor | None = None
+    damping: float | None = None
+
+
+class SparseCodec:
+    """The ``K`` entries of the eigenbasis gradient ``G̃_z`` of largest whitened energy:
+    values ``x (K,)`` and flat positions (``i``, ``n``: see :meth:`pack`) into
+    ``(d_out, d_in)``.
+
+    ``basis`` (:class:`Basis`) is needed to encode; reading and scoring need only its
+    fingerprint, recorded in ``params``. Queries arrive already in that basis (the scorer
+    asks :attr:`eigenbasis` and preconditions in the eigenbasis without rotating back).
+    ``eight_bit`` (``sparse8``): values as 8-bit floats (e4m3, 3 mantissa bits) times one
+    float32 scale ``s`` per example and layer, instead of the store's dtype.
+    """
+
+    def max_factored_rank(self, n_queries: int) -> int:
+        return 0  # a dense query is gathered at K positions: no factored form is cheaper
+
+    def __init__(
+        self, shape: tuple[int, int], entries: int, basis: Basis | None, eight_bit: bool = False
+    ) -> None:
+        self.shape = tuple(shape)
+        self.entries = min(entries, self.shape[0] * self.shape[1])
+        self.basis = basis
+        self.eight_bit = eight_bit
+        self.own_dtypes = {"i": np.uint16, "n": np.int32}  # whatever the store's dtype
+        if eight_bit:
+            self.own_dtypes.update({"x": np.uint8, "s": np.float32})
+        self.params = {"entries": self.entries}
+        if basis is not None:
+            self.params["basis"] = basis.fingerprint
+            if basis.damping is not None:
+                self.params["damping"] = basis.damping
+        self.tensors: dict[str, Tensor] = {}
+
+    @property
+    def eigenbasis(self) -> str | None:
+        """The fingerprint of the eigenbasis queries must be given in; None: the standard one."""
+        found = self.params.get("basis", STANDARD_BASIS)
+        return None if found == STANDARD_BASIS else found
+
+    def arrays(self) -> dict[str, tuple[int, ...]]:
+        scale = {"s": (1,)} if self.eight_bit else {}
+        return {"x": (self.entries,), **scale, "i": (self.entries,), "n": (self.pages,)}
+
+    @property
+    def pages(self) -> int:
+        return -(-self.shape[0] * self.shape[1] // PAGE)
+
+    def encode(self, a: Tensor, s: Tensor) -> dict[str, Tensor]:
+        if self.basis is None:
+            raise ParameterError("factors", None, "the factors this sparse store was built with")
+        q_s, q_a, scale = self._on(a)
+        if q_s is not None:  # rotate the tokens, not G: T·(d_out² + d_in²) per sequence
+            s, a = s @ q_s, a @ q_a
+        step = max(1, ROTATE_ELEMENTS // (self.shape[0] * self.shape[1]))
+        values, positions = [], []
+        for lo in range(0, a.shape[0], step):  # a few sequences' full G̃ at a time
+            g = (s[lo : lo + step].transpose(1, 2) @ a[lo : lo + step]).flatten(1)
+            # |G̃|·sqrt(w) orders entries as the whitened energy G̃²·w does, in two passes
+            size = g.abs() if scale is None else g.abs().mul_(scale)
+            top = torch.stack([largest(row, self.entries) for row in size])
+            top = torch.sort(top, dim=1).values  # increasing positions: reads and grams in order
+            values.append(torch.gather(g, 1, top))
+            positions.append(top)
+        return {**self.values(torch.cat(values)), **self.pack(torch.cat(positions))}
+
+    def values(self, x: Tensor) -> dict[str, Tensor]:
+        """Kept values ``(B, K)`` as stored: as they are, or as 8-bit floats (e4m3 bit
+        patterns) scaled so that each row's largest magnitude is e4m3's largest, 448."""
+        if not self.eight_bit:
+            return {"x": x}
+        # the scale as float32 keeps it (exactly) on disk
+        scale = (x.abs().amax(dim=1, keepdim=True) / FLOAT8_MAX).float().to(x.dtype)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        coded = (x / scale).to(torch.float8_e4m3fn).view(torch.uint8)
+        return {"x": coded, "s": scale}
+
+    def kept(self, stored: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        """The kept values ``(B, K)`` in ``dtype``, decoded from 8 bits where they are."""
+        x = stored["x"]
+        if not self.eight_bit:
+            return x.to(dtype)
+        decoded = x.to(torch.uint8).view(torch.float8_e4m3fn).to(dtype)
+        return decoded * stored["s"].to(dtype)
+
+    def _on(self, like: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The rotations and ``sqrt(weight)`` (flat) in ``like``'s dtype and device, made once."""
+        key = (like.dtype, like.device)
+        if getattr(self, "_cached", (None,))[0] != key:
+            basis, opts = self.basis, {"dtype": like.dtype, "device": like.device}
+            self._cached = (
+                key,
+                None if basis.q_s is None else basis.q_s.to(**opts),
+                None if basis.q_a is None else basis.q_a.to(**opts),
+                None if basis.weight is None else basis.weight.sqrt().flatten().to(**opts),
+            )
+        return self._cached[1:]
+
+    def pack(self, positions: Tensor) -> dict[str, Tensor]:
+        """Increasing flat positions ``(B, K)`` as page offsets ``i`` and page counts ``n``."""
+        pages = torch.div(positions, PAGE, rounding_mode="floor")
+        counts = torch.zeros(positions.shape[0], self.pages, dtype=torch.int64, device=pages.device)
+        counts.scatter_add_(1, pages, torch.ones_like(pages))
+        return {"i": (positions - pages * PAGE).to(torch.int32), "n": counts.to(torch.int32)}
+
+    @staticmethod
+    def positions(stored: dict[str, Tensor]) -> Tensor:
+        """The flat positions ``(B, K)`` (int64) of stored page offsets and counts."""
+        offsets, counts = stored["i"].long(), stored["n"].long()
+        # Each row's counts sum to K: one repeat over all rows lays out every entry's page.
+        pages = torch.arange(counts.shape[1], device=counts.device).repeat(counts.shape[0])
+        page = torch.repeat_interleave(pages, counts.flatten(), output_size=offsets.numel())
+        return page.view_as(offsets) * PAGE + offsets
+
+    def compress_query(self, p: QueryForm) -> Tensor:
+        """The query in this codec's basis, one row per position: ``(d_out·d_in, Q)``."""
+        return as_dense(p).flatten(1).T.contiguous()
+
+    def contract(self, query: Tensor, stored: dict[str, Tensor]) -> Tensor:
+        x, i = self.kept(stored, query.dtype), self.positions(stored)  # (B, K) each
+        # Every query's value at a kept position is one contiguous row: a row gather, then
+        # one (1 × K)·(K × Q) product per example.
+        picked = query.index_select(0, i.flatten()).view(*i.shape, query.shape[1])
+        return torch.bmm(x[:, None, :], picked)[:, 0, :].T
+
+    def gram(self, a: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
+        """``⟨G̃_a, G̃_b⟩`` of the kept entries for every pair, ``(Ba, Bb)``: the eigenbasis
+        is orthogonal, so this is the inner product of the sparse approximations of ``G``."""
+        left, right = self._rows(a), self._rows(b)
+        dtype = (a["s"] if self.eight_bit else a["x"]).dtype
+        return torch.from_numpy((left @ right.T).toarray()).to(dtype)
+
+    def _rows(self, stored: dict[str, Tensor]) -> scipy.sparse.csr_matrix:
+        """Stored sparse codes as rows of a ``(B, d_out·d_in)`` scipy CSR matrix (float64)."""
+        x = self.kept(stored, torch.float64).cpu().numpy()
+        return _sparse_rows(x, self.positions(stored).cpu().numpy(), self.shape)
+
+
+def largest(values: Tensor, k: int) -> Tensor:
+    """Positions of the ``k`` largest of the non-negative ``values`` (one row), in no order.
+
+    The same set as ``torch.topk``, found faster on long rows: a threshold from a fixed
+    strided sample keeps about ``2k`` candidates, and the exact top ``k`` is taken among
+    them (all of them, whenever at least ``k`` pass: the top ``k`` are above it).
+    """
+    n = values.shape[0]
+    if k * 8 > n:
+        return torch.topk(values, k, sorted=False).indices
+    sample = values[:: max(1, n // SAMPLE)]
+    threshold = torch.quantile(sample.float(), 1 - 2 * k / n)
+    candidates = torch.nonzero(values >= threshold.to(values.dtype)).flatten()
+    if candidates.shape[0] < k:  # an unlucky sample: the plain way
+        return torch.topk(values, k, sorted=False).indices
+    return candidates[torch.topk(values[candidates], k, sorted=False).indices]
+
+
+def _sparse_rows(x: np.ndarray, i: np.ndarray, shape: tuple[int, int]) -> scipy.sparse.csr_matrix:
+    """Values ``x`` at flat positions ``i`` (both ``(B, K)``) as a ``(B, d_out·d_in)``
+    scipy CSR matrix."""
+    n, k = x.shape
+    pointers = np.arange(0, n * k + 1, k)
+    return scipy.sparse.csr_matrix((x.ravel(), i.ravel(), pointers), shape=(n, shape[0] * shape[1]))
+
+
+def array_dtypes(codec, dtype) -> dict[str, np.dtype]:
+    """The on-disk dtype of each of ``codec``'s arrays in a store of float ``dtype``: the
+    codec's ``own_dtypes`` (``sparse``'s positions, ``sparse8``'s bytes and scales) keep
+    theirs whatever the store's."""
+    own = getattr(codec, "own_dtypes", {})
+    return {name: np.dtype(own.get(name, dtype)) for name in codec.arrays()}
+
+
+def example_bytes(codec, dtype) -> int:
+    """Bytes one stored example takes in ``codec``'s arrays (float ``dtype``; integer
+    arrays in their own)."""
+    kinds = array_dtypes(codec, dtype)
+    return sum(int(np.prod(shape)) * kinds[name].itemsize for name, shape in codec.arrays().items())
+
+
 def projection_seed(seed: int, layer_index: int, side: int) -> int:
     """The generator seed of one projection: a fixed mix of store seed, layer and side."""
     return (seed * 0x9E3779B97F4A7C15 + layer_index * 0xBF58476D1CE4E5B9 + side * 0x94D049BB) % (
@@ -270,14 +483,19 @@ def make_codec(
     seed: int = 0,
     layer_index: int = 0,
     eigenbasis: tuple[Tensor, Tensor] | None = None,
+    basis: Basis | None = None,
 ):
     """The codec of one layer with gradient ``shape`` ``(d_out, d_in)``.
 
-    ``eigenbasis`` (``eig`` only): ``(Q_S, Q_A)`` with columns sorted by decreasing eigenvalue.
+    ``eigenbasis`` (``eig`` only): ``(Q_S, Q_A)`` with columns sorted by decreasing eigenvalue;
+    ``basis`` (``sparse`` only, default the standard basis): see :class:`Basis`.
     """
     d_out, d_in = shape
     if spec.kind == "dense":
         return DenseCodec(shape)
+    if spec.kind in ("sparse", "sparse8"):
+        basis = Basis() if basis is None else basis
+        return SparseCodec(shape, spec.size, basis, eight_bit=spec.kind == "sparse8")
     if spec.kind == "lowrank":
         k = min(spec.size, d_out, d_in) + OVERSAMPLE
         gen = torch.Generator().manual_seed(projection_seed(seed, layer_index, 2))
@@ -295,18 +513,33 @@ def make_codec(
     return ProjectionCodec(shape, q_s[:, :k_out].T.contiguous(), q_a[:, :k_in].T.contiguous())
 
 
-def restore_codec(spec: CodecSpec, shape: tuple[int, int], tensors: dict[str, Tensor]):
-    """Rebuild a layer codec from what a store recorded (projections are read, not redrawn)."""
+def restore_codec(
+    spec: CodecSpec,
+    shape: tuple[int, int],
+    tensors: dict[str, Tensor],
+    params: dict | None = None,
+    basis: Basis | None = None,
+):
+    """Rebuild a layer codec from what a store recorded (projections are read, not redrawn).
+
+    A ``sparse`` codec rebuilt without ``basis`` reads and scores but cannot encode."""
     if spec.kind == "dense":
         return DenseCodec(shape)
+    if spec.kind in ("sparse", "sparse8"):
+        codec = SparseCodec(shape, spec.size, basis, eight_bit=spec.kind == "sparse8")
+        codec.params = dict(params or codec.params)
+        return codec
     if spec.kind == "lowrank":
         return LowRankCodec(shape, spec.size, tensors["omega"])
     return ProjectionCodec(shape, tensors["p_out"], tensors["p_in"])
 
 
-def new_codecs(spec: CodecSpec, shapes: list[tuple[int, int]], *, seed: int, eigenbases=None):
+def new_codecs(
+    spec: CodecSpec, shapes: list[tuple[int, int]], *, seed: int, eigenbases=None, bases=None
+):
     """The codecs of a new store, one per layer of gradient shape ``shapes[j]``: random
-    projections drawn from ``seed``; ``eigenbases[j]`` ``(Q_S, Q_A)`` for ``eig``."""
+    projections drawn from ``seed``; ``eigenbases[j]`` ``(Q_S, Q_A)`` for ``eig``;
+    ``bases[j]`` (:class:`Basis`) for ``sparse``."""
     return [
         make_codec(
             spec,
@@ -314,15 +547,25 @@ def new_codecs(spec: CodecSpec, shapes: list[tuple[int, int]], *, seed: int, eig
             seed=seed,
             layer_index=j,
             eigenbasis=None if eigenbases is None else eigenbases[j],
+            basis=None if bases is None else bases[j],
         )
         for j, shape in enumerate(shapes)
     ]
 
 
-def recorded_codecs(codec: str, shapes: list[list[int]], tensors: list[dict[str, Tensor]]):
-    """The codecs a store recorded: spec string, per-layer shapes and codec arrays."""
+def recorded_codecs(
+    codec: str,
+    shapes: list[list[int]],
+    tensors: list[dict[str, Tensor]],
+    params: list[dict] | None = None,
+    bases: list[Basis] | None = None,
+):
+    """The codecs a store recorded: spec string, per-layer shapes, codec arrays and
+    parameters; ``bases`` (``sparse``) lets them encode too."""
     spec = parse_codec(codec)
+    params = params or [None] * len(shapes)
+    bases = bases or [None] * len(shapes)
     return [
-        restore_codec(spec, tuple(shape), arrays)
-        for shape, arrays in zip(shapes, tensors, strict=True)
+        restore_codec(spec, tuple(shape), arrays, layer_params, basis)
+        for shape, arrays, layer_params, basis in zip(shapes, tensors, params, bases, strict=True)
     ]

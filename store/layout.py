@@ -35,7 +35,8 @@ from influencekit.h5io import UTF8, atomic_h5, open_h5, read_array
 
 FORMAT = "influencekit.store"
 PART_FORMAT = "influencekit.store-part"
-VERSION = 1
+VERSION = 2  # 2: sparse codec (int32 positions) and the fidelity record; 1 still reads
+PART_VERSION = 1
 # What a stored gradient is the gradient of (docs/math.md); a new definition gets a new string.
 LOSS = "sum over t of -log p(x_{t+1} | x_<=t), real next tokens, padding excluded (v1)"
 PART_BYTES = 64 * 2**20  # a part (one commit) holds about this much gradient data
@@ -89,6 +90,7 @@ class Manifest:
     layer_tensors: list[dict[str, torch.Tensor]]  # per layer: codec arrays (projections)
     part_counts: list[int] = field(default_factory=list)
     tokenizer_files: dict[str, bytes] = field(default_factory=dict)
+    fidelity: dict | None = None  # measured at build (influencekit.store.fidelity)
 
     @property
     def n_examples(self) -> int:
@@ -122,6 +124,8 @@ def write_manifest(path: Path, manifest: Manifest) -> None:
                 "modules": json.dumps(cfg.modules),
             }
         )
+        if manifest.fidelity is not None:
+            f.attrs["fidelity"] = json.dumps(manifest.fidelity)
         counts = np.asarray(manifest.part_counts, dtype=np.int64)
         f.create_dataset("part_counts", data=counts, maxshape=(None,))
         for i, (name, shape) in enumerate(zip(cfg.modules, cfg.shapes, strict=True)):
@@ -158,8 +162,16 @@ def read_manifest(path: Path) -> Manifest:
         counts = [int(c) for c in read_array(f, "part_counts", path)]
         saved = f.get("tokenizer", {})
         files = {name: read_array(saved, name, path).tobytes() for name in saved}
+        fidelity = json.loads(f.attrs["fidelity"]) if "fidelity" in f.attrs else None
         return Manifest(
-            config, str(f.attrs["uuid"]), int(f.attrs["chunk_size"]), params, tensors, counts, files
+            config,
+            str(f.attrs["uuid"]),
+            int(f.attrs["chunk_size"]),
+            params,
+            tensors,
+            counts,
+            files,
+            fidelity,
         )
 
 
@@ -191,7 +203,7 @@ def write_part(
     count = len(examples.ids)
     with atomic_h5(path, in_memory=True) as f:
         f.attrs.update(
-            {"format": PART_FORMAT, "version": VERSION, "store_uuid": uuid, "number": number}
+            {"format": PART_FORMAT, "version": PART_VERSION, "store_uuid": uuid, "number": number}
         )
         f.attrs.update({"first": first, "count": count})
         group = f.create_group("examples")
@@ -236,7 +248,7 @@ def _chunks(value: np.ndarray) -> tuple[int, ...]:
 
 def read_part_examples(path: Path) -> PartExamples:
     """The per-example records of one part file."""
-    with open_h5(path, PART_FORMAT, VERSION) as f:
+    with open_h5(path, PART_FORMAT, PART_VERSION) as f:
         group = f["examples"]
         ids = [s.decode() for s in read_array(group, "ids", path)]
         texts = [s.decode() for s in read_array(group, "text", path)]
@@ -255,7 +267,7 @@ def check_part(path: Path, uuid: str, number: int, first: int, count: int) -> No
     """Check a part's header: it belongs to this store and holds the expected rows."""
     if not path.is_file():
         raise FileFormatError(f"{path}: part {number} of the store is missing")
-    with open_h5(path, PART_FORMAT, VERSION) as f:
+    with open_h5(path, PART_FORMAT, PART_VERSION) as f:
         found = (
             str(f.attrs["store_uuid"]),
             int(f.attrs["number"]),

@@ -38,10 +38,11 @@ from influencekit.models import (
 )
 
 from . import build as building
-from .codecs import recorded_codecs
+from .codecs import array_dtypes, example_bytes, recorded_codecs
+from .fidelity import Fidelity
 from .layout import (
     PART_FORMAT,
-    VERSION,
+    PART_VERSION,
     Manifest,
     PartExamples,
     check_part,
@@ -61,7 +62,9 @@ class GradientStore:
         self.path = Path(path)
         self.manifest = manifest
         self.config = manifest.config
-        self.codecs = recorded_codecs(self.config.codec, self.config.shapes, manifest.layer_tensors)
+        self.codecs = recorded_codecs(
+            self.config.codec, self.config.shapes, manifest.layer_tensors, manifest.layer_params
+        )
         self._examples: PartExamples | None = None
         self._ids: list[str] | None = None
         self._tokenizer = None
@@ -91,13 +94,24 @@ class GradientStore:
         ``modules``: which layers (as for ``fit_factors``). Keyword options (their defaults
         in :func:`influencekit.store.build.build`):
 
-        - ``codec="lowrank:8"``: ``dense``, ``kron:K``, ``lowrank:R`` or ``eig:K`` (needs
-          ``factors``, fitted ekfac or kfac factors);
-        - ``dtype="float32"``: ``float16``, ``float32`` or ``float64`` on disk, as a name or a
-          ``torch.dtype`` (computation is float32, or float64 for a float64 store);
+        - ``factors=None``: fitted factors. With them the default codec is ``sparse:K``,
+          kept in their curvature eigenbasis (score the store with the same factors);
+        - ``codec=None``: force one: ``dense``, ``kron:K``, ``lowrank:R``, ``eig:K``
+          (needs ``factors`` with eigenbases) or ``sparse:K``. None: the best codec for
+          ``budget`` (:mod:`influencekit.store.budget`);
+        - ``budget=None``: bytes per sequence, an int or a string such as ``"128KiB"``: the
+          codec and its size are chosen to fit (``sparse:K`` with factors, ``lowrank:R``
+          without; ``dense`` when it fits). Default: what ``lowrank:8`` takes in float32;
+        - ``dtype=None``: ``float16``, ``float32`` or ``float64`` on disk, as a name or a
+          ``torch.dtype`` (computation is float32, or float64 for a float64 store); default
+          float16 for a chosen codec, float32 for a forced one;
+        - ``fidelity=True``: measure the codec's scores against exact ones on a seeded probe
+          of the training sequences and record them (:attr:`fidelity`);
+          ``fidelity_queries``: probe with these queries instead of training sequences;
         - ``part_size=None``: examples per part, one commit each (default: about 64 MiB of
           gradients; ``chunk_size`` is its former name);
-        - ``seed=0``: draws the ``kron`` projections and the ``lowrank`` range finder;
+        - ``seed=0``: draws the ``kron`` projections, the ``lowrank`` range finder and the
+          fidelity probe;
         - ``batch_size=8``, ``device=None``, ``amp_dtype=None``, ``progress=True``: the run
           settings, as for ``fit_factors``.
 
@@ -133,6 +147,18 @@ class GradientStore:
         return self.config.codec
 
     @property
+    def fidelity(self) -> Fidelity | None:
+        """How faithful the stored gradients are: the codec's scores against exact ones on a
+        probe sample, measured when the store was built (None for a store built without).
+
+        Example:
+            >>> print(store.fidelity)          # doctest: +SKIP
+            Pearson 0.912 (min) / 0.951 (mean), top-10 overlap 0.86: 8 probe queries ...
+        """
+        found = self.manifest.fidelity
+        return None if found is None else Fidelity.from_dict(found)
+
+    @property
     def source(self) -> str:
         """Where the stored sequences are: the store's path (as ``TextDataset.source``)."""
         return str(self.path)
@@ -146,8 +172,7 @@ class GradientStore:
         return np.dtype(self.config.dtype)
 
     def _layer_bytes(self, layer: int) -> int:
-        shapes = self.codecs[layer].arrays().values()
-        return sum(int(np.prod(shape)) for shape in shapes) * self.dtype.itemsize
+        return example_bytes(self.codecs[layer], self.dtype)
 
     def bytes_per_example(self) -> int:
         """Bytes of gradient data per stored example, all layers together."""
@@ -222,9 +247,10 @@ class GradientStore:
         if asked.size and not 0 <= asked.min() <= asked.max() < len(self):
             raise OutOfRangeError(f"{self.path}: indices must lie in 0..{len(self) - 1}")
         expected = [self.codecs[j].arrays() for j in positions]
+        kinds = [array_dtypes(self.codecs[j], self.dtype) for j in positions]
         out = [
-            {name: np.empty((len(asked), *shape), self.dtype) for name, shape in arrays.items()}
-            for arrays in expected
+            {name: np.empty((len(asked), *shape), kind[name]) for name, shape in arrays.items()}
+            for arrays, kind in zip(expected, kinds, strict=True)
         ]
         wanted = np.unique(asked)  # h5py reads a list of rows only if increasing and unique
         for path, first, count in self.manifest.parts(self.path):
@@ -262,7 +288,7 @@ class GradientStore:
         total = np.zeros((len(unique), len(unique)))
         for j in positions:
             (arrays,) = self.rows(unique.tolist(), [j])
-            x = {name: torch.from_numpy(value).double() for name, value in arrays.items()}
+            x = {name: _as_tensor(value, torch.float64) for name, value in arrays.items()}
             total += self.codecs[j].gram(x, x).numpy()
         total = (total + total.T) / 2  # X Xᵀ need not round symmetrically
         return total[np.ix_(inverse.ravel(), inverse.ravel())]
@@ -338,6 +364,23 @@ class GradientStore:
         if problems:
             raise MismatchError(f"{self.path}: " + "; ".join(problems))
 
+    def check_eigenbasis(self, fingerprints: dict[str, str]) -> None:
+        """Refuse factors whose eigenbasis differs from the one a layer's gradients are kept
+        in (``sparse`` stores built with factors); ``fingerprints``: ``{layer: fingerprint}``
+        of the factors at hand (:meth:`~influencekit.factors.LayerFactors.basis_fingerprint`).
+        """
+        problems = []
+        for name, codec in zip(self.modules, self.codecs, strict=True):
+            kept = getattr(codec, "eigenbasis", None)
+            if kept is not None and name in fingerprints and fingerprints[name] != kept:
+                problems.append(f"{name}: store {kept}, these factors {fingerprints[name]}")
+        if problems:
+            raise MismatchError(
+                f"{self.path}: the store keeps gradients in the eigenbasis of the factors it "
+                "was built with, and these factors have another (score with those factors): "
+                + "; ".join(problems)
+            )
+
     # -- streaming --------------------------------------------------------------------------
 
     def blocks(
@@ -379,8 +422,16 @@ class GradientStore:
                     )
 
 
+def _as_tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Stored floats in ``dtype``; stored positions (integers) as they are."""
+    if array.dtype == np.uint16:  # positions: widened to a dtype torch computes with
+        array = array.astype(np.int32)
+    tensor = torch.from_numpy(array)
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
 def _open_part(path: Path):
-    return open_h5(path, PART_FORMAT, VERSION)
+    return open_h5(path, PART_FORMAT, PART_VERSION)
 
 
 def _read_rows(

@@ -63,7 +63,11 @@ def stored_scores(
 def to_device(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A block read from HDF5 onto ``device``; to a GPU through page-locked memory, so the
     copy runs asynchronously."""
+    if array.dtype == np.uint16:  # positions: widened to a dtype torch computes with
+        array = array.astype(np.int32)
     tensor = torch.from_numpy(array)
+    if not tensor.is_floating_point():
+        dtype = tensor.dtype  # integers stay integers
     if device.type == "cuda":
         return tensor.pin_memory().to(device=device, dtype=dtype, non_blocking=True)
     return tensor.to(device=device, dtype=dtype)

@@ -122,9 +122,10 @@ def build_sharded(
     train: TextDataset,
     config: StoreConfig,
     layers: list[TrackedLayer],
-    eigenbases: list | None,
+    curvature: tuple[list | None, list | None],
     part_size: int | None,
     run: RunSettings,
+    probe: Callable | None = None,
 ) -> None:
     """:func:`~influencekit.store.build.build` on every process of the group (arguments
     checked by it).
@@ -135,13 +136,21 @@ def build_sharded(
     """
     path = Path(path)
     rank, world = rank_and_world()
+    eigenbases, bases = curvature  # eig's leading eigenvectors, sparse's bases (or None)
     with contextlib.ExitStack() as held:
 
         def create() -> None:
             held.enter_context(build_lock(path))  # held by rank 0 until the end
             spec = parse_codec(config.codec)
-            fresh = new_codecs(spec, config.shapes, seed=config.seed, eigenbases=eigenbases)
-            open_or_create(path, config, fresh, part_size, train.tokenizer)
+            fresh = new_codecs(
+                spec, config.shapes, seed=config.seed, eigenbases=eigenbases, bases=bases
+            )
+            manifest = open_or_create(path, config, fresh, part_size, train.tokenizer)
+            if probe is not None:  # the fidelity, measured by rank 0 alone
+                probe(manifest, recorded_codecs(
+                    config.codec, config.shapes, manifest.layer_tensors, manifest.layer_params,
+                    bases,
+                ))  # fmt: skip
             for other in _shards(path):
                 if not re.search(rf"\.shard-\d+-of-{world}\.h5$", other.name):
                     _remove_shard(other)  # left by a run on another number of processes
@@ -150,8 +159,10 @@ def build_sharded(
         main, plan, digest = _together(path, "planning", lambda: _plan(path, config, train))
         _together(path, "agreeing on the pending examples", None, digest)
         mine = rank_share(len(plan.parts), rank, world)
-        codecs = recorded_codecs(config.codec, config.shapes, main.layer_tensors)
-        encoder = Encoder(model, layers, codecs, run)
+        codecs = recorded_codecs(
+            config.codec, config.shapes, main.layer_tensors, main.layer_params, bases
+        )
+        encoder = Encoder(model, layers, codecs, run, config.dtype)
         _together(
             path,
             "building its shard",

@@ -43,6 +43,7 @@ from influencekit.errors import (
 from influencekit.models import TrackedLayer
 from influencekit.settings import RunSettings
 
+from .codecs import array_dtypes, example_bytes
 from .layout import (
     PART_BYTES,
     Manifest,
@@ -87,6 +88,12 @@ def open_or_create(
         diffs = manifest.config.differences(config, "store", "this build")
         if part_size is not None and part_size != manifest.part_size:
             diffs.append(f"part_size: store {manifest.part_size}, this build {part_size}")
+        if not diffs:  # same layers and codec: are its parameters the same too?
+            for name, stored, fresh in zip(
+                config.modules, manifest.layer_params, codecs, strict=True
+            ):
+                if stored != fresh.params:  # e.g. a sparse store continued with other factors
+                    diffs.append(f"codec of {name}: store {stored}, this build {fresh.params}")
         if diffs:
             raise MismatchError(
                 f"{path}: cannot continue this store, it was built differently: " + "; ".join(diffs)
@@ -110,16 +117,25 @@ def open_or_create(
 
 def new_manifest(config: StoreConfig, codecs: list, part_size: int | None) -> Manifest:
     """An empty store's manifest; ``part_size=None`` puts about ``PART_BYTES`` in a part."""
-    per_example = (
-        sum(int(np.prod(s)) for c in codecs for s in c.arrays().values())
-        * np.dtype(config.dtype).itemsize
-    )
+    per_example = sum(example_bytes(c, config.dtype) for c in codecs)
     if part_size is None:
         part_size = max(1, min(MAX_PART_SIZE, PART_BYTES // max(1, per_example)))
     tensors = [{k: v.to(torch.float64).contiguous() for k, v in c.tensors.items()} for c in codecs]
     return Manifest(
         config, uuidlib.uuid4().hex, int(part_size), [c.params for c in codecs], tensors, []
     )
+
+
+def record_fidelity(path: Path, manifest: Manifest, fidelity) -> None:
+    """Keep a measured :class:`~influencekit.store.fidelity.Fidelity` (or None) in the
+    manifest, replaced atomically like every manifest write."""
+    if fidelity is None:
+        return
+    manifest.fidelity = fidelity.to_dict()
+    try:
+        write_manifest(path, manifest)
+    except OSError as err:
+        raise StoreWriteError(f"{path}: cannot record the store's fidelity ({err})") from err
 
 
 def remove_uncommitted(path: Path, n_committed: int) -> None:
@@ -188,20 +204,22 @@ def part_examples(train: TextDataset, positions: list[int]) -> PartExamples:
 
 @dataclass(frozen=True)
 class Encoder:
-    """What every part of one build shares: the model, its tracked layers, their codecs and
-    the run settings (their ``dtype``: float32, or float64 for a float64 store)."""
+    """What every part of one build shares: the model, its tracked layers, their codecs, the
+    run settings (their ``dtype``: float32, or float64 for a float64 store) and the store's
+    ``dtype``, the one arrays are made in (a codec's own dtypes aside)."""
 
     model: nn.Module
     layers: list[TrackedLayer]
     codecs: list
     run: RunSettings
+    dtype: str
 
     def encode(self, train: TextDataset, positions: list[int]) -> list[dict[str, np.ndarray]]:
         """Each layer's stored arrays for the examples ``positions`` (rows in that order)."""
         row_of = {index: row for row, index in enumerate(positions)}
         out: list[dict] = [{} for _ in self.codecs]
         order = length_order(train, positions)  # longest first: little padding per batch
-        numpy_dtype = np.float64 if self.run.dtype == torch.float64 else np.float32
+        kinds = [array_dtypes(codec, self.dtype) for codec in self.codecs]
         for batch, io in self.run.captures(
             self.model,
             self.layers,
@@ -211,11 +229,11 @@ class Encoder:
             progress=False,
         ):
             rows = [row_of[i] for i in batch.indices]
-            for layer, codec, dest in zip(self.layers, self.codecs, out, strict=True):
+            for layer, codec, dest, kind in zip(self.layers, self.codecs, out, kinds, strict=True):
                 x = io[layer.name]
                 for key, value in codec.encode(x.a, x.s).items():
                     if key not in dest:
-                        dest[key] = np.zeros((len(positions), *value.shape[1:]), numpy_dtype)
+                        dest[key] = np.zeros((len(positions), *value.shape[1:]), kind[key])
                     dest[key][rows] = value.cpu().numpy()
         return out
 
@@ -231,13 +249,13 @@ def commit(
 ) -> None:
     """Write one part, then the manifest naming it: the only two steps that change the store.
 
+    ``arrays``: each layer's, in their on-disk dtypes (as :class:`Encoder` makes them).
+
     The part file is the store's next one; its header names it part ``number`` starting at
     example ``first`` (by default its place in this store). A shard of a multi-process build
     passes the part's place in the main store instead, where it will be linked.
     """
     local = len(manifest.part_counts)
-    on_disk = np.dtype(manifest.config.dtype)
-    arrays = [{k: v.astype(on_disk, copy=False) for k, v in layer.items()} for layer in arrays]
     _check_representable(arrays, manifest, examples)
     try:
         write_part(

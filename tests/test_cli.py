@@ -171,6 +171,30 @@ def test_build_then_score_from_the_store(workdir, capsys):
     assert "influencekit.store" in capsys.readouterr().out
 
 
+def test_build_by_budget_with_factors_prints_the_fidelity(workdir, capsys):
+    """`build --budget --factors` picks a sparse store within the budget and prints its
+    fidelity; `--no-fidelity` records none; a bad budget is refused before the model loads."""
+    model_args = ["--model", str(workdir / "model"), "--quiet"]
+    train_args = ["--train", str(workdir / "train.jsonl"), "--max-length", "64"]
+    factors = workdir / "fb.h5"
+    assert main(["fit", *model_args, *train_args, "--out", str(factors)]) == 0
+    store = workdir / "budget.h5"
+    build = ["build", *model_args, *train_args, "--factors", str(factors), "--out", str(store)]
+    assert main([*build, "--budget", "6KiB"]) == 0
+    printed = capsys.readouterr().out
+    opened = ik.GradientStore.open(store)
+    assert opened.codec.startswith("sparse8:") and opened.bytes_per_example() <= 6144
+    assert f"fidelity: Pearson {opened.fidelity.pearson_min:.3f}" in printed
+    plain = workdir / "plain.h5"
+    cmd = ["build", *model_args, *train_args, "--out", str(plain), "--no-fidelity"]
+    assert main([*cmd, "--codec", "kron:4"]) == 0
+    assert ik.GradientStore.open(plain).fidelity is None
+    capsys.readouterr()
+    bad = ["build", "--model", str(workdir / "no-such-model"), *train_args, "--out", "x.h5"]
+    assert main([*bad, "--budget", "lots"]) == 2
+    assert "budget must be" in capsys.readouterr().err
+
+
 def test_score_needs_exactly_one_source(workdir, capsys):
     args = ["score", "--model", str(workdir / "model"), "--factors", "f.h5"]
     args += ["--queries", str(workdir / "queries.jsonl"), "--out", "r.h5", "--quiet"]

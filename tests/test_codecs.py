@@ -3,15 +3,21 @@ other stored gradients meet it.
 
 1. float64: every codec in the regime where theory says it is exact (``dense``; ``kron:K``
    with ``K >= max(d_out, d_in)``; ``lowrank:R`` with ``R >=`` every sequence's token count;
-   ``eig:K`` with ``K >= max(d_out, d_in)``) scores like on-the-fly float64 to 1e-9, with
-   and without ``query_rank``; smaller sizes do not. A ``kron:8`` store is checked against an
-   independent brute force: ``G_z`` and ``G_q`` from ``torch.autograd`` on the module
-   weights, ``P_q`` from the explicit EK-FAC formula, the projections and stored arrays read
-   with plain h5py, and ``⟨P_out P_q P_inᵀ, P_out G_z P_inᵀ⟩`` computed by hand.
-2. Codec error (printed with ``pytest -s``): for ``kron``, ``lowrank`` and ``eig`` at small
-   sizes, the correlation with dense scores is positive but below 1 and improves with the
-   size; ``kron`` is unbiased (the mean over projection seeds approaches the dense scores).
-3. The codecs' ``gram`` on random tensors, including the chunked lowrank path.
+   ``eig:K`` with ``K >= max(d_out, d_in)``; ``sparse:K`` with ``K >= d_out·d_in``) scores
+   like on-the-fly float64 to 1e-9, with and without ``query_rank``; smaller sizes do not.
+   A ``kron:8`` store is checked against an independent brute force: ``G_z`` and ``G_q``
+   from ``torch.autograd`` on the module weights, ``P_q`` from the explicit EK-FAC formula,
+   the projections and stored arrays read with plain h5py, and
+   ``⟨P_out P_q P_inᵀ, P_out G_z P_inᵀ⟩`` computed by hand; ``sparse:K`` likewise
+   (the eigen-rotated autograd gradient, its ``K`` entries of largest whitened energy picked
+   by a plain sort, positions decoded from the stored pages by hand).
+2. Codec error (printed with ``pytest -s``): for ``kron``, ``lowrank``, ``eig`` and
+   ``sparse`` at small sizes, the correlation with dense scores is positive but below 1 and
+   improves with the size; ``kron`` is unbiased (the mean over projection seeds approaches
+   the dense scores).
+3. The codecs' ``gram`` on random tensors, including the chunked lowrank path and the sparse
+   codec's paged positions. ``sparse8:K`` keeps ``sparse:K``'s entries in 8-bit floats: its
+   bytes are decoded, and the values rounded, by hand.
 
 The stores are built through ``GradientStore.build`` in the worlds of
 helpers/store_worlds.py (``w64`` from conftest.py, and the whole tiny corpus here).
@@ -54,12 +60,14 @@ def max_dim(world) -> int:
     return max(max(world.factors.layers[n].shape) for n in world.factors.modules)
 
 
-@pytest.mark.parametrize("kind", ["dense", "kron", "lowrank", "eig"])
+@pytest.mark.parametrize("kind", ["dense", "kron", "lowrank", "eig", "sparse"])
 def test_exact_codecs_float64(w64, kind):
     shapes = [w64.factors.layers[n].shape for n in w64.factors.modules]
     max_tokens = max(len(ex.input_ids) for ex in w64.train)
     assert max_tokens < min(min(s) for s in shapes)  # lowrank is not exact by a shape cap
-    size = {"dense": 0, "kron": max_dim(w64), "lowrank": max_tokens, "eig": max_dim(w64)}[kind]
+    entries = max(s[0] * s[1] for s in shapes)  # sparse: every entry of the largest layer
+    size = {"dense": 0, "kron": max_dim(w64), "lowrank": max_tokens, "eig": max_dim(w64),
+            "sparse": entries}[kind]  # fmt: skip
     codec = "dense" if kind == "dense" else f"{kind}:{size}"
     store = w64.store(codec)
     assert store.codec == codec and store.dtype == np.float64
@@ -76,12 +84,22 @@ def test_exact_codecs_float64(w64, kind):
     assert_rel(default.layer_scores, w64.exact.layer_scores, 1e-9, what=f"{codec} dtype=None")
 
 
-@pytest.mark.parametrize("codec", ["kron:16", "lowrank:4", "eig:8"])
+@pytest.mark.parametrize("codec", ["kron:16", "lowrank:4", "eig:8", "sparse:64"])
 def test_small_codecs_are_not_exact_float64(w64, codec):
     """The negative control of the test above: below the exact sizes, scores do change."""
     result = w64.score(w64.store(codec))
     err = rel_error(result.layer_scores, w64.exact.layer_scores)
     assert err > 1e-4, f"{codec}: relative error {err:.2e}, expected an approximation"
+
+
+def query_grads(world, tokenizer, names) -> list[dict[str, torch.Tensor]]:
+    """Each test query's completion gradient per module, from ``torch.autograd``."""
+    grads = []
+    for prompt, completion in QUERIES:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        ids = prompt_ids + tokenizer(completion, add_special_tokens=False)["input_ids"]
+        grads.append(autograd_weight_grads(world.model, names, ids, first=len(prompt_ids) - 1))
+    return grads
 
 
 def test_kron_store_equals_explicit_projection_float64(w64, tokenizer):
@@ -119,10 +137,7 @@ def test_kron_store_equals_explicit_projection_float64(w64, tokenizer):
     train_grads = {
         i: autograd_weight_grads(w64.model, names, w64.train[i].input_ids) for i in (0, 3, 8)
     }
-    for q, (prompt, completion) in enumerate(QUERIES):
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        ids = prompt_ids + tokenizer(completion, add_special_tokens=False)["input_ids"]
-        g_q = autograd_weight_grads(w64.model, names, ids, first=len(prompt_ids) - 1)
+    for q, g_q in enumerate(query_grads(w64, tokenizer, names)):
         for col, name in enumerate(names):
             lf = w64.factors.layers[name]
             # The explicit EK-FAC preconditioned query P_q (docs/math.md, Scores).
@@ -143,11 +158,127 @@ def test_kron_store_equals_explicit_projection_float64(w64, tokenizer):
     assert rel_error(result.layer_scores, w64.exact.layer_scores) > 1e-3  # K=8 < d: inexact
 
 
+def test_sparse_store_equals_brute_force_float64(w64, tokenizer):
+    k = 40
+    store = w64.store(f"sparse:{k}")
+    names = store.modules
+    with h5py.File(store.path, "r") as f:  # the manifest records sizes and the eigenbasis
+        params = [dict(f[f"layers/{j:04d}"].attrs) for j in range(len(names))]
+    for name, layer_params in zip(names, params, strict=True):
+        lf = w64.factors.layers[name]
+        assert layer_params["entries"] == k
+        assert layer_params["basis"] == lf.basis_fingerprint() != "standard"
+        assert layer_params["damping"] == pytest.approx(lf.default_damping(), rel=1e-15)
+    stored = {name: {"x": [], "i": [], "n": []} for name in names}
+    for part in sorted(pathlib.Path(str(store.path) + ".d").glob("part-*.h5")):
+        with h5py.File(part, "r") as f:
+            for j, name in enumerate(names):
+                for key in ("x", "i", "n"):
+                    stored[name][key].append(f[f"layers/{j:04d}/{key}"][()])
+    stored = {n: {key: np.concatenate(v) for key, v in d.items()} for n, d in stored.items()}
+
+    def positions(layer: dict, row: int) -> np.ndarray:
+        """Flat positions from page counts and uint16 offsets, decoded by hand."""
+        assert layer["i"].dtype == np.uint16 and layer["n"].dtype == np.int32
+        pages = np.repeat(np.arange(layer["n"].shape[1]), layer["n"][row])
+        return pages * 65536 + layer["i"][row].astype(np.int64)
+
+    result = w64.score(store)
+    damping = result.meta["damping"]
+    train_grads = {
+        i: autograd_weight_grads(w64.model, names, w64.train[i].input_ids) for i in (0, 4, 9)
+    }
+    for name in names:
+        lf = w64.factors.layers[name]
+        for i, grads in train_grads.items():
+            rotated = (lf.q_s.T @ grads[name] @ lf.q_a).flatten()  # G̃_z in the eigenbasis
+            energy = rotated**2 / (lf.lam.flatten() + lf.default_damping())
+            kept = np.sort(np.argsort(-energy.numpy(), kind="stable")[:k])
+            np.testing.assert_array_equal(positions(stored[name], i), kept)
+            assert_rel(stored[name]["x"][i], rotated[kept], 1e-9, what=f"{name} x, z{i}")
+    for q, g_q in enumerate(query_grads(w64, tokenizer, names)):
+        for col, name in enumerate(names):
+            lf = w64.factors.layers[name]
+            # P̃_q: the explicit EK-FAC preconditioned query, kept in the eigenbasis.
+            p_rot = ((lf.q_s.T @ g_q[name] @ lf.q_a) / (lf.lam + damping[name])).flatten()
+            for i in train_grads:
+                kept = positions(stored[name], i)
+                expected = float((p_rot[kept] * torch.from_numpy(stored[name]["x"][i])).sum())
+                assert_rel(result.layer_scores[q, i, col], expected, 1e-9,
+                           what=f"{name} q{q} z{i} sparse score")  # fmt: skip
+    assert rel_error(result.layer_scores, w64.exact.layer_scores) > 1e-3  # K < d_out·d_in
+
+
+def e4m3_by_hand(values: np.ndarray) -> np.ndarray:
+    """Round to the nearest float8 e4m3 number, ties to even: 4 significant bits for normal
+    numbers (exponent >= -6), steps of 2^-9 below."""
+    m, e = np.frexp(values)  # values = m · 2^e with 0.5 <= |m| < 1
+    normal = np.ldexp(np.round(m * 16) / 16, e)
+    return np.where(np.abs(values) < 2.0**-6, np.round(values / 2.0**-9) * 2.0**-9, normal)
+
+
+def decode_e4m3(bits: np.ndarray) -> np.ndarray:
+    """float8 e4m3 bit patterns (sign, 4 exponent bits with bias 7, 3 mantissa bits)."""
+    sign = np.where(bits & 0x80, -1.0, 1.0)
+    exponent, mantissa = (bits >> 3) & 0xF, bits & 0x7
+    subnormal = mantissa / 8 * 2.0**-6
+    normal = (1 + mantissa / 8) * 2.0 ** (exponent.astype(np.int64) - 7)
+    return sign * np.where(exponent == 0, subnormal, normal)
+
+
+def test_sparse8_keeps_the_same_entries_in_eight_bits(w64):
+    """sparse8:K keeps sparse:K's entries; each value is the e4m3 rounding of value / scale,
+    with the scale mapping a row's largest magnitude to 448 (both checked by hand from the
+    stored bytes); its scores stay close to sparse:K's."""
+    full, small = w64.store("sparse:40"), w64.store("sparse8:40")
+    everyone = list(range(len(full)))
+    for j in range(len(full.modules)):
+        (a,) = full.rows(everyone, [j])
+        (b,) = small.rows(everyone, [j])
+        np.testing.assert_array_equal(a["i"], b["i"])
+        np.testing.assert_array_equal(a["n"], b["n"])
+        assert b["x"].dtype == np.uint8 and b["s"].dtype == np.float32
+        scale = np.abs(a["x"]).max(axis=1, keepdims=True) / 448
+        np.testing.assert_allclose(b["s"], scale, rtol=1e-6)
+        ratio = a["x"] / b["s"].astype(np.float64)  # float64 store: computed in float64
+        np.testing.assert_array_equal(decode_e4m3(b["x"]), e4m3_by_hand(ratio))
+        assert np.abs(decode_e4m3(b["x"])).max() == 448
+    exact8, exact = w64.score(small).scores, w64.score(full).scores
+    assert 0 < rel_error(exact8, exact) < 0.05  # rounded, and close
+    for x, y in zip(exact8, exact, strict=True):
+        assert np.corrcoef(x, y)[0, 1] > 0.999
+
+
+def test_sparse_store_needs_its_own_factors(w64, tmp_path):
+    """Scoring with factors of another eigenbasis, or continuing the build with them, is
+    refused; kfac factors of the same data (the same eigenbasis as ekfac) score."""
+    store = w64.store("sparse:40")
+    other = ik.fit_factors(w64.model, w64.train[:6], "mlp", dtype=F64, batch_size=4,
+                           progress=False)  # fmt: skip
+    with pytest.raises(ik.MismatchError, match="eigenbasis"):
+        w64.score(store, factors=other)
+    kfac = ik.fit_factors(w64.model, w64.train, "mlp", strategy="kfac", dtype=F64,
+                          batch_size=4, progress=False)  # fmt: skip
+    on_the_fly = w64.score(w64.train, factors=kfac).layer_scores
+    assert np.isfinite(w64.score(store, factors=kfac).layer_scores).all()
+    assert rel_error(w64.score(store, factors=kfac).layer_scores, on_the_fly) < 1
+    path = tmp_path / "s.h5"
+    options = {"codec": "sparse:40", "dtype": "float64", "progress": False}
+    ik.GradientStore.build(path, w64.model, w64.train[:5], factors=w64.factors, **options)
+    with pytest.raises(ik.MismatchError, match="codec of"):
+        ik.GradientStore.build(path, w64.model, w64.train, factors=other, **options)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Codec error at small sizes
 
 
-CODEC_SIZES = {"kron": (2, 4, 8, 16, 32), "lowrank": (1, 2, 4, 8), "eig": (2, 4, 8, 16)}
+CODEC_SIZES = {
+    "kron": (2, 4, 8, 16, 32),
+    "lowrank": (1, 2, 4, 8),
+    "eig": (2, 4, 8, 16),
+    "sparse": (8, 32, 128, 512),
+}
 
 
 @pytest.fixture(scope="module")
@@ -202,9 +333,13 @@ def test_kron_is_unbiased_over_seeds(corpus):
 # 3. The codecs' gram on random tensors
 
 
-@pytest.mark.parametrize("spec", ["dense", "kron:7", "kron:3", "lowrank:2", "lowrank:9"])
+@pytest.mark.parametrize(
+    "spec",
+    ["dense", "kron:7", "kron:3", "lowrank:2", "lowrank:9", "sparse:6", "sparse:35", "sparse8:35"],
+)
 def test_codec_gram_random(spec, monkeypatch):
     shape = (5, 7)
+    monkeypatch.setattr(codecs_module, "PAGE", 4)  # sparse: many pages of positions
     codec = make_codec(parse_codec(spec), shape, seed=3, layer_index=1)
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(6, 4, 7, generator=gen, dtype=F64)  # 6 examples of 4 tokens
@@ -217,13 +352,24 @@ def test_codec_gram_random(spec, monkeypatch):
     if spec.startswith("kron"):
         c = stored["c"].flatten(1)
         expected = c[:4] @ c[2:].T
+    elif spec.startswith("sparse"):  # standard basis here: the largest |G| entries, by hand
+        g = torch.einsum("bto,bti->boi", s, a).flatten(1)
+        k = int(spec.split(":")[1])
+        top = torch.argsort(-(g**2), dim=1, stable=True)[:, :k]
+        values = torch.gather(g, 1, top)
+        if spec.startswith("sparse8"):  # 8-bit values, each row scaled to 448 at most
+            scale = (values.abs().amax(1, keepdim=True) / 448).float().double()
+            values = torch.from_numpy(e4m3_by_hand((values / scale).numpy())) * scale
+        kept = torch.zeros_like(g).scatter_(1, top, values)
+        expected = kept[:4] @ kept[2:].T
     else:
         dense = (
             stored["g"] if spec == "dense" else stored["u"].transpose(1, 2) @ stored["v"]
         ).flatten(1)
         expected = dense[:4] @ dense[2:].T
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    if spec in ("dense", "kron:7", "lowrank:9"):  # exact: orthogonal projections, R >= T
+    if spec in ("dense", "kron:7", "lowrank:9", "sparse:35"):  # exact: orthogonal, R >= T, K
+        # (sparse8:35 keeps every entry too, but in 8 bits)
         g = torch.einsum("bto,bti->boi", s, a).flatten(1)
         torch.testing.assert_close(got, g[:4] @ g[2:].T, rtol=1e-10, atol=1e-10)
     if spec.startswith("lowrank"):  # a few rows of ``a`` at a time: the same numbers

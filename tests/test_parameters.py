@@ -160,6 +160,12 @@ CASES = [
     ("build-seed=-1", "seed", build(seed=-1)),
     ("build-train=list", "train", build(train=[1, 2])),
     ("build-eig-without-factors", "factors", build(codec="eig:4")),
+    ("build-budget='lots'", "budget", build(codec=None, budget="lots")),
+    ("build-budget=0", "budget", build(codec=None, budget=0)),
+    ("build-budget-with-codec", "budget", build(budget="1MiB")),
+    ("build-budget-too-small", "budget", build(codec=None, budget=64)),
+    ("build-fidelity='yes'", "fidelity", build(fidelity="yes")),
+    ("build-factors=str", "factors", build(codec="sparse:8", factors="x")),
     # token_scores
     ("token_scores-dtype=float16", "dtype", tokens(dtype=torch.float16)),
     ("token_scores-damping=0", "damping", tokens(damping=0.0)),

@@ -522,7 +522,8 @@ def test_disk_full_keeps_committed_examples_and_resumes(
     elif where == "part-fsync":
         seen = fail_fsync(monkeypatch, "part-tmp", 3)  # part 2's temp file
     else:
-        seen = fail_fsync(monkeypatch, "manifest-tmp", 4)  # 1: creation, 2-3: parts 0-1
+        # manifest writes: 1 creation, 2 the fidelity record, 3-4 parts 0-1, 5 part 2
+        seen = fail_fsync(monkeypatch, "manifest-tmp", 5)
     with pytest.raises(ik.StoreWriteError) as info:
         build(path, model, train)
     assert seen and seen[-1] > 0  # the failure came after bytes were written
