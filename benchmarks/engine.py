@@ -371,3 +371,20 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def store_options(name: str) -> dict:
+    """Build options of a benchmark row: ``default`` (no option: the kit's choice),
+    ``budget:128KiB`` (a byte budget), ``CODEC@DTYPE`` (e.g. ``sparse:4096@float16``), or a
+    codec string (stored in float32).
+
+    Example:
+        >>> store_options("sparse:4096@float16")
+        {'codec': 'sparse:4096', 'dtype': 'float16'}
+    """
+    if name == "default":
+        return {}
+    if name.startswith("budget:"):
+        return {"budget": name.split(":", 1)[1]}
+    codec, _, dtype = name.partition("@")
+    return {"codec": codec, "dtype": dtype or "float32"}

@@ -37,6 +37,8 @@ import transformers as tf
 sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/ is not a package
 
 import influencekit as ik
+from influencekit.store import budget as budget_module
+from influencekit.store.budget import SPARSE_MAX_ENTRIES, choose_codec, default_budget
 from influencekit.store.layout import PART_BYTES, Manifest, StoreConfig, write_manifest
 from influencekit.store.writing import MAX_PART_SIZE
 from influencekit.tiny import TINY_CORPUS, build_tokenizer
@@ -614,9 +616,82 @@ def budget_table(dtype: str = "float16") -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Section codecs: the default choice at real widths
 
 
-SECTIONS = ("bytes", "commit", "eigh", "read", "example")
+WIDTHS = {  # MLP gradient shapes (d_out, d_in; a bias adds an input column) and parameters
+    "GPT-2 small": ([(3072, 769), (768, 3073)] * 12, 124e6),
+    "Llama-3.2-1B": (SHAPES, 1.236e9),
+    "Llama-3-8B": ([(14336, 4096), (14336, 4096), (4096, 14336)] * 32, 8.03e9),
+}
+SCORE_QUERIES = 8  # a query batch, for the query-side memory and contraction
+
+
+def sparse_encode_macs_per_token(d_out: int, d_in: int) -> int:
+    """``sparse`` encode, store/codecs.py: rotate each token's ``s`` and ``a`` into the
+    eigenbasis (d_out² + d_in²), form ``G̃`` (d_out·d_in per token); the top-k selection
+    is a pass over ``d_out·d_in`` per sequence, not counted."""
+    return d_out * d_out + d_in * d_in + d_out * d_in
+
+
+def _largest_sparse(budget: int, shapes: list[tuple[int, int]]):
+    """The ``sparse8:K`` fitting ``budget``, whatever the size of the model."""
+    with_limit = budget_module.SPARSE_MAX_ENTRIES
+    budget_module.SPARSE_MAX_ENTRIES = sum(o * i for o, i in shapes)
+    try:
+        return choose_codec(None, budget, None, shapes, sparse=True)[0]
+    finally:
+        budget_module.SPARSE_MAX_ENTRIES = with_limit
+
+
+def section_codecs() -> None:
+    """The codec the kit chooses by default and at 128 KiB, and its costs, per model."""
+    print("## codecs: the default choice at real widths, modules='mlp' (formulas)\n")
+    header = (
+        f"{'model':<13} {'layers':>6} {'budget':>10} {'kit default':>13} {'sparse at it':>14} "
+        f"{'kept':>6} "
+        f"{'128KiB codec':>13} {'kept':>6} {'encode/fwd+bwd':>14} {'lowrank:8':>9} "
+        f"{'query GB':>8} {'contract':>9}"
+    )
+    print(header)
+    for name, (shapes, params) in WIDTHS.items():
+        budget = default_budget(shapes)
+        chosen = choose_codec(None, None, None, shapes, sparse=True)[0]
+        forced = [(o, i) for o, i in shapes]  # the sparse figures, whether chosen or forced
+        spec = _largest_sparse(budget, forced)
+        largest = max(o * i for o, i in shapes)
+        try:
+            small = choose_codec(None, 131072, None, shapes, sparse=True)[0]
+            small = small if small.kind == "sparse" else _largest_sparse(131072, forced)
+            small_text, small_kept = str(small), f"{small.size / largest:.2%}"
+        except ik.ParameterError as err:  # below 64 entries per layer: refused
+            small_text, small_kept = "refused", str(err).split(" bytes")[0].split()[-1]
+        fwd_bwd = 6 * params / 2  # multiply-adds per token of a forward+backward
+        encode = sum(sparse_encode_macs_per_token(o, i) for o, i in shapes)
+        lowrank = sum(encode_macs_per_token("lowrank:8", o, i) for o, i in shapes)
+        query_gb = SCORE_QUERIES * sum(o * i for o, i in shapes) * 4 / 1e9
+        contract = SCORE_QUERIES * sum(min(spec.size, o * i) for o, i in shapes)
+        print(
+            f"{name:<13} {len(shapes):>6} {budget / 1e6:>8.2f}MB {chosen!s:>13} {spec!s:>14} "
+            f"{spec.size / largest:>6.2%} {small_text:>13} {small_kept:>6} "
+            f"{encode / fwd_bwd:>13.2f}x {lowrank / fwd_bwd:>8.3f}x {query_gb:>8.1f} "
+            f"{contract / 1e6:>7.1f}M"
+        )
+    print(
+        f"\nbudget: the default, what lowrank:8 takes in float32 (32·Σ(d_out + d_in) bytes); "
+        f"kit default: what build chooses with factors (sparse up to {SPARSE_MAX_ENTRIES:,} "
+        f"tracked weights, lowrank beyond); sparse at it: sparse8:K that fits the "
+        f"budget; 128KiB codec: the same at 128 KiB; kept: K over the largest layer's "
+        f"d_out·d_in entries (refused: the smallest budget accepted, bytes); encode/fwd+bwd: "
+        f"the sparse encode's fp32 multiply-adds per token over a forward+backward's (3 per "
+        f"parameter and token); lowrank:8: the same for lowrank:8; query GB: "
+        f"{SCORE_QUERIES} dense float32 queries in the eigenbasis, "
+        f"every layer at once (what scoring a sparse store holds); contract: multiply-adds "
+        f"per stored sequence for {SCORE_QUERIES} queries.\n"
+    )
+
+
+SECTIONS = ("bytes", "commit", "eigh", "read", "example", "codecs")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -648,6 +723,8 @@ def main(argv: list[str] | None = None) -> int:
             section_read(root)
     if "example" in chosen:
         section_example(commit_s, eigh)
+    if "codecs" in chosen:
+        section_codecs()
     if not ok:
         print("FAIL: a formula differs from the store (see the bytes table)")
     return 0 if ok else 1

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import html
 import json
 import os
 import subprocess
@@ -55,7 +56,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/ is not a package
 
-from engine import FULL, QUICK, build_data, build_model, plain_forward_backward, timed
+from engine import (
+    FULL,
+    QUICK,
+    build_data,
+    build_model,
+    plain_forward_backward,
+    store_options,
+    timed,
+)
 
 import influencekit as ik
 from influencekit.data import example_batches, length_order
@@ -76,12 +85,16 @@ CODECS = (
 )
 RANK = 16  # query_rank of the (r=16) columns
 DENSE_MAX = 32  # dense stores are large: the dense row uses the first 32 sequences only
-REFINE = 20
+REFINE = 20  # refine= of the top10+refine column (--refine)
 QUIET = {"progress": False}
 
 
+def pearsons(a: np.ndarray, b: np.ndarray) -> list[float]:
+    return [float(np.corrcoef(x, y)[0, 1]) for x, y in zip(a, b, strict=True)]
+
+
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.mean([np.corrcoef(x, y)[0, 1] for x, y in zip(a, b, strict=True)]))
+    return float(np.mean(pearsons(a, b)))
 
 
 def top10(a: np.ndarray, b: np.ndarray) -> float:
@@ -132,15 +145,17 @@ def timed_score(*args, **kwargs):
     return time.perf_counter() - start, result
 
 
-def measure_codec(codec, model, factors, train, queries, exact, t_fly, batches, device, root):
-    """One row of the table."""
+def measure_codec(
+    codec, model, factors, train, queries, exact, t_fly, batches, device, root, refine=REFINE
+):
+    """One row of the table; ``codec`` as :func:`engine.store_options` reads it."""
     n = DENSE_MAX if codec == "dense" else len(train)
     data = train[:n]
     base_before = timed(lambda: plain_forward_backward(model, batches[n]), device)
-    path = root / f"{codec.replace(':', '-')}.h5"
+    path = root / f"{codec.replace(':', '-').replace('@', '-')}.h5"
     t_build = timed(
         lambda: ik.GradientStore.build(
-            path, model, data, codec=codec, factors=factors, batch_size=8, **QUIET
+            path, model, data, factors=factors, batch_size=8, **store_options(codec), **QUIET
         ),
         device,
     )
@@ -157,13 +172,17 @@ def measure_codec(codec, model, factors, train, queries, exact, t_fly, batches, 
     t_answer, result = timed_score(model, factors, queries, store, query_rank="full")
     t_answer_r, result_r = timed_score(model, factors, queries, store, query_rank=RANK)
     t_answer_a, result_a = timed_score(model, factors, queries, store)  # the default: auto
-    _, refined = timed_score(
-        model, factors, queries, store, top_k=10, refine=REFINE, query_rank="full"
-    )
+    _, refined = timed_score(model, factors, queries, store, top_k=10, refine=refine)
     truth = exact.scores[:, :n]
     scale = n / len(train)  # the dense row answers fewer sequences: compare per sequence
+    fidelity = store.fidelity
+    forced = store_options(codec).get("codec") == store.codec
     return {
-        "codec": codec,
+        "codec": codec if forced else f"{codec}={store.codec}",
+        "dtype": store.config.dtype,
+        "probe": None if fidelity is None else fidelity.pearson_min,
+        "pearson_min": min(pearsons(result.scores, truth)),
+        "pearson_min_a": min(pearsons(result_a.scores, truth)),
         "n": n,
         "bytes": store.bytes_per_example(),
         "build": t_build / ((base_before + base_after) / 2),
@@ -238,35 +257,108 @@ def model_name(args) -> str:
     return "wide GPT-NeoX" if args.wide else "GPT-2"
 
 
-def report(rows, rss, train, n_params) -> None:
+def report(rows, rss, train, n_params, refine=REFINE) -> None:
     print(
-        f"\n{'codec':<11} {'seqs':>5} {'bytes/ex':>10} {'build x':>8} {'read x':>7} "
-        f"{'answer x':>9} {'pearson':>8} {'top10':>6} {'read x':>7} {'answer x':>9} "
-        f"{'pearson':>8} {'top10':>6} {'top10':>6} {'answer x':>9} {'pearson':>8}  ranks"
+        f"\n{'codec':<26} {'dtype':<7} {'seqs':>5} {'bytes/ex':>10} {'build x':>8} "
+        f"{'read x':>7} {'answer x':>9} {'pearson':>11} {'top10':>6} {'read x':>7} "
+        f"{'answer x':>9} {'pearson':>8} {'top10':>6} {'top10':>6} {'answer x':>9} "
+        f"{'pearson':>11} {'probe':>6}  ranks"
     )
     print(
-        f"{'':<43}{'full-rank queries':^42}{'query_rank=' + str(RANK):^42}{'refine':>6}"
-        f"{'default (auto)':^26}"
+        f"{'':<68}{'full-rank queries (pearson min/mean)':^38}"
+        f"{'query_rank=' + str(RANK):^34}{'refine':>6}{'default (auto)':^29}{'min':>5}"
     )
     for r in rows:
+        probe = "-" if r["probe"] is None else f"{r['probe']:.3f}"
         print(
-            f"{r['codec']:<11} {r['n']:>5} {r['bytes']:>10,} {r['build']:>7.2f}x "
-            f"{r['read']:>6.2f}x {r['answer']:>8.1f}x {r['pearson']:>8.3f} {r['top10']:>6.2f} "
+            f"{r['codec']:<26} {r['dtype']:<7} {r['n']:>5} {r['bytes']:>10,} "
+            f"{r['build']:>7.2f}x {r['read']:>6.2f}x {r['answer']:>8.1f}x "
+            f"{r['pearson_min']:>5.3f}/{r['pearson']:.3f} {r['top10']:>6.2f} "
             f"{r['read_r']:>6.2f}x {r['answer_r']:>8.1f}x {r['pearson_r']:>8.3f} "
             f"{r['top10_r']:>6.2f} {r['top10_refine']:>6.2f} {r['answer_a']:>8.1f}x "
-            f"{r['pearson_a']:>8.3f}  {'/'.join(map(str, r['ranks_a']))}"
+            f"{r['pearson_min_a']:>5.3f}/{r['pearson_a']:.3f} {probe:>6}  "
+            f"{'/'.join(map(str, r['ranks_a']))}"
         )
     print(
         f"\ntargets: build x <= 1.3, read x >= 0.7, answer x >= 20 at pearson >= 0.95 "
         f"({n_params / 1e6:.1f}M-parameter model, {len(train)} sequences; the dense "
         f"row uses the first {DENSE_MAX}, its answer x is scaled to the same count). "
-        f"refine: top_k=10, refine={REFINE}, full-rank queries."
+        f"refine: top_k=10, refine={refine}, default query rank. probe: the Pearson minimum "
+        f"the store measured on its own at build (store.fidelity)."
     )
     for codec, (small, large, n_small, n_large) in rss.items():
         print(
             f"peak RSS scoring {codec} with top_k=10: {small:.0f} MiB at {n_small} sequences, "
             f"{large:.0f} MiB at {n_large} ({large / small:.2f}x)"
         )
+
+
+def pareto_svg(rows: list[dict], path: Path, title: str) -> None:
+    """Fidelity (Pearson minimum and mean over queries, default query rank) against bytes
+    per sequence (log scale), one labelled point pair per row, as a plain SVG file."""
+    width, height, left, bottom, top, right = 720, 420, 70, 50, 40, 170
+    xs = [np.log10(r["bytes"]) for r in rows]
+    lo, hi = np.floor(min(xs) * 2) / 2, np.ceil(max(xs) * 2) / 2 + 1e-9
+
+    def x_of(b: float) -> float:
+        return left + (np.log10(b) - lo) / (hi - lo) * (width - left - right)
+
+    def y_of(v: float) -> float:
+        return height - bottom - max(0.0, v) * (height - bottom - top)
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{left}" y="20" font-size="14">{html.escape(title)}</text>',
+    ]
+    for v in np.arange(0, 1.01, 0.2):  # y grid: Pearson
+        y = y_of(v)
+        out.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" '
+                   'stroke="#ddd"/>')  # fmt: skip
+        out.append(f'<text x="{left - 8}" y="{y + 4:.1f}" text-anchor="end">{v:.1f}</text>')
+    for e in np.arange(lo, hi, 0.5):  # x grid: bytes, log scale
+        x = x_of(10**e)
+        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{height - bottom}" '
+                   'stroke="#eee"/>')  # fmt: skip
+        out.append(f'<text x="{x:.1f}" y="{height - bottom + 16}" text-anchor="middle">'
+                   f"{10**e / 1e3:,.0f} KB</text>")  # fmt: skip
+    out.append(f'<text x="{(width - right + left) / 2}" y="{height - 12}" '
+               'text-anchor="middle">bytes per sequence (log scale)</text>')  # fmt: skip
+    out.append(f'<text x="16" y="{(height - bottom + top) / 2}" text-anchor="middle" '
+               f'transform="rotate(-90 16 {(height - bottom + top) / 2})">Pearson vs exact '
+               "(dot: min over queries; ring: mean)</text>")  # fmt: skip
+    placed: list[tuple[float, float]] = []  # labels so far: move a new one below any it hits
+    for r in rows:
+        x, y_min, y_mean = x_of(r["bytes"]), y_of(r["pearson_min_a"]), y_of(r["pearson_a"])
+        label_y = y_min + 4
+        while any(abs(x - px) < 150 and abs(label_y - py) < 13 for px, py in placed):
+            label_y += 13
+        placed.append((x, label_y))
+        colour = "#c0392b" if "sparse" in r["codec"] else "#2c3e50"
+        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{y_min:.1f}" y2="{y_mean:.1f}" '
+                   f'stroke="{colour}"/>')  # fmt: skip
+        out.append(f'<circle cx="{x:.1f}" cy="{y_min:.1f}" r="4" fill="{colour}"/>')
+        out.append(f'<circle cx="{x:.1f}" cy="{y_mean:.1f}" r="4" fill="none" '
+                   f'stroke="{colour}"/>')  # fmt: skip
+        values = "8-bit" if "sparse8" in r["codec"] else r["dtype"]
+        out.append(f'<text x="{x + 7:.1f}" y="{label_y:.1f}">'
+                   f"{html.escape(r['codec'])} ({values})</text>")  # fmt: skip
+    out.append("</svg>")
+    path.write_text("\n".join(out) + "\n")
+
+
+def replot(log: Path, plot: Path | None) -> None:
+    """The Pareto plot from a finished run's output: its header and printed rows."""
+    if plot is None:
+        raise SystemExit("--replot needs --plot FILE.svg")
+    lines = log.read_text().splitlines()
+    rows = [json.loads(line.split(": ", 1)[1]) for line in lines if line.startswith("  ")
+            and ": {" in line]  # fmt: skip
+    model = next(line for line in lines if line.startswith("model: "))
+    name = model.split(" n_layer")[0].removeprefix("model: ")
+    n = rows[-1]["n"]
+    pareto_svg(rows, plot, f"{name}, {n} sequences, 8 queries")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -287,8 +379,19 @@ def main(argv: list[str] | None = None) -> None:
         help="the wide model of benchmarks/wide_model.py (default: its cache folder)",
     )
     parser.add_argument("--rss-codec", default="lowrank:8", help="codec of the RSS measurement")
+    parser.add_argument("--refine", type=int, default=REFINE, help="refine= of top10+refine")
+    parser.add_argument("--plot", type=Path, default=None, help="write the Pareto plot (SVG)")
+    parser.add_argument(
+        "--replot",
+        type=Path,
+        default=None,
+        metavar="LOG",
+        help="with --plot: draw it from the rows a finished run printed to LOG, and stop",
+    )
     parser.add_argument("--rss-child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.replot is not None:
+        return replot(args.replot, args.plot)
     os.environ["INFLUENCEKIT_PROGRESS"] = "0"
     setting = QUICK if args.quick else FULL
     n_default = 48 if args.quick else 1024
@@ -329,13 +432,17 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(scratch)
         for codec in args.codecs.split(","):
             row = measure_codec(
-                codec, model, factors, train, queries, exact, t_fly, batches, device, root
-            )
+                codec, model, factors, train, queries, exact, t_fly, batches, device, root,
+                args.refine,
+            )  # fmt: skip
             rows.append(row)
             shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
             print(f"  {codec}: {json.dumps(shown)}", flush=True)
+        if args.plot is not None:
+            title = f"{model_name(args)}, {len(train)} sequences, {len(queries)} queries"
+            pareto_svg(rows, args.plot, title)
         if args.demo or args.wide:  # the RSS child rebuilds the synthetic setting only
-            return report(rows, rss, train, n_params)
+            return report(rows, rss, train, n_params, args.refine)
         factors.save(root / "factors.h5")
         small_n = max(1, len(train) // 4)
         small = root / "rss-small.h5"
@@ -350,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
             small_n,
             len(train),
         )
-    report(rows, rss, train, n_params)
+    report(rows, rss, train, n_params, args.refine)
 
 
 if __name__ == "__main__":

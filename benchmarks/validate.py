@@ -36,6 +36,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+
+from engine import store_options
 
 import influencekit as ik
 from influencekit.validate import (
@@ -72,7 +75,8 @@ def method_scores(model, train, queries, ekfac, damping, codecs: str, tmp: Path)
         # Same model, data and codec as an earlier call: the build finds the store complete.
         path = tmp / f"{len(train)}_{codec.replace(':', '_')}.h5"
         store = ik.GradientStore.build(
-            path, model, train, modules="mlp", codec=codec, progress=False
+            path, model, train, modules="mlp", factors=ekfac, progress=False,
+            **store_options(codec),
         )  # fmt: skip
         result = ik.score(model, ekfac, queries, store, damping=damping, progress=False)
         rows.append((f"ekfac + store {codec}", result.scores))
@@ -180,7 +184,7 @@ def lds_table(args, tmp: Path) -> None:
     for codec in args.codecs.split(","):
         store = ik.GradientStore.build(
             tmp / f"lds_{codec.replace(':', '_')}.h5", model, train, modules="mlp",
-            codec=codec, progress=False,
+            factors=factors["ekfac"], progress=False, **store_options(codec),
         )  # fmt: skip
         lds_row(f"ekfac + store {codec}", ik.score(model, factors["ekfac"], queries, store,
                                                    progress=False), runs)  # fmt: skip
@@ -259,7 +263,10 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     parser.add_argument("--epsilon", type=float, default=1e-3)
     parser.add_argument("--steps", type=int, default=300, help="PBRF: L-BFGS iterations at most")
-    parser.add_argument("--codecs", default="dense,kron:16,kron:64,lowrank:4,lowrank:16")
+    parser.add_argument(
+        "--codecs",
+        default="dense,kron:16,kron:64,lowrank:4,lowrank:16,budget:20544,budget:65536,default",
+    )
     parser.add_argument("--subsets", type=int, default=64, help="LDS: random half-subsets")
     parser.add_argument("--subset-seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, default=4, help="LDS: training seeds per subset")
