@@ -42,7 +42,7 @@ from influencekit.settings import RunSettings
 from .budget import choose_codec, parse_bytes
 from .codecs import Basis, new_codecs, parse_codec, recorded_codecs
 from .fidelity import measure as measure_fidelity
-from .layout import DTYPES, Manifest, StoreConfig
+from .layout import DTYPES, Manifest, StoreConfig, read_manifest
 from .shards import build_sharded
 from .writing import (
     Encoder,
@@ -99,6 +99,9 @@ def build(
     layers = select_modules(model, modules)
     shapes = [tuple(layer.grad_shape) for layer in layers]
     covered = factors is not None and all(layer.name in factors.layers for layer in layers)
+    if codec is None and budget is None and path.exists():  # continuing: the store's codec
+        recorded = read_manifest(path).config
+        codec, dtype = recorded.codec, dtype or recorded.dtype
     spec, dtype = choose_codec(codec, budget, dtype, shapes, sparse=covered)
     if spec.kind == "eig" and not callable(getattr(factors, "eigenbasis", None)):
         raise ParameterError("factors", factors, f"fitted ekfac or kfac factors for codec {spec}")

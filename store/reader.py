@@ -115,7 +115,8 @@ class GradientStore:
         - ``batch_size=8``, ``device=None``, ``amp_dtype=None``, ``progress=True``: the run
           settings, as for ``fit_factors``.
 
-        An existing store at ``path`` is continued: it must have been built with the same
+        An existing store at ``path`` is continued (with its own codec and dtype when
+        neither ``codec`` nor ``budget`` is given): it must have been built with the same
         model, tokenizer, modules, max_length, codec, dtype and seed, or
         :class:`~influencekit.MismatchError` says what differs. Examples already stored
         (same id) are skipped; an id stored with other tokens is refused. A crash loses at

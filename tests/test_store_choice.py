@@ -106,6 +106,18 @@ def test_built_store_respects_its_budget_on_disk(w32, tmp_path, with_factors):
     assert on_disk / len(store) >= 0.9 * store.bytes_per_example()  # the arrays are all there
 
 
+def test_a_store_is_continued_with_its_own_codec(w32, tmp_path):
+    """Without codec or budget, continuing a store keeps the codec and dtype it was built
+    with (whatever the default would choose now); an explicit other codec is refused."""
+    path = tmp_path / "c.h5"
+    options = {"factors": w32.factors, "progress": False}
+    ik.GradientStore.build(path, w32.model, w32.train[:6], codec="lowrank:3", **options)
+    store = ik.GradientStore.build(path, w32.model, w32.train, **options)
+    assert (store.codec, store.config.dtype, len(store)) == ("lowrank:3", "float32", 12)
+    with pytest.raises(ik.MismatchError, match="codec"):
+        ik.GradientStore.build(path, w32.model, w32.train, codec="lowrank:4", **options)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Fidelity
 
