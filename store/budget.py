@@ -35,13 +35,12 @@ import numpy as np
 
 from influencekit.errors import ParameterError
 
-from .codecs import PAGE, CodecSpec, parse_codec
+from .codecs import LAYOUTS, CodecSpec, parse_codec, sparse_layout
 
 DEFAULT_RANK = 8  # the default budget: lowrank:8 in float32
 MIN_ENTRIES = 64  # a sparse layer keeps at least this many entries (below: refused)
 SPARSE_MAX_ENTRIES = 2**28  # tracked weights up to which a chosen codec may be sparse
 BUDGET_DTYPE = "float16"  # values of a budget-chosen store, unless dtype= says otherwise
-OFFSET_BYTES, PAGE_BYTES = 2, 4  # a sparse entry's uint16 offset; a page's int32 count
 SCALE_BYTES = 4  # sparse8: one float32 scale per example and layer
 CHECKSUM_BYTES = 4  # HDF5's fletcher32 per chunk of each array: at most this per example
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20}
@@ -115,9 +114,10 @@ def choose_codec(
 
 def _bytes(spec: CodecSpec, shapes: list[tuple[int, int]], dtype: str) -> int:
     """Bytes per sequence of ``sparse:K``, ``sparse8:K`` or ``lowrank:R`` on these layers
-    (as the codecs' ``arrays`` say: K values (one byte each for sparse8, and a scale), K uint16
-    offsets and an int32 count per page of positions; R·(d_out + d_in) values; or ``dense``),
-    with each array's checksum, so that the files never hold more."""
+    (as the codecs' ``arrays`` say: K values (one byte each for sparse8, and a scale), K
+    offsets and a count per page of positions in the layer's cheaper layout;
+    R·(d_out + d_in) values; or ``dense``), with each array's checksum, so that the files
+    never hold more."""
     value = 1 if spec.kind == "sparse8" else np.dtype(dtype).itemsize
     total = 0
     for d_out, d_in in shapes:
@@ -125,7 +125,9 @@ def _bytes(spec: CodecSpec, shapes: list[tuple[int, int]], dtype: str) -> int:
             total += d_out * d_in * value + CHECKSUM_BYTES
         elif spec.kind in ("sparse", "sparse8"):
             entries = min(spec.size, d_out * d_in)
-            total += entries * (value + OFFSET_BYTES) + -(-d_out * d_in // PAGE) * PAGE_BYTES
+            page = sparse_layout(entries, d_out * d_in)
+            offset, count = (np.dtype(d).itemsize for d in LAYOUTS[page])
+            total += entries * (value + offset) + -(-d_out * d_in // page) * count
             total += 3 * CHECKSUM_BYTES
             total += SCALE_BYTES + CHECKSUM_BYTES if spec.kind == "sparse8" else 0
         else:

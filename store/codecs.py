@@ -28,8 +28,9 @@ The codecs (``spec`` strings, recorded in the store):
   the leading curvature directions. Needs fitted factors at build time.
 - ``sparse:K``: the ``K`` entries of ``G̃_z = Q_Sᵀ G_z Q_A`` (the gradient in the layer's
   curvature eigenbasis) of largest whitened energy ``G̃²/(Λ + λ)``: values ``x (K,)``, and
-  their flat positions, increasing, in two bytes each: ``i (K,)`` uint16 the position
-  within its page of 65,536 entries, ``n (P,)`` int32 the count kept per page. Queries
+  their flat positions, increasing, as ``i (K,)`` the offset within its page and ``n (P,)``
+  the count kept per page (pages of 256 entries with one-byte offsets, or of 65,536 with
+  two-byte offsets, whichever costs the layer fewer bytes). Queries
   meet it in the same eigenbasis (``P̃_q = G̃_q ⊘ (Λ + λ)``), so a score is
   ``Σ_k P̃_q[i_k] x_k``: the kept entries are the ones an average query's score depends on
   most. Exact when ``K ≥ d_out·d_in``. With
@@ -76,7 +77,10 @@ POWER_ITERATIONS = 2
 GRAM_ELEMENTS = 2**24  # lowrank gram: at most this many (a, b, k, j) products at once
 ROTATE_ELEMENTS = 2**25  # sparse encode: at most this many rotated-gradient entries at once
 STANDARD_BASIS = "standard"  # a sparse codec's basis without eigenvectors
-PAGE = 2**16  # sparse positions: a uint16 offset within a page of this many entries
+# sparse positions: an offset within a page, and a count per page. Pages of 256 entries take
+# one byte per offset and two per count; pages of 65,536 two and four. Each layer takes the
+# layout that costs it fewer bytes (sparse_layout).
+LAYOUTS = {2**8: (np.uint8, np.uint16), 2**16: (np.uint16, np.int32)}
 SAMPLE = 8192  # sparse encode: entries sampled to set a row's candidate threshold
 FLOAT8_MAX = 448.0  # the largest float8 e4m3 value: sparse8 scales each row's largest to it
 
@@ -293,16 +297,25 @@ class SparseCodec:
         return 0  # a dense query is gathered at K positions: no factored form is cheaper
 
     def __init__(
-        self, shape: tuple[int, int], entries: int, basis: Basis | None, eight_bit: bool = False
+        self,
+        shape: tuple[int, int],
+        entries: int,
+        basis: Basis | None,
+        eight_bit: bool = False,
+        page: int | None = None,
     ) -> None:
         self.shape = tuple(shape)
         self.entries = min(entries, self.shape[0] * self.shape[1])
         self.basis = basis
         self.eight_bit = eight_bit
-        self.own_dtypes = {"i": np.uint16, "n": np.int32}  # whatever the store's dtype
+        self.page = (
+            sparse_layout(self.entries, self.shape[0] * self.shape[1]) if page is None else page
+        )
+        offsets, counts = LAYOUTS[self.page]
+        self.own_dtypes = {"i": offsets, "n": counts}  # whatever the store's dtype
         if eight_bit:
             self.own_dtypes.update({"x": np.uint8, "s": np.float32})
-        self.params = {"entries": self.entries}
+        self.params = {"entries": self.entries, "page": self.page}
         if basis is not None:
             self.params["basis"] = basis.fingerprint
             if basis.damping is not None:
@@ -321,7 +334,7 @@ class SparseCodec:
 
     @property
     def pages(self) -> int:
-        return -(-self.shape[0] * self.shape[1] // PAGE)
+        return -(-self.shape[0] * self.shape[1] // self.page)
 
     def encode(self, a: Tensor, s: Tensor) -> dict[str, Tensor]:
         if self.basis is None:
@@ -375,19 +388,18 @@ class SparseCodec:
 
     def pack(self, positions: Tensor) -> dict[str, Tensor]:
         """Increasing flat positions ``(B, K)`` as page offsets ``i`` and page counts ``n``."""
-        pages = torch.div(positions, PAGE, rounding_mode="floor")
+        pages = torch.div(positions, self.page, rounding_mode="floor")
         counts = torch.zeros(positions.shape[0], self.pages, dtype=torch.int64, device=pages.device)
         counts.scatter_add_(1, pages, torch.ones_like(pages))
-        return {"i": (positions - pages * PAGE).to(torch.int32), "n": counts.to(torch.int32)}
+        return {"i": (positions - pages * self.page).to(torch.int32), "n": counts.to(torch.int32)}
 
-    @staticmethod
-    def positions(stored: dict[str, Tensor]) -> Tensor:
+    def positions(self, stored: dict[str, Tensor]) -> Tensor:
         """The flat positions ``(B, K)`` (int64) of stored page offsets and counts."""
         offsets, counts = stored["i"].long(), stored["n"].long()
         # Each row's counts sum to K: one repeat over all rows lays out every entry's page.
         pages = torch.arange(counts.shape[1], device=counts.device).repeat(counts.shape[0])
         page = torch.repeat_interleave(pages, counts.flatten(), output_size=offsets.numel())
-        return page.view_as(offsets) * PAGE + offsets
+        return page.view_as(offsets) * self.page + offsets
 
     def compress_query(self, p: QueryForm) -> Tensor:
         """The query in this codec's basis, one row per position: ``(d_out·d_in, Q)``."""
@@ -411,6 +423,23 @@ class SparseCodec:
         """Stored sparse codes as rows of a ``(B, d_out·d_in)`` scipy CSR matrix (float64)."""
         x = self.kept(stored, torch.float64).cpu().numpy()
         return _sparse_rows(x, self.positions(stored).cpu().numpy(), self.shape)
+
+
+def sparse_layout(entries: int, size: int) -> int:
+    """The page size (a key of ``LAYOUTS``) that stores ``entries`` positions among ``size``
+    in the fewest bytes: offsets of one byte pay once a layer keeps more than about 1/129
+    of its entries.
+
+    Example:
+        >>> sparse_layout(4096, 2048 * 513), sparse_layout(27290, 2048 * 513)
+        (65536, 256)
+    """
+
+    def cost(page: int) -> int:
+        offset, count = (np.dtype(d).itemsize for d in LAYOUTS[page])
+        return entries * offset + -(-size // page) * count
+
+    return min(LAYOUTS, key=lambda page: (cost(page), -page))
 
 
 def largest(values: Tensor, k: int) -> Tensor:
@@ -526,7 +555,8 @@ def restore_codec(
     if spec.kind == "dense":
         return DenseCodec(shape)
     if spec.kind in ("sparse", "sparse8"):
-        codec = SparseCodec(shape, spec.size, basis, eight_bit=spec.kind == "sparse8")
+        page = (params or {}).get("page")
+        codec = SparseCodec(shape, spec.size, basis, spec.kind == "sparse8", page)
         codec.params = dict(params or codec.params)
         return codec
     if spec.kind == "lowrank":

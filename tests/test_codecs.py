@@ -166,7 +166,7 @@ def test_sparse_store_equals_brute_force_float64(w64, tokenizer):
         params = [dict(f[f"layers/{j:04d}"].attrs) for j in range(len(names))]
     for name, layer_params in zip(names, params, strict=True):
         lf = w64.factors.layers[name]
-        assert layer_params["entries"] == k
+        assert layer_params["entries"] == k and layer_params["page"] == 256
         assert layer_params["basis"] == lf.basis_fingerprint() != "standard"
         assert layer_params["damping"] == pytest.approx(lf.default_damping(), rel=1e-15)
     stored = {name: {"x": [], "i": [], "n": []} for name in names}
@@ -178,10 +178,11 @@ def test_sparse_store_equals_brute_force_float64(w64, tokenizer):
     stored = {n: {key: np.concatenate(v) for key, v in d.items()} for n, d in stored.items()}
 
     def positions(layer: dict, row: int) -> np.ndarray:
-        """Flat positions from page counts and uint16 offsets, decoded by hand."""
-        assert layer["i"].dtype == np.uint16 and layer["n"].dtype == np.int32
+        """Flat positions from page counts and offsets, decoded by hand: 40 of 1,040 or
+        1,088 entries take one-byte offsets in pages of 256 (fewer bytes than two-byte ones)."""
+        assert layer["i"].dtype == np.uint8 and layer["n"].dtype == np.uint16
         pages = np.repeat(np.arange(layer["n"].shape[1]), layer["n"][row])
-        return pages * 65536 + layer["i"][row].astype(np.int64)
+        return pages * 256 + layer["i"][row].astype(np.int64)
 
     result = w64.score(store)
     damping = result.meta["damping"]
@@ -339,7 +340,10 @@ def test_kron_is_unbiased_over_seeds(corpus):
 )
 def test_codec_gram_random(spec, monkeypatch):
     shape = (5, 7)
-    monkeypatch.setattr(codecs_module, "PAGE", 4)  # sparse: many pages of positions
+    # sparse: pages of 4 or 16 positions, so that a row spans many pages in either layout
+    monkeypatch.setattr(
+        codecs_module, "LAYOUTS", {4: (np.uint8, np.uint16), 16: (np.uint16, np.int32)}
+    )
     codec = make_codec(parse_codec(spec), shape, seed=3, layer_index=1)
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(6, 4, 7, generator=gen, dtype=F64)  # 6 examples of 4 tokens

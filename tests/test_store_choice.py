@@ -64,7 +64,8 @@ def test_choose_codec_fits_the_budget():
     k8 = choose_codec(None, None, None, shapes, sparse=True)[0].size
     k16 = choose_codec(None, None, "float16", shapes, sparse=True)[0].size
     k32 = choose_codec(None, None, "float32", shapes, sparse=True)[0].size
-    assert k8 > k16 > k32 > 0.6 * k16
+    # one-byte offsets at these sizes: 2 bytes per entry (8-bit), 3 (float16), 5 (float32)
+    assert 1.45 * k16 < k8 < 1.5 * k16 and 0.55 * k16 < k32 < 0.6 * k16
     # a budget that holds the exact gradient gets it
     small = [(16, 65), (64, 17)]
     exact = 16 * 65 * 2 + 64 * 17 * 2 + 2 * 4  # float16 values, a checksum per layer
