@@ -290,7 +290,8 @@ class SparseCodec:
     fingerprint, recorded in ``params``. Queries arrive already in that basis (the scorer
     asks :attr:`eigenbasis` and preconditions in the eigenbasis without rotating back).
     ``eight_bit`` (``sparse8``): values as 8-bit floats (e4m3, 3 mantissa bits) times one
-    float32 scale ``s`` per example and layer, instead of the store's dtype.
+    float32 scale ``s`` per example and layer, instead of the store's dtype. ``page``: the
+    positions' page size (a key of ``LAYOUTS``; default: the smaller layout for this layer).
     """
 
     def max_factored_rank(self, n_queries: int) -> int:
@@ -321,6 +322,7 @@ class SparseCodec:
             if basis.damping is not None:
                 self.params["damping"] = basis.damping
         self.tensors: dict[str, Tensor] = {}
+        self._cached: tuple | None = None  # the basis in the dtype and device last encoded
 
     @property
     def eigenbasis(self) -> str | None:
@@ -376,7 +378,7 @@ class SparseCodec:
     def _on(self, like: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """The rotations and ``sqrt(weight)`` (flat) in ``like``'s dtype and device, made once."""
         key = (like.dtype, like.device)
-        if getattr(self, "_cached", (None,))[0] != key:
+        if self._cached is None or self._cached[0] != key:
             basis, opts = self.basis, {"dtype": like.dtype, "device": like.device}
             self._cached = (
                 key,
