@@ -470,6 +470,20 @@ def _sparse_rows(x: np.ndarray, i: np.ndarray, shape: tuple[int, int]) -> scipy.
     return scipy.sparse.csr_matrix((x.ravel(), i.ravel(), pointers), shape=(n, shape[0] * shape[1]))
 
 
+def stored_tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A stored array as codecs compute with it (on the CPU): floats in ``dtype``, integers
+    as they are, uint16 positions widened to int32 (which torch indexes with).
+
+    Example:
+        >>> stored_tensor(np.arange(3, dtype=np.uint16), torch.float32).dtype
+        torch.int32
+    """
+    if array.dtype == np.uint16:
+        array = array.astype(np.int32)
+    tensor = torch.from_numpy(array)
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
 def array_dtypes(codec, dtype) -> dict[str, np.dtype]:
     """The on-disk dtype of each of ``codec``'s arrays in a store of float ``dtype``: the
     codec's ``own_dtypes`` (``sparse``'s positions, ``sparse8``'s bytes and scales) keep

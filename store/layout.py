@@ -35,7 +35,7 @@ from influencekit.h5io import UTF8, atomic_h5, open_h5, read_array
 
 FORMAT = "influencekit.store"
 PART_FORMAT = "influencekit.store-part"
-VERSION = 2  # 2: sparse codec (int32 positions) and the fidelity record; 1 still reads
+VERSION = 2  # 2: sparse codecs (integer arrays) and the fidelity record; 1 still reads
 PART_VERSION = 1
 # What a stored gradient is the gradient of (docs/math.md); a new definition gets a new string.
 LOSS = "sum over t of -log p(x_{t+1} | x_<=t), real next tokens, padding excluded (v1)"

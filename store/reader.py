@@ -38,7 +38,7 @@ from influencekit.models import (
 )
 
 from . import build as building
-from .codecs import array_dtypes, example_bytes, recorded_codecs
+from .codecs import array_dtypes, example_bytes, recorded_codecs, stored_tensor
 from .fidelity import Fidelity
 from .layout import (
     PART_FORMAT,
@@ -94,13 +94,13 @@ class GradientStore:
         ``modules``: which layers (as for ``fit_factors``). Keyword options (their defaults
         in :func:`influencekit.store.build.build`):
 
-        - ``factors=None``: fitted factors. With them the default codec is ``sparse:K``,
+        - ``factors=None``: fitted factors. With them the default codec is ``sparse8:K``,
           kept in their curvature eigenbasis (score the store with the same factors);
         - ``codec=None``: force one: ``dense``, ``kron:K``, ``lowrank:R``, ``eig:K``
-          (needs ``factors`` with eigenbases) or ``sparse:K``. None: the best codec for
-          ``budget`` (:mod:`influencekit.store.budget`);
+          (needs ``factors`` with eigenbases), ``sparse:K`` or ``sparse8:K``. None: the best
+          codec for ``budget`` (:mod:`influencekit.store.budget`);
         - ``budget=None``: bytes per sequence, an int or a string such as ``"128KiB"``: the
-          codec and its size are chosen to fit (``sparse:K`` with factors, ``lowrank:R``
+          codec and its size are chosen to fit (``sparse8:K`` with factors, ``lowrank:R``
           without; ``dense`` when it fits). Default: what ``lowrank:8`` takes in float32;
         - ``dtype=None``: ``float16``, ``float32`` or ``float64`` on disk, as a name or a
           ``torch.dtype`` (computation is float32, or float64 for a float64 store); default
@@ -153,8 +153,8 @@ class GradientStore:
         probe sample, measured when the store was built (None for a store built without).
 
         Example:
-            >>> print(store.fidelity)          # doctest: +SKIP
-            Pearson 0.912 (min) / 0.951 (mean), top-10 overlap 0.86: 8 probe queries ...
+            >>> store.fidelity.pearson_min     # doctest: +SKIP
+            0.916
         """
         found = self.manifest.fidelity
         return None if found is None else Fidelity.from_dict(found)
@@ -289,7 +289,7 @@ class GradientStore:
         total = np.zeros((len(unique), len(unique)))
         for j in positions:
             (arrays,) = self.rows(unique.tolist(), [j])
-            x = {name: _as_tensor(value, torch.float64) for name, value in arrays.items()}
+            x = {name: stored_tensor(value, torch.float64) for name, value in arrays.items()}
             total += self.codecs[j].gram(x, x).numpy()
         total = (total + total.T) / 2  # X Xᵀ need not round symmetrically
         return total[np.ix_(inverse.ravel(), inverse.ravel())]
@@ -421,14 +421,6 @@ class GradientStore:
                             for j in positions
                         ],
                     )
-
-
-def _as_tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """Stored floats in ``dtype``; stored positions (integers) as they are."""
-    if array.dtype == np.uint16:  # positions: widened to a dtype torch computes with
-        array = array.astype(np.int32)
-    tensor = torch.from_numpy(array)
-    return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 def _open_part(path: Path):

@@ -23,6 +23,8 @@ from influencekit import distributed
 from influencekit.lowrank import QueryForm
 from influencekit.progress import progress_counter
 
+from .codecs import stored_tensor
+
 
 def compressed_queries(store, names: list[str], forms: list[QueryForm]) -> list[QueryForm]:
     """Each layer's preconditioned queries ``forms[j]`` compressed by the codec of layer
@@ -63,11 +65,7 @@ def stored_scores(
 def to_device(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A block read from HDF5 onto ``device``; to a GPU through page-locked memory, so the
     copy runs asynchronously."""
-    if array.dtype == np.uint16:  # positions: widened to a dtype torch computes with
-        array = array.astype(np.int32)
-    tensor = torch.from_numpy(array)
-    if not tensor.is_floating_point():
-        dtype = tensor.dtype  # integers stay integers
+    tensor = stored_tensor(array, dtype)
     if device.type == "cuda":
-        return tensor.pin_memory().to(device=device, dtype=dtype, non_blocking=True)
-    return tensor.to(device=device, dtype=dtype)
+        return tensor.pin_memory().to(device=device, non_blocking=True)
+    return tensor.to(device=device)
