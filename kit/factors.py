@@ -50,6 +50,7 @@ FORMAT = "influencekit.factors"
 VERSION = 1
 ARRAYS = ("q_a", "d_a", "q_s", "d_s", "lam")
 # Which arrays each strategy's layers must hold (a file missing one is damaged).
+BLOCK_FLOATS = 2**18  # 1 MiB of float32: a block that stays in a core's L2 cache
 REQUIRED = {"ekfac": ARRAYS, "kfac": ARRAYS, "diagonal": ("lam",), "identity": ()}
 
 
@@ -70,6 +71,7 @@ class LayerFactors:
     lam: torch.Tensor | None = None
     _basis_name: tuple | None = field(default=None, init=False, repr=False, compare=False)
     _copies: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _finite: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def default_damping(self) -> float:
         """``0.1 × mean(Λ)``; 1 for ``identity`` (no curvature, plain dot product)."""
@@ -88,6 +90,18 @@ class LayerFactors:
                 digest.update(q.to(torch.float64).contiguous().numpy().tobytes())
             self._basis_name = (key, "eig-" + digest.hexdigest())
         return self._basis_name[1]
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteError naming this layer and the array holding NaN or inf. Arrays
+        found finite are not scanned again until one is replaced or changed in place."""
+        arrays = [(key, getattr(self, key)) for key in ARRAYS]
+        state = tuple((id(x), x._version) for _, x in arrays if x is not None)
+        if self._finite == state:
+            return
+        for key, value in arrays:
+            if value is not None and not torch.isfinite(value).all():
+                raise NonFiniteError(f"factors of layer {self.name}: {key} holds NaN or inf")
+        self._finite = state
 
     def arrays_like(self, like: torch.Tensor) -> tuple:
         """``(q_s, q_a, lam)`` in ``like``'s dtype and device (``None`` where absent), converted
@@ -109,19 +123,24 @@ class LayerFactors:
         rotated = q_s.T @ grads @ q_a
         return q_s @ (rotated / denom) @ q_a.T
 
-    def in_eigenbasis(self, s: torch.Tensor, a: torch.Tensor, damping: float) -> torch.Tensor:
+    def in_eigenbasis(
+        self, s: torch.Tensor, a: torch.Tensor, damping: float, query_last: bool = False
+    ) -> torch.Tensor:
         """``(Q_Sᵀ G Q_A) ⊘ (Λ + λ)`` for ``G = Σ_t s_t a_tᵀ``, rotating the tokens, not ``G``:
         the preconditioned gradient in the eigenbasis (the standard basis for ``diagonal``
         and ``identity``).
 
         ``s`` ``(Q, T, d_out)``, ``a`` ``(Q, T, d_in)``: ``T·(d_out² + d_in²)`` per query
         instead of ``d_out·d_in·(d_out + d_in)`` when a query has fewer tokens than ``d_in``.
+        ``query_last``: the ``(Q, d_out, d_in)`` result lies in memory as ``(d_out, d_in, Q)``,
+        every position's values for all queries side by side (what sparse codecs gather).
         """
         q_s, q_a, lam = self.arrays_like(s)
         denom = (0.0 if lam is None else lam) + damping
-        if q_a is None:
-            return s.transpose(-1, -2) @ a / denom
-        return ((s @ q_s).transpose(-1, -2) @ (a @ q_a)).div_(denom)
+        s, a = rotated_tokens(s, a, q_s, q_a)
+        if query_last:
+            return outer_query_last(s, a, denom)
+        return (s.transpose(-1, -2) @ a).div_(denom)
 
     def from_eigenbasis(self, x: torch.Tensor) -> torch.Tensor:
         """``Q_S x Q_Aᵀ``: back from :meth:`in_eigenbasis` to the weights' own basis."""
@@ -160,6 +179,57 @@ class LayerFactors:
         """The rank-``rank`` truncated SVD of ``(Ĝ + λI)⁻¹ G``, as ``(U Σ, V)``, without
         forming the full preconditioned matrix."""
         return self.truncated_from_eigenbasis(self.in_eigenbasis(s, a, damping), rank)
+
+
+def rotated_tokens(s: torch.Tensor, a: torch.Tensor, q_s, q_a) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token factors ``s @ q_s``, ``a @ q_a`` (as they are where ``q_a`` is ``None``) of only the
+    tokens that add to ``G = Σ_t s_t a_tᵀ``: padding, and the prompt tokens of layers no
+    later attention reads, have ``s_t = 0``. Each query's such tokens go first, and the
+    token axis is cut to the longest query's count: ``G`` of every query is unchanged.
+
+    Example:
+        >>> s, a = torch.randn(2, 4, 3), torch.randn(2, 4, 5)
+        >>> s[0, 1:] = 0                                  # query 0 has one token that counts
+        >>> s2, a2 = rotated_tokens(s, a, None, None)
+        >>> s2.shape[1], torch.allclose(s2.mT @ a2, s.mT @ a)
+        (4, True)
+    """
+    counts = s.ne(0).any(-1) & a.ne(0).any(-1)  # (Q, T): the tokens that count
+    width = int(counts.sum(1).max()) if counts.numel() else 0
+    if width == s.shape[1]:
+        return (s, a) if q_a is None else (s @ q_s, a @ q_a)
+    # a stable sort puts each query's counted tokens first, in their order
+    order = torch.argsort((~counts).to(torch.int8), dim=1, stable=True)[:, :width]
+    placed = counts.gather(1, order)  # (Q, width): where counted tokens land
+    out = []
+    for x, q in ((s, q_s), (a, q_a)):
+        packed = x[counts]  # only the counted tokens are rotated
+        y = x.new_zeros(x.shape[0], width, x.shape[-1] if q is None else q.shape[1])
+        y[placed] = packed if q is None else packed @ q
+        out.append(y)
+    return out[0], out[1]
+
+
+def outer_query_last(s: torch.Tensor, a: torch.Tensor, denom) -> torch.Tensor:
+    """``(s_qᵀ a_q) ⊘ denom`` for every query ``q``, ``(Q, d_out, d_in)``, laid out in memory as
+    ``(d_out, d_in, Q)``. On the CPU it is made a block of output rows at a time, each block
+    about ``BLOCK_FLOATS`` floats, so that turning it query-last happens in cache.
+
+    Example:
+        >>> s, a = torch.randn(3, 5, 4), torch.randn(3, 5, 2)
+        >>> x = outer_query_last(s, a, 2.0)
+        >>> x.shape, x.permute(1, 2, 0).is_contiguous(), torch.allclose(x, s.mT @ a / 2)
+        (torch.Size([3, 4, 2]), True, True)
+    """
+    n, d_out, d_in = s.shape[0], s.shape[-1], a.shape[-1]
+    denom = torch.as_tensor(denom, dtype=s.dtype, device=s.device).expand(d_out, d_in)
+    out = torch.empty(d_out, d_in, n, dtype=s.dtype, device=s.device)
+    rows = d_out if s.device.type != "cpu" else max(1, BLOCK_FLOATS // (d_in * n))
+    s_t = s.transpose(-1, -2)
+    for lo in range(0, d_out, rows):
+        block = (s_t[:, lo : lo + rows] @ a).permute(1, 2, 0)
+        torch.div(block, denom[lo : lo + rows, :, None], out=out[lo : lo + rows])
+    return out.permute(2, 0, 1)
 
 
 @dataclass
@@ -203,11 +273,8 @@ class Factors:
 
     def check_finite(self) -> None:
         """Raise NonFiniteError naming the first layer and array holding NaN or inf."""
-        for name, layer in self.layers.items():
-            for key in ARRAYS:
-                value = getattr(layer, key)
-                if value is not None and not torch.isfinite(value).all():
-                    raise NonFiniteError(f"factors of layer {name}: {key} holds NaN or inf")
+        for layer in self.layers.values():
+            layer.check_finite()
 
     def tracked_layers(self, model: nn.Module) -> list[TrackedLayer]:
         """This model's layers for these factors, after checking weights, fingerprint, factors.

@@ -415,8 +415,9 @@ def query_forms(
     rank = query_rank if isinstance(query_rank, int) else None
     for name, x in tokens.items():
         layer = factors.layers[name]
-        in_basis = layer.in_eigenbasis(x.s, x.a, damping[name])  # once, for any form
-        if source.in_eigenbasis(name):
+        kept_in_basis = source.in_eigenbasis(name)
+        in_basis = layer.in_eigenbasis(x.s, x.a, damping[name], query_last=kept_in_basis)
+        if kept_in_basis:
             out[name] = in_basis if rank is None else truncate(in_basis, rank=rank)
         elif rank is not None:
             out[name] = layer.truncated_from_eigenbasis(in_basis, rank)

@@ -59,6 +59,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse
 import torch
+import torch.nn.functional as F
 
 from influencekit.errors import ParameterError
 from influencekit.lowrank import (
@@ -367,13 +368,14 @@ class SparseCodec:
         coded = (x / scale).to(torch.float8_e4m3fn).view(torch.uint8)
         return {"x": coded, "s": scale}
 
-    def kept(self, stored: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
-        """The kept values ``(B, K)`` in ``dtype``, decoded from 8 bits where they are."""
+    def kept(self, stored: dict[str, Tensor], dtype: torch.dtype, scaled: bool = True) -> Tensor:
+        """The kept values ``(B, K)`` in ``dtype``, decoded from 8 bits where they are
+        (``scaled=False``: without each row's scale, for callers that apply it later)."""
         x = stored["x"]
         if not self.eight_bit:
             return x.to(dtype)
         decoded = x.to(torch.uint8).view(torch.float8_e4m3fn).to(dtype)
-        return decoded * stored["s"].to(dtype)
+        return decoded * stored["s"].to(dtype) if scaled else decoded
 
     def _on(self, like: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """The rotations and ``sqrt(weight)`` (flat) in ``like``'s dtype and device, made once."""
@@ -396,23 +398,33 @@ class SparseCodec:
         return {"i": (positions - pages * self.page).to(torch.int32), "n": counts.to(torch.int32)}
 
     def positions(self, stored: dict[str, Tensor]) -> Tensor:
-        """The flat positions ``(B, K)`` (int64) of stored page offsets and counts."""
-        offsets, counts = stored["i"].long(), stored["n"].long()
+        """The flat positions ``(B, K)`` of stored page offsets and counts, in int32 (the
+        largest layer a sparse store takes, 2²⁸ weights, fits) or int64 if stored so."""
+        offsets, counts = stored["i"], stored["n"]
+        dtype = torch.promote_types(offsets.dtype, torch.int32)
         # Each row's counts sum to K: one repeat over all rows lays out every entry's page.
-        pages = torch.arange(counts.shape[1], device=counts.device).repeat(counts.shape[0])
-        page = torch.repeat_interleave(pages, counts.flatten(), output_size=offsets.numel())
-        return page.view_as(offsets) * self.page + offsets
+        starts = torch.arange(counts.shape[1], dtype=dtype, device=counts.device) * self.page
+        page = torch.repeat_interleave(
+            starts.repeat(counts.shape[0]), counts.flatten(), output_size=offsets.numel()
+        )
+        return page.view_as(offsets) + offsets
 
     def compress_query(self, p: QueryForm) -> Tensor:
         """The query in this codec's basis, one row per position: ``(d_out·d_in, Q)``."""
         return as_dense(p).flatten(1).T.contiguous()
 
     def contract(self, query: Tensor, stored: dict[str, Tensor]) -> Tensor:
-        x, i = self.kept(stored, query.dtype), self.positions(stored)  # (B, K) each
-        # Every query's value at a kept position is one contiguous row: a row gather, then
-        # one (1 × K)·(K × Q) product per example.
-        picked = query.index_select(0, i.flatten()).view(*i.shape, query.shape[1])
-        return torch.bmm(x[:, None, :], picked)[:, 0, :].T
+        i = self.positions(stored)  # (B, K)
+        x = self.kept(stored, query.dtype, scaled=False)
+        # Every query's value at a kept position is one contiguous row of ``query``: one
+        # fused gather and weighted sum per example (an embedding bag) reads each row once.
+        bags = torch.arange(0, i.numel(), i.shape[1], dtype=i.dtype, device=i.device)
+        picked = F.embedding_bag(
+            i.flatten(), query, bags, mode="sum", per_sample_weights=x.flatten()
+        )
+        if self.eight_bit:
+            picked = picked * stored["s"].to(query.dtype)  # (B, 1): one scale per example
+        return picked.T
 
     def gram(self, a: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
         """``⟨G̃_a, G̃_b⟩`` of the kept entries for every pair, ``(Ba, Bb)``: the eigenbasis

@@ -210,6 +210,14 @@ def test_token_scores_with_nan_factors_never_returns_nan(llama, llama_factors, l
         ik.token_scores(llama, bad, QUERY, llama_train[0], damping=0.1)
 
 
+def test_nan_written_into_factors_after_a_score_is_still_refused(llama, llama_factors, llama_train):
+    factors = copy.deepcopy(llama_factors)
+    ik.score(llama, factors, [QUERY], llama_train, progress=False)  # found finite once
+    factors.layers[MLP_NAME].lam[0, 0] = float("nan")  # then changed in place
+    with pytest.raises(ik.NonFiniteError, match=re.escape(MLP_NAME)):
+        ik.score(llama, factors, [QUERY], llama_train, progress=False)
+
+
 def test_nan_factors_with_default_damping_are_named_as_nonfinite(llama, llama_factors, llama_train):
     with pytest.raises(ik.NonFiniteError, match=re.escape(MLP_NAME)):
         ik.score(llama, nan_factors(llama_factors), [QUERY], llama_train, progress=False)

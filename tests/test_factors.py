@@ -9,6 +9,8 @@
    used by ``score`` and ``token_scores``): other weights, another architecture, other layer
    shapes; they accept the same weights in another instance.
 4. ``max_examples`` fits on the first sequences.
+5. Query gradients in the eigenbasis (``LayerFactors.in_eigenbasis``) equal explicit float64
+   matrices, with padded and prompt-only tokens, in both memory layouts.
 
 Elsewhere: ``fit_factors`` against float64 brute force (A, S, eigenbases and Λ of every
 strategy) in test_reference.py, which shares one reference implementation between capture,
@@ -318,3 +320,36 @@ def test_max_examples_fits_on_the_first_sequences(tokenizer):
     assert capped.meta["n_examples"] == 5
     for name in capped.modules:
         torch.testing.assert_close(capped.layers[name].lam, first.layers[name].lam)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Queries in the eigenbasis
+
+
+@pytest.mark.parametrize("query_last", [False, True])
+@pytest.mark.parametrize("strategy", ["ekfac", "diagonal", "identity"])
+def test_in_eigenbasis_equals_explicit_matrices(strategy, query_last):
+    gen = torch.Generator().manual_seed(0)
+    d_out, d_in, n, t = 6, 5, 3, 7
+    s = torch.randn(n, t, d_out, dtype=torch.float64, generator=gen)
+    a = torch.randn(n, t, d_in, dtype=torch.float64, generator=gen)
+    s[0, 4:] = 0  # padding: no output gradient
+    s[1, :3] = 0  # prompt tokens no later layer reads
+    a[2, 5:] = 0
+    q_s = torch.linalg.qr(torch.randn(d_out, d_out, dtype=torch.float64, generator=gen))[0]
+    q_a = torch.linalg.qr(torch.randn(d_in, d_in, dtype=torch.float64, generator=gen))[0]
+    lam = torch.rand(d_out, d_in, dtype=torch.float64, generator=gen)
+    layer = ik.factors.LayerFactors("x", (d_out, d_in))
+    if strategy == "ekfac":
+        layer.q_s, layer.q_a, layer.lam = q_s, q_a, lam
+    elif strategy == "diagonal":
+        layer.lam = lam
+    found = layer.in_eigenbasis(s, a, 0.3, query_last=query_last)
+    for q in range(n):
+        g = sum(torch.outer(s[q, i], a[q, i]) for i in range(t))  # G = Σ_t s_t a_tᵀ
+        if strategy == "ekfac":
+            g = q_s.T @ g @ q_a
+        expected = g / ((0.0 if strategy == "identity" else lam) + 0.3)
+        torch.testing.assert_close(found[q], expected, rtol=1e-12, atol=1e-12)
+    if query_last:  # every position's values for all queries lie side by side
+        assert found.permute(1, 2, 0).is_contiguous()
