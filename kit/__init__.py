@@ -32,7 +32,8 @@ from .errors import (
     StoreWriteError,
 )
 from .factors import Factors, LayerFactors, fit_factors
-from .models import load_model, model_fingerprint, select_modules
+from .loading import load_model
+from .models import model_fingerprint, select_modules
 from .result import InfluenceResult
 from .scoring import score, token_scores
 from .store import GradientStore

@@ -34,6 +34,7 @@ from .checks import ACCUMULATION_DTYPES, AMP_DTYPES
 from .distributed import active, init_from_env, is_main
 from .errors import InfluenceKitError, ParameterError
 from .factors import FISHERS, STRATEGIES
+from .models import SELECTIONS
 from .store.layout import DTYPES as STORE_DTYPES
 
 # The command line's short names for the autocast dtypes.
@@ -41,8 +42,8 @@ AMP = {"none": None, "bf16": AMP_DTYPES["bfloat16"], "fp16": AMP_DTYPES["float16
 
 
 def _modules(text: str) -> str | list[str]:
-    """``mlp`` / ``attention`` / ``all``, or a comma-separated list of module names."""
-    return text if text in ("mlp", "attention", "all") else [n for n in text.split(",") if n]
+    """``mlp`` / ``attention`` / ``all`` / ``lora``, or a comma-separated list of module names."""
+    return text if text in SELECTIONS else [n for n in text.split(",") if n]
 
 
 def _query_rank(text: str) -> str | int:
@@ -51,11 +52,26 @@ def _query_rank(text: str) -> str | int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model directory, hub id in the local Hugging Face cache, or LoRA adapter directory",
+    )
+    _add_loading_args(p)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
     p.add_argument("--amp", choices=AMP, default="none", help="forward in bf16/fp16 (autocast)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_loading_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default=None, help="base model of a LoRA adapter (default: its own)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a hub id")
+    p.add_argument(
+        "--model-dtype",
+        default="auto",
+        help="auto (the checkpoint's) | float32 | bfloat16 | float16",
+    )
 
 
 def _add_train_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -64,9 +80,13 @@ def _add_train_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--chunk", action="store_true", help="split long records into windows")
 
 
-def _add_modules(p: argparse.ArgumentParser) -> None:
+def _add_modules(p: argparse.ArgumentParser, default: str | None = "mlp") -> None:
+    shown = "mlp" if default else "the factors' layers, else mlp"
     p.add_argument(
-        "--modules", type=_modules, default="mlp", help="mlp | attention | all | name1,name2,..."
+        "--modules",
+        type=_modules,
+        default=default,
+        help=f"mlp | attention | all | lora | name1,name2,... (default: {shown})",
     )
 
 
@@ -108,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(build)
     _add_train_args(build)
-    _add_modules(build)
+    _add_modules(build, default=None)
     build.add_argument("--out", required=True, help="gradient store to create or continue")
     build.add_argument(
         "--codec",
@@ -166,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("result", help="result HDF5 file from `influencekit score`")
     _add_train_args(rep)
     rep.add_argument("--out", required=True, help="HTML file to write")
-    rep.add_argument("--model", default=None, help="model directory: adds token heatmaps")
+    rep.add_argument("--model", default=None, help="model (as for score): adds token heatmaps")
+    _add_loading_args(rep)
     rep.add_argument("--factors", default=None, help="factors file (with --model)")
     rep.add_argument("--device", default=None, help="cpu, cuda, ... (with --model)")
     rep.add_argument("--rows", type=int, default=20, help="top sequences per query (20)")
@@ -179,12 +200,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from .data import TextDataset
-    from .models import load_model
+    """The model and training set of ``args``; the training file is checked before the model
+    loads (a bad line costs no model load)."""
+    from .data import TextDataset, check_training_file
 
-    model, tokenizer = load_model(args.model, device=args.device)
+    check_training_file(args.train, max_length=args.max_length)
+    model, tokenizer = _load_model(args)
     train = TextDataset.from_jsonl(args.train, tokenizer, args.max_length, chunk=args.chunk)
     return model, train
+
+
+def _load_model(args):
+    from .loading import load_model, model_dtype
+
+    model_dtype(args.model_dtype)  # before anything heavy
+    return load_model(
+        args.model,
+        dtype=args.model_dtype,
+        device=args.device,
+        revision=args.revision,
+        base=args.base,
+    )
 
 
 def cmd_demo(args) -> None:
@@ -271,7 +307,6 @@ def cmd_build(args) -> None:
 def cmd_score(args) -> None:
     from .data import load_queries
     from .factors import Factors
-    from .models import load_model
     from .scoring import score
     from .store import GradientStore
 
@@ -281,17 +316,18 @@ def cmd_score(args) -> None:
             [args.store, args.train],
             "exactly one of --store (stored gradients) or --train (on the fly)",
         )
+    factors, queries = Factors.load(args.factors), load_queries(args.queries)  # cheap first
     if args.store is not None:
-        model, tokenizer = load_model(args.model, device=args.device)
         store = GradientStore.open(args.store)
+        model, tokenizer = _load_model(args)
         train, shown = store, store.dataset(tokenizer)
     else:
         model, train = _load(args)
         shown = train
     result = score(
         model,
-        Factors.load(args.factors),
-        load_queries(args.queries),
+        factors,
+        queries,
         train,
         damping=args.damping,
         query_rank=args.query_rank,

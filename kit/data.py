@@ -112,8 +112,40 @@ def _check_max_length(max_length: int) -> None:
     checks.count("max_length", max_length, minimum=2)
 
 
-def _record_ids(tokenizer, record: Mapping, where: str, text_field: str) -> list[int]:
-    """The record's text, validated and tokenized with the tokenizer's default special tokens."""
+def check_training_file(
+    path: str | os.PathLike,
+    *,
+    max_length: int = 128,
+    text_field: str = "text",
+    id_field: str = "id",
+) -> int:
+    """Every check of :meth:`TextDataset.from_jsonl` that needs no tokenizer (the file, each
+    line's JSON, the text field, unique ids, ``max_length``), so that a bad line is found
+    before a model loads. Returns the number of records.
+
+    Example:
+        >>> check_training_file("train.jsonl")                       # doctest: +SKIP
+        1200
+    """
+    _check_max_length(max_length)
+    path = os.fspath(path)
+    first_seen: dict[str, str] = {}
+    records = _read_jsonl(path)
+    for number, record in records:
+        where = f"{path}, line {number}"
+        _record_text(record, where, text_field)
+        _check_new_id(str(record.get(id_field, number)), where, first_seen)
+    return len(records)
+
+
+def _check_new_id(rid: str, where: str, first_seen: dict[str, str]) -> None:
+    if rid in first_seen:
+        raise DataError(f"{where}: duplicate id {rid!r} (first used at {first_seen[rid]})")
+    first_seen[rid] = where
+
+
+def _record_text(record: Mapping, where: str, text_field: str) -> str:
+    """The record's text field, checked to be a non-blank string."""
     if text_field not in record:
         present = ", ".join(repr(k) for k in record) or "none"
         raise DataError(f"{where}: field {text_field!r} is missing (fields present: {present})")
@@ -124,6 +156,12 @@ def _record_ids(tokenizer, record: Mapping, where: str, text_field: str) -> list
         )
     if not text.strip():
         raise DataError(f"{where}: field {text_field!r} is empty or only whitespace")
+    return text
+
+
+def _record_ids(tokenizer, record: Mapping, where: str, text_field: str) -> list[int]:
+    """The record's text, validated and tokenized with the tokenizer's default special tokens."""
+    text = _record_text(record, where, text_field)
     ids = [int(i) for i in tokenizer(text)["input_ids"]]
     if len(ids) < 2:
         raise DataError(
@@ -152,9 +190,7 @@ def _build_examples(
     for where, default_id, record in located:
         ids = _record_ids(tokenizer, record, where, text_field)
         rid = str(record[id_field]) if id_field in record else default_id
-        if rid in first_seen:
-            raise DataError(f"{where}: duplicate id {rid!r} (first used at {first_seen[rid]})")
-        first_seen[rid] = where
+        _check_new_id(rid, where, first_seen)
         meta = {k: v for k, v in record.items() if k not in (text_field, id_field)}
         if not chunk:
             # The full original text is kept even when its tokens were truncated.

@@ -1,4 +1,4 @@
-"""Loading a local Hugging Face causal LM and choosing which of its linear layers to track.
+"""Choosing which linear layers of a causal LM to track, and fingerprints of models.
 
 A tracked layer is an ``nn.Linear`` (weight ``(d_out, d_in)``) or a ``transformers`` ``Conv1D``
 (weight stored transposed, ``(d_in, d_out)``). Whatever the storage, the kit works with the
@@ -19,12 +19,11 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import MissingFileError, ModelError, NonFiniteError, ParameterError
+from .errors import ModelError, NonFiniteError, ParameterError
 
 try:  # transformers keeps GPT-2's transposed linear here
     from transformers.pytorch_utils import Conv1D
@@ -35,6 +34,8 @@ except ImportError:  # pragma: no cover - very old transformers
 # Qwen2, GPT-NeoX/Pythia, OPT and Phi naming. Attention words win: "attn.c_proj" is attention.
 ATTENTION_WORDS = {"attn", "attention", "self_attn", "self_attention", "crossattention"}
 MLP_WORDS = {"mlp", "feed_forward", "ffn"}
+SELECTIONS = ("mlp", "attention", "all", "lora")
+LORA_PARTS = {"lora_A", "lora_B"}  # PEFT's ModuleDicts of an adapted layer's low-rank linears
 MLP_LEAVES = {
     "fc1",
     "fc2",
@@ -48,8 +49,6 @@ MLP_LEAVES = {
     "w2",
     "w3",
 }
-PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 @dataclass(frozen=True)
@@ -120,11 +119,24 @@ def layer_role(name: str) -> str:
         ('attention', 'mlp')
     """
     parts = name.split(".")
+    if parts[-1] == "base_layer":  # the layer a PEFT adapter wraps: named by its own place
+        parts = parts[:-1]
     if any(p in ATTENTION_WORDS for p in parts):
         return "attention"
     if any(p in MLP_WORDS for p in parts) or parts[-1] in MLP_LEAVES:
         return "mlp"
     return "other"
+
+
+def is_lora(name: str) -> bool:
+    """True for the low-rank linears of a PEFT LoRA adapter (``...lora_A.<adapter>``).
+
+    Example:
+        >>> is_lora("base_model.model.h.0.mlp.c_fc.lora_B.default"), is_lora("h.0.mlp.c_fc")
+        (True, False)
+    """
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-2] in LORA_PARTS
 
 
 def candidate_layers(model: nn.Module) -> list[TrackedLayer]:
@@ -142,8 +154,11 @@ def select_modules(model: nn.Module, modules: str | list[str] = "mlp") -> list[T
     """Resolve a module selection to tracked layers.
 
     ``modules`` is ``"mlp"`` (each block's feed-forward linears), ``"attention"``, ``"all"``
-    (every linear except embeddings and the LM head) or an explicit list of module names.
-    A selection that matches nothing raises :class:`ModelError` listing the candidates.
+    (every linear except embeddings and the LM head), ``"lora"`` (the ``lora_A`` and ``lora_B``
+    linears of a PEFT LoRA adapter) or an explicit list of module names. On a model with an
+    adapter, ``"mlp"``, ``"attention"`` and ``"all"`` are the base layers (their gradient is
+    the merged weight's: the adapter's output adds to theirs). A selection that matches
+    nothing raises :class:`ModelError` listing the candidates.
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -154,13 +169,25 @@ def select_modules(model: nn.Module, modules: str | list[str] = "mlp") -> list[T
     candidates = candidate_layers(model)
     by_name = {layer.name: layer for layer in candidates}
     if not isinstance(modules, (str, list, tuple)):
-        raise ParameterError("modules", modules, "'mlp', 'attention', 'all' or a list of names")
+        raise ParameterError("modules", modules, f"one of {SELECTIONS} or a list of names")
     if isinstance(modules, str):
-        if modules not in ("mlp", "attention", "all"):
+        if modules not in SELECTIONS:
             if modules in by_name:  # a single module name is a one-element list
                 return [by_name[modules]]
             raise _no_match(f"unknown module selection {modules!r}", candidates)
-        chosen = [c for c in candidates if modules == "all" or layer_role(c.name) == modules]
+        if modules == "lora":
+            chosen = [c for c in candidates if is_lora(c.name)]
+            if not chosen:
+                raise ModelError(
+                    "modules='lora': this model has no LoRA adapter; load one with "
+                    "ik.load_model(adapter_dir) (its adapter_config.json names the base)"
+                )
+            return chosen
+        chosen = [
+            c
+            for c in candidates
+            if not is_lora(c.name) and (modules == "all" or layer_role(c.name) == modules)
+        ]
         if not chosen:
             raise _no_match(f"modules={modules!r} matches no layer of this model", candidates)
         return chosen
@@ -276,70 +303,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter."""
     return next(model.parameters()).device
-
-
-def load_model(
-    path: str | Path,
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device | None = None,
-) -> tuple[nn.Module, object]:
-    """Load a local Hugging Face causal LM directory and its tokenizer (safetensors only).
-
-    ``device=None`` picks CUDA when a GPU is visible, else the CPU; later calls (fit, score)
-    run wherever the model is unless given their own ``device``.
-
-    Pickled weights (``.bin``, ``.pt``) are refused: loading them can run arbitrary code.
-    The model is put in eval mode (no dropout), as influence is computed at fixed weights.
-
-    Example:
-        >>> model, tokenizer = load_model("runs/tiny-model")   # doctest: +SKIP
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    root = _check_model_dir(Path(path))
-    weights = ", ".join(sorted(p.name for p in root.glob("*.safetensors")))
-    # safetensors, tokenizers and json raise their own exception types: name the file instead.
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            root, use_safetensors=True, local_files_only=True, output_loading_info=True
-        )
-    except Exception as err:
-        raise ModelError(f"{root}: could not load the weights ({weights}): {err}") from err
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
-    except Exception as err:
-        raise ModelError(f"{root}: could not load the tokenizer: {err}") from err
-    if info.get("missing_keys"):
-        # from_pretrained would fill these with random values: influence on them is meaningless.
-        raise ModelError(f"{root}: the weights lack {sorted(info['missing_keys'])}")
-    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device=device, dtype=dtype).eval()
-    return model, tokenizer
-
-
-def _check_model_dir(root: Path) -> Path:
-    if not root.exists():
-        raise MissingFileError(f"{root}: no such model directory")
-    if not root.is_dir():
-        raise ModelError(f"{root}: expected a Hugging Face model directory, found a file")
-    if not (root / "config.json").is_file():
-        raise ModelError(f"{root}: no config.json, so this is not a Hugging Face model directory")
-    if not list(root.glob("*.safetensors")):
-        pickled = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickled:
-            raise ModelError(
-                f"{root}: holds only pickled weights ({', '.join(pickled)}); influencekit loads "
-                "safetensors only, since unpickling can run arbitrary code. Convert once with "
-                "model.save_pretrained(dir, safe_serialization=True) in a trusted environment."
-            )
-        raise ModelError(f"{root}: no *.safetensors weight file found")
-    if not any((root / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelError(
-            f"{root}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); save the "
-            "tokenizer with tokenizer.save_pretrained(dir) next to the model"
-        )
-    return root
 
 
 def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:

@@ -60,7 +60,7 @@ def build(
     path: str | os.PathLike,
     model: nn.Module,
     train: TextDataset,
-    modules: str | list[str] = "mlp",
+    modules: str | list[str] | None = None,
     *,
     codec: str | None = None,
     budget: int | str | None = None,
@@ -96,6 +96,8 @@ def build(
         raise ParameterError("factors", factors, "Factors (from fit_factors or Factors.load)")
     probe_queries = None if fidelity_queries is None else as_queries(fidelity_queries)
     check_unique_ids(train)
+    if modules is None:  # the factors' layers: what the store will be scored with
+        modules = "mlp" if factors is None else factors.modules
     layers = select_modules(model, modules)
     shapes = [tuple(layer.grad_shape) for layer in layers]
     covered = factors is not None and all(layer.name in factors.layers for layer in layers)

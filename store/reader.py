@@ -86,12 +86,13 @@ class GradientStore:
         path: str | os.PathLike,
         model: nn.Module,
         train: TextDataset,
-        modules: str | list[str] = "mlp",
+        modules: str | list[str] | None = None,
         **options,
     ) -> GradientStore:
         """Compute, compress and store each training sequence's per-layer gradient; open it.
 
-        ``modules``: which layers (as for ``fit_factors``). Keyword options (their defaults
+        ``modules``: which layers (as for ``fit_factors``); by default the layers of
+        ``factors`` when they are given, else ``"mlp"``. Keyword options (their defaults
         in :func:`influencekit.store.build.build`):
 
         - ``factors=None``: fitted factors. With them the default codec is ``sparse8:K``,

@@ -200,3 +200,60 @@ def test_score_needs_exactly_one_source(workdir, capsys):
     args += ["--queries", str(workdir / "queries.jsonl"), "--out", "r.h5", "--quiet"]
     assert main(args) == 2
     assert "exactly one of --store" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def factors_file(workdir):
+    model, tok = ik.load_model(workdir / "model")
+    train = ik.TextDataset.from_jsonl(workdir / "train.jsonl", tok, max_length=64)
+    return ik.fit_factors(model, train, "mlp", progress=False).save(workdir / "api-f.h5")
+
+
+@pytest.fixture
+def unloadable_model(workdir, tmp_path):
+    """A model directory that passes every cheap check but whose weights cannot load: any
+    error about other inputs proves they were checked before the model was loaded."""
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    for item in (workdir / "model").iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    return broken
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["fit", "--out", "f.h5"],
+        ["build", "--out", "s.h5"],
+        ["score", "--factors", "FACTORS", "--queries", "QUERIES", "--out", "r.h5"],
+    ],
+)
+def test_a_bad_training_line_is_found_before_the_model_loads(
+    command, workdir, factors_file, unloadable_model, tmp_path, capsys
+):
+    bad = tmp_path / "train.jsonl"
+    bad.write_text('{"text": "a fine first line"}\n{"text": 3}\n')
+    given = {"FACTORS": str(factors_file), "QUERIES": str(workdir / "queries.jsonl")}
+    command = [given.get(c, str(tmp_path / c) if c.endswith(".h5") else c) for c in command]
+    args = [*command, "--model", str(unloadable_model), "--train", str(bad), "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}, line 2" in err and "must be a string" in err, err
+    assert "could not load the weights" not in err
+
+
+def test_bad_queries_and_model_dtype_are_found_before_the_model_loads(
+    workdir, factors_file, unloadable_model, tmp_path, capsys
+):
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"prompt": "no completion"}\n')
+    common = ["--model", str(unloadable_model), "--train", str(workdir / "train.jsonl")]
+    out = ["--factors", str(factors_file), "--out", str(tmp_path / "r.h5"), "--quiet"]
+    assert main(["score", *common, "--queries", str(queries), *out]) == 2
+    err = capsys.readouterr().err
+    assert "q.jsonl, line 1" in err and "could not load the weights" not in err, err
+    dtype = ["--model-dtype", "float8", "--queries", str(workdir / "queries.jsonl")]
+    assert main(["score", *common, *dtype, *out]) == 2
+    err = capsys.readouterr().err
+    assert "dtype" in err and "could not load the weights" not in err, err

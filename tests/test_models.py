@@ -1,4 +1,4 @@
-"""Tests for influencekit.models: load_model, model_fingerprint, layer_role, module selection."""
+"""Tests for influencekit.models: model_fingerprint, layer_role, module selection."""
 
 from __future__ import annotations
 
@@ -17,159 +17,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from helpers.tiny_models import FAMILIES, make_model
 
 TEXTS = ["The moon rises.", "Fresh bread rises slowly.", "Zebras & quokkas: 42!"]
-
-
-def save_model_dir(path, model, tokenizer):
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory, tokenizer):
-    """A saved tiny gpt2 and llama directory, with the float32 models they were saved from."""
-    out = {}
-    for family in ("gpt2", "llama"):
-        model = make_model(family, len(tokenizer), dtype=torch.float32)
-        path = tmp_path_factory.mktemp(f"saved-{family}")
-        out[family] = (save_model_dir(path, model, tokenizer), model)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# load_model: round trips
-
-
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_load_model_round_trips_weights_and_tokenizer(saved, tokenizer, family):
-    path, original = saved[family]
-    model, tok = ik.load_model(path)
-    assert type(model) is type(original)
-    assert not model.training, "load_model must return the model in eval mode"
-    assert all(p.dtype == torch.float32 for p in model.parameters())
-    want, got = original.state_dict(), model.state_dict()
-    assert want.keys() == got.keys()
-    for key in want:
-        assert torch.equal(want[key], got[key]), key
-    for text in [*TEXTS, TINY_CORPUS[0]]:
-        assert tok(text)["input_ids"] == tokenizer(text)["input_ids"], text
-    assert tok.decode(tok(TEXTS[2])["input_ids"]) == TEXTS[2]
-    assert ik.model_fingerprint(model) == ik.model_fingerprint(original)
-
-
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_load_model_dtype_option(saved, family):
-    path, original = saved[family]
-    model, _ = ik.load_model(path, dtype=torch.float64)
-    assert all(p.dtype == torch.float64 for p in model.parameters())
-    assert not model.training
-    for name, param in original.named_parameters():
-        assert torch.equal(dict(model.named_parameters())[name], param.double()), name
-
-
-def test_load_model_accepts_str_path_and_sharded_safetensors(tmp_path, tokenizer):
-    model = make_model("llama", len(tokenizer), dtype=torch.float32)
-    model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
-    tokenizer.save_pretrained(tmp_path)
-    assert len(list(tmp_path.glob("*.safetensors"))) > 1, "expected a sharded checkpoint"
-    loaded, _ = ik.load_model(str(tmp_path))
-    assert ik.model_fingerprint(loaded) == ik.model_fingerprint(model)
-
-
-def test_load_model_prefers_safetensors_when_a_pickle_is_also_present(tmp_path, tokenizer):
-    model = make_model("gpt2", len(tokenizer), dtype=torch.float32)
-    save_model_dir(tmp_path, model, tokenizer)
-    # A pickle with different weights next to the safetensors file must be ignored.
-    other = make_model("gpt2", len(tokenizer), dtype=torch.float32, seed=1)
-    torch.save(other.state_dict(), tmp_path / "pytorch_model.bin")
-    loaded, _ = ik.load_model(tmp_path)
-    assert ik.model_fingerprint(loaded) == ik.model_fingerprint(model)
-
-
-# ---------------------------------------------------------------------------------------------
-# load_model: refusals
-
-
-@pytest.mark.parametrize("weights_name", ["pytorch_model.bin", "model.pt"])
-def test_load_model_refuses_pickled_weights(tmp_path, tokenizer, weights_name):
-    model = make_model("gpt2", len(tokenizer), dtype=torch.float32)
-    model.config.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    torch.save(model.state_dict(), tmp_path / weights_name)
-    with pytest.raises(ik.ModelError) as info:
-        ik.load_model(tmp_path)
-    message = str(info.value)
-    assert "safetensors" in message
-    assert weights_name in message
-    assert str(tmp_path) in message
-
-
-def test_load_model_missing_directory(tmp_path):
-    missing = tmp_path / "no-such-model"
-    with pytest.raises(FileNotFoundError, match="no-such-model"):
-        ik.load_model(missing)
-
-
-def test_load_model_refuses_a_file(tmp_path):
-    path = tmp_path / "model.safetensors"
-    path.write_bytes(b"not a directory")
-    with pytest.raises(ik.ModelError, match=r"model\.safetensors.*found a file"):
-        ik.load_model(path)
-
-
-def test_load_model_refuses_dir_without_config(tmp_path, saved):
-    src, _ = saved["gpt2"]
-    for item in src.iterdir():
-        if item.name != "config.json":
-            (tmp_path / item.name).write_bytes(item.read_bytes())
-    with pytest.raises(ik.ModelError, match=r"config\.json"):
-        ik.load_model(tmp_path)
-
-
-def test_load_model_refuses_empty_dir(tmp_path):
-    with pytest.raises(ik.ModelError) as info:
-        ik.load_model(tmp_path)
-    assert str(tmp_path) in str(info.value)
-    assert "config.json" in str(info.value)
-
-
-def test_load_model_refuses_dir_without_any_weights(tmp_path, tokenizer):
-    make_model("gpt2", len(tokenizer)).config.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    with pytest.raises(ik.ModelError, match=r"safetensors"):
-        ik.load_model(tmp_path)
-
-
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_load_model_refuses_dir_without_tokenizer(tmp_path, tokenizer, family):
-    make_model(family, len(tokenizer), dtype=torch.float32).save_pretrained(
-        tmp_path, safe_serialization=True
-    )
-    with pytest.raises(ik.ModelError, match="tokenizer"):
-        ik.load_model(tmp_path)
-
-
-def test_load_model_truncated_safetensors_names_the_file(tmp_path, saved):
-    src, _ = saved["gpt2"]
-    for item in src.iterdir():
-        (tmp_path / item.name).write_bytes(item.read_bytes())
-    weights = tmp_path / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(ik.ModelError, match=r"model\.safetensors"):
-        ik.load_model(tmp_path)
-
-
-def test_load_model_refuses_checkpoint_with_missing_weights(tmp_path, saved):
-    from safetensors.torch import load_file, save_file
-
-    src, _ = saved["llama"]
-    for item in src.iterdir():
-        (tmp_path / item.name).write_bytes(item.read_bytes())
-    weights = load_file(tmp_path / "model.safetensors")
-    del weights["model.layers.1.mlp.down_proj.weight"]
-    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ik.ModelError, match=r"model\.layers\.1\.mlp\.down_proj"):
-        ik.load_model(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,6 +106,10 @@ def test_fingerprint_differs_between_models(gpt2_f32, tokenizer):
         ("lm_head", "other"),
         ("model.embed_tokens", "other"),
         ("score", "other"),
+        # A layer a PEFT adapter wraps keeps its role; the adapter's own linears are found
+        # by ``is_lora`` (modules="lora"), never by "mlp" or "attention"
+        ("base_model.model.model.decoder.layers.5.fc1.base_layer", "mlp"),
+        ("base_model.model.model.layers.0.self_attn.q_proj.base_layer", "attention"),
     ],
 )
 def test_layer_role(name, role):

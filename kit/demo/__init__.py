@@ -28,7 +28,7 @@ def load_demo_model(size: str = "small", *, device: str | None = None):
     Example:
         >>> model, tokenizer = load_demo_model("large", device="cpu")   # doctest: +SKIP
     """
-    from ..models import load_model
+    from ..loading import load_model
 
     return load_model(model_dir(size), device=device)
 

@@ -31,7 +31,8 @@ from ..data import TextDataset, as_queries
 from ..errors import InfluenceKitError, ParameterError
 from ..factors import Factors, fit_factors
 from ..h5io import temp_name
-from ..models import load_model, model_fingerprint
+from ..loading import load_model
+from ..models import model_fingerprint
 from ..result import InfluenceResult
 from ..scoring import score
 from ..store import GradientStore

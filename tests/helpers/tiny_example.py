@@ -19,7 +19,7 @@ import torch
 
 from influencekit.data import TextDataset
 from influencekit.factors import fit_factors
-from influencekit.models import load_model
+from influencekit.loading import load_model
 from influencekit.result import InfluenceResult
 from influencekit.scoring import score
 from influencekit.tiny import TINY_CORPUS, build_tokenizer
