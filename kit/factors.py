@@ -488,7 +488,7 @@ def _fit_eigenbases(fitted: dict[str, LayerFactors], passes: _Passes) -> None:
     # contiguous: row-major like a loaded file (fresh and loaded factors score bit-equal),
     # and what a broadcast needs
     mine = {
-        position: tuple(t.contiguous() for t in torch.linalg.eigh(total.double().cpu() / n_tokens))
+        position: eigh_on_device(total.double() / n_tokens)
         for position, (_, _, total) in enumerate(covariances)
         if owner[position] == rank
     }
@@ -502,6 +502,25 @@ def _fit_eigenbases(fitted: dict[str, LayerFactors], passes: _Passes) -> None:
         distributed.broadcast(vectors, src=owner[position])
         setattr(lf, f"d_{side}", values)
         setattr(lf, f"q_{side}", vectors)
+
+
+def eigh_on_device(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` of a float64 symmetric matrix where it lies (on a GPU, far faster
+    than the host at the widths of large models), the host only if the device cannot; the
+    eigenvalues and eigenvectors are returned on the host, contiguous.
+
+    Example:
+        >>> values, vectors = eigh_on_device(torch.eye(2, dtype=torch.float64))
+        >>> values.tolist(), vectors.device.type
+        ([1.0, 1.0], 'cpu')
+    """
+    try:
+        values, vectors = torch.linalg.eigh(matrix)
+    except (RuntimeError, torch.cuda.OutOfMemoryError):
+        if matrix.device.type == "cpu":
+            raise
+        values, vectors = torch.linalg.eigh(matrix.cpu())  # the device failed: the host
+    return values.cpu().contiguous(), vectors.cpu().contiguous()
 
 
 def _rotated_grads(x: LayerIO, real: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor):

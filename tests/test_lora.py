@@ -255,3 +255,24 @@ def test_base_without_an_adapter_is_a_parameter_error(saved_adapter):
     root, _ = saved_adapter
     with pytest.raises(ik.ParameterError, match="base"):
         ik.load_model(root / "base", base=root / "base")
+
+
+def test_command_line_through_an_adapter(saved_adapter, train, tmp_path):
+    from influencekit.cli import main
+
+    root, _ = saved_adapter
+    rows = [{"id": ex.id, "text": ex.text} for ex in train]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    queries = [{"prompt": p, "completion": c} for p, c in QUERIES]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    common = ["--model", str(root / "adapter"), "--train", str(tmp_path / "t.jsonl")]
+    common += ["--max-length", "40", "--device", "cpu", "--quiet"]
+    assert main(["fit", *common, "--modules", "lora", "--out", str(tmp_path / "f.h5")]) == 0
+    factors = ik.Factors.load(tmp_path / "f.h5")
+    assert factors.modules and all(".lora_" in name for name in factors.modules)
+    out = ["--factors", str(tmp_path / "f.h5"), "--queries", str(tmp_path / "q.jsonl")]
+    assert main(["score", *common, *out, "--out", str(tmp_path / "r.h5")]) == 0
+    model, _ = ik.load_model(root / "adapter", device="cpu")
+    expected = ik.score(model, factors, QUERIES, train, progress=False)
+    found = ik.InfluenceResult.load(tmp_path / "r.h5")
+    np.testing.assert_allclose(found.scores, expected.scores, rtol=1e-5, atol=1e-7)

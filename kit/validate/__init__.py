@@ -17,7 +17,15 @@ Example:
     >>> lds(result, Retraining.load(SHIPPED_RUNS)).mean   # doctest: +SKIP
 """
 
-from .checkpoints import checkpoint_results, combine_checkpoints, lr_weights
+from .checkpoints import (
+    SavedCheckpoint,
+    checkpoint_results,
+    combine_checkpoints,
+    combine_saved,
+    lr_weights,
+    save_checkpoint,
+    saved_checkpoints,
+)
 from .exact import SolveInfo, conjugate_gradient, exact_influence
 from .lds import LDS, Retraining, lds, random_subsets, retrain
 from .measure import completion_log_probs
@@ -37,10 +45,12 @@ __all__ = [
     "PBRFInfo",
     "Recipe",
     "Retraining",
+    "SavedCheckpoint",
     "Setting",
     "SolveInfo",
     "checkpoint_results",
     "combine_checkpoints",
+    "combine_saved",
     "compare",
     "completion_log_probs",
     "conjugate_gradient",
@@ -54,5 +64,7 @@ __all__ = [
     "pbrf_scores",
     "random_subsets",
     "retrain",
+    "save_checkpoint",
+    "saved_checkpoints",
     "spearman_columns",
 ]

@@ -11,6 +11,11 @@ with ``η_c`` the learning rate summed over the steps since the previous checkpo
 training moved under checkpoint ``c``'s geometry, as in TracIn), sees some of that history.
 The weights sum to 1, so the combined score has the scale of one checkpoint's.
 
+Checkpoints saved during a ``transformers`` Trainer run by
+:class:`influencekit.integrations.InfluenceCallback` (one folder each: weights, factors, the
+step and ``η_c``) are read back by :func:`saved_checkpoints` and combined by
+:func:`combine_saved`.
+
 Example:
     >>> model, snaps = recipe.train(train, seed=0, checkpoints=4)            # doctest: +SKIP
     >>> models = [c.load_into(copy.deepcopy(model)) for c in snaps]          # doctest: +SKIP
@@ -20,17 +25,27 @@ Example:
 
 from __future__ import annotations
 
+import copy
+import json
+import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from torch import nn
 
 from ..data import TextDataset
-from ..errors import MismatchError, ParameterError
-from ..factors import fit_factors
+from ..errors import FileFormatError, MismatchError, MissingFileError, ParameterError
+from ..factors import Factors, fit_factors
 from ..result import InfluenceResult
 from ..scoring import score
 from ..training import Checkpoint
+
+CHECKPOINT_FILE = "checkpoint.json"  # step, lr_sum, epoch: what makes a folder a checkpoint
+WEIGHTS_FILE = "weights.safetensors"
+FACTORS_FILE = "factors.h5"
+STORE_FILE = "store.h5"
 
 
 def lr_weights(checkpoints: Sequence[Checkpoint]) -> np.ndarray:
@@ -120,3 +135,131 @@ def combine_checkpoints(
         meta,
         queries=first.queries,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints saved to folders during a training run
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """One checkpoint folder: the weights after ``step`` optimiser steps, the factors fitted
+    there, and ``lr_sum``, the learning rate summed over the steps since the previous one."""
+
+    folder: Path
+    step: int
+    lr_sum: float
+    epoch: float | None = None
+
+    def load_into(self, model: nn.Module) -> nn.Module:
+        """Copy these weights into ``model`` (the run's architecture); return it in eval mode."""
+        from safetensors.torch import load_model
+
+        try:
+            missing, unexpected = load_model(model, self.folder / WEIGHTS_FILE, strict=False)
+        except Exception as err:
+            raise FileFormatError(f"{self.folder / WEIGHTS_FILE}: {err}") from err
+        if missing or unexpected:
+            raise MismatchError(
+                f"{self.folder / WEIGHTS_FILE}: weights of another model "
+                f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+            )
+        return model.eval()
+
+    def factors(self) -> Factors:
+        return Factors.load(self.folder / FACTORS_FILE)
+
+    def store(self):
+        """The gradient store built at this checkpoint, or ``None``."""
+        from ..store import GradientStore
+
+        path = self.folder / STORE_FILE
+        return GradientStore.open(path) if path.exists() else None
+
+
+def save_checkpoint(
+    folder: str | os.PathLike,
+    model: nn.Module,
+    factors: Factors,
+    *,
+    step: int,
+    lr_sum: float,
+    epoch: float | None = None,
+) -> SavedCheckpoint:
+    """Write one checkpoint folder (weights as safetensors, factors, then ``checkpoint.json``
+    last: a folder without it is an interrupted write, which :func:`saved_checkpoints` skips).
+
+    Example:
+        >>> save_checkpoint("run/influence/step-000100", model, factors, step=100,
+        ...                 lr_sum=0.05)                                    # doctest: +SKIP
+    """
+    from safetensors.torch import save_model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(folder / WEIGHTS_FILE))  # shared (tied) tensors once
+    factors.save(folder / FACTORS_FILE)
+    record = {"step": int(step), "lr_sum": float(lr_sum), "epoch": epoch}
+    partial = folder / (CHECKPOINT_FILE + ".partial")
+    partial.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    partial.replace(folder / CHECKPOINT_FILE)
+    return SavedCheckpoint(folder, int(step), float(lr_sum), epoch)
+
+
+def saved_checkpoints(folder: str | os.PathLike) -> list[SavedCheckpoint]:
+    """Every checkpoint saved under ``folder`` (one sub-folder each), in step order.
+
+    Example:
+        >>> [c.step for c in saved_checkpoints("run/influence")]          # doctest: +SKIP
+        [100, 200, 300]
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MissingFileError(f"{folder}: no such folder of saved checkpoints")
+    found = []
+    for record_path in sorted(folder.glob(f"*/{CHECKPOINT_FILE}")):
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+            step, lr_sum = int(record["step"]), float(record["lr_sum"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise FileFormatError(f"{record_path}: not a checkpoint record ({err})") from err
+        found.append(SavedCheckpoint(record_path.parent, step, lr_sum, record.get("epoch")))
+    if not found:
+        raise MissingFileError(f"{folder}: holds no saved checkpoint ({CHECKPOINT_FILE})")
+    return sorted(found, key=lambda c: c.step)
+
+
+def combine_saved(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    queries,
+    train: TextDataset | None = None,
+    *,
+    stores: bool = True,
+    progress: bool = True,
+    **score_options,
+) -> InfluenceResult:
+    """Multi-checkpoint influence of a training run saved under ``folder``: each checkpoint's
+    weights loaded into a copy of ``model``, scored with its own factors (against its own
+    store where one was built and ``stores`` is true, else on the fly over ``train``), and
+    combined with weights ``lr_sum / Σ lr_sum`` (:func:`lr_weights`).
+
+    Example:
+        >>> result = combine_saved(model, "run/influence", queries, train)   # doctest: +SKIP
+    """
+    saved = saved_checkpoints(folder)
+    weights = lr_weights(saved)
+    results = []
+    for checkpoint in saved:
+        source = checkpoint.store() if stores else None
+        if source is None:
+            if train is None:
+                raise ParameterError(
+                    "train", None, f"a TextDataset ({checkpoint.folder} holds no {STORE_FILE})"
+                )
+            source = train
+        at = checkpoint.load_into(copy.deepcopy(model))
+        results.append(
+            score(at, checkpoint.factors(), queries, source, progress=progress, **score_options)
+        )
+    return combine_checkpoints(results, weights)
