@@ -4,7 +4,9 @@ The same seeded Trainer run (benchmarks/engine.py's GPT-2 and synthetic sequence
 linear schedule) twice in this process, without and with the callback saving
 ``--checkpoints`` times (factors on ``--sample`` sequences each; ``--store`` also builds a
 store of the whole training set each time), in alternating order; printed: each run's
-seconds, the overhead as a share of the plain run, and whether the loss curves are equal.
+seconds, the overhead as a share of the plain run and per save (in training steps: the
+overhead of a longer run is the saves' cost over its length), and whether the loss curves
+are equal.
 
 Usage:
     python benchmarks/callback.py                  # about 3 minutes on 2 CPU cores
@@ -118,6 +120,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"with callback {with_callback:8.1f} s   "
           f"(runs: {', '.join(f'{t:.1f}' for t in times['callback'])})")  # fmt: skip
     print(f"overhead      {100 * (with_callback / plain - 1):8.1f} % of the plain run")
+    per_save = (with_callback - plain) / len(saves)
+    print(f"per save      {per_save:8.1f} s = {per_save / (plain / steps):.0f} training steps "
+          f"(so {len(saves)} saves add {100 * per_save * len(saves) / plain:.0f} % to this "
+          f"run, and would add 17 % to a run of "
+          f"{per_save * len(saves) / (0.17 * plain / steps):,.0f} steps)")  # fmt: skip
     print(f"loss curves equal: {curves['plain'] == curves['callback']}")
 
 

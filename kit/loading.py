@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import checks
 from .errors import MissingDependencyError, MissingFileError, ModelError, ParameterError
 from .models import TrackedLayer, is_trackable
 
@@ -58,7 +59,8 @@ def load_model(
 
     ``dtype="auto"`` keeps the checkpoint's own dtype (a bf16 checkpoint stays bf16, and no
     float32 copy is ever made); a dtype or its name converts. The kit accumulates in float32
-    whatever the weights' dtype. ``device=None`` picks CUDA when a GPU is visible, else the CPU.
+    whatever the weights' dtype. ``device=None`` picks CUDA when a GPU is visible, else the
+    CPU; on a GPU the weights load straight onto it where ``transformers`` allows.
     Nothing is downloaded unless ``download=True`` (then ``transformers`` fetches the
     safetensors and configs of a hub id missing from the cache). Pickled weights (``.bin``,
     ``.pt``) are refused: loading them can run arbitrary code.
@@ -67,18 +69,20 @@ def load_model(
         >>> model, tokenizer = load_model("runs/tiny-model")   # doctest: +SKIP
     """
     dtype = model_dtype(dtype)
+    device = checks.device("device", device)
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not isinstance(download, bool):
         raise ParameterError("download", download, "True or False")
     root = resolve_model(name_or_path, revision=revision, download=download)
     if (root / ADAPTER_CONFIG).is_file():
-        model, tokenizer = _load_adapter(root, base, dtype, download)
+        model, tokenizer = _load_adapter(root, base, dtype, device, download)
     elif base is not None:
         raise ParameterError(
             "base", base, f"given only with an adapter directory ({ADAPTER_CONFIG})"
         )
     else:
-        model, tokenizer = _load_checkpoint(check_model_dir(root), dtype)
-    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        model, tokenizer = _load_checkpoint(check_model_dir(root), dtype, device)
     return model.to(device=device).eval(), tokenizer
 
 
@@ -177,8 +181,10 @@ def _has_tokenizer(root: Path) -> bool:
     return any((root / name).is_file() for name in TOKENIZER_FILES)
 
 
-def _load_checkpoint(root: Path, dtype) -> tuple[nn.Module, object]:
-    """The model (on the CPU, in ``dtype``) and tokenizer of a checked model directory."""
+def _load_checkpoint(root: Path, dtype, device: torch.device) -> tuple[nn.Module, object]:
+    """The model (in ``dtype``) and tokenizer of a checked model directory. Weights go
+    straight to a GPU where ``transformers`` can place them (no copy of the whole model in
+    host memory first), else to the CPU."""
     from transformers import AutoModelForCausalLM
 
     weights = ", ".join(sorted(p.name for p in root.glob("*.safetensors")))
@@ -190,6 +196,7 @@ def _load_checkpoint(root: Path, dtype) -> tuple[nn.Module, object]:
             local_files_only=True,
             output_loading_info=True,
             **{_dtype_keyword(): dtype},
+            **_placement(device),
         )
     except Exception as err:
         raise ModelError(f"{root}: could not load the weights ({weights}): {err}") from err
@@ -208,6 +215,20 @@ def _load_tokenizer(root: Path):
         raise ModelError(f"{root}: could not load the tokenizer: {err}") from err
 
 
+def _placement(device: torch.device) -> dict:
+    """``device_map`` for one GPU where ``transformers`` takes it without ``accelerate``
+    (version 5 on) or ``accelerate`` is installed; nothing for the CPU."""
+    if device.type != "cuda":
+        return {}
+    import importlib.util
+
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5 or importlib.util.find_spec("accelerate"):
+        return {"device_map": {"": str(device)}}
+    return {}
+
+
 def _dtype_keyword() -> str:
     """``from_pretrained``'s name for the dtype: ``dtype`` from transformers 4.56 on."""
     import transformers
@@ -220,7 +241,9 @@ def _dtype_keyword() -> str:
 # PEFT adapters
 
 
-def _load_adapter(root: Path, base, dtype, download: bool) -> tuple[nn.Module, object]:
+def _load_adapter(
+    root: Path, base, dtype, device: torch.device, download: bool
+) -> tuple[nn.Module, object]:
     """A PEFT adapter directory over its base model, checked against the base before loading."""
     config = _adapter_config(root)
     weights = _adapter_weights(root)
@@ -241,7 +264,7 @@ def _load_adapter(root: Path, base, dtype, download: bool) -> tuple[nn.Module, o
         )
     except (MissingFileError, ModelError) as err:
         raise type(err)(f"{root}: the adapter's base model {base}: {err}") from err
-    model, tokenizer = _load_checkpoint(base_root, dtype)
+    model, tokenizer = _load_checkpoint(base_root, dtype, device)
     check_adapter_fits(weights, model, base)
     try:
         model = PeftModel.from_pretrained(model, root, is_trainable=False)
