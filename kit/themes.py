@@ -38,6 +38,8 @@ from .errors import DataError, ParameterError
 METHODS = ("tfidf", "gradient", "embedding")
 OPTIONS = ("max_clusters", "n_terms", "seed")  # for_query / across pass these on to cluster
 WORD = r"(?u)\b[a-zA-Z][a-zA-Z]+\b"  # words of 2+ letters: no numbers or punctuation
+TITLE_TERMS = 3  # terms in a cluster's title
+MAP_SPREAD = 2.0  # map coordinates: the bulk within ±1, outliers clipped at ±MAP_SPREAD
 
 
 @dataclass
@@ -46,10 +48,12 @@ class Themes:
 
     ``labels[i]`` is the cluster of text ``i``; ``terms[c]`` its top distinguishing words;
     ``sizes[c]`` its member count; ``representatives[c]`` the index of its member nearest the
-    centre; ``coords[i]`` places text ``i`` on a 2-D map (the top two principal components of
-    the vectors that were clustered), for plotting. From :func:`for_query` / :func:`across`:
-    ``indices[i]`` is the training index of text ``i``, ``shares[c]`` the cluster's share of
-    the query's positive influence, and ``matrix[q, c]`` that share per query.
+    centre; ``titles[c]`` names it by its top terms; ``coords[i]`` places text ``i`` on a 2-D
+    map (the top two principal components of the vectors that were clustered, robustly
+    scaled: the middle 90 % within ±1, outliers clipped at ±2), for plotting. From
+    :func:`for_query` / :func:`across`: ``indices[i]`` is the training index of text ``i``,
+    ``shares[c]`` the cluster's share of the query's positive influence, and
+    ``matrix[q, c]`` that share per query.
     """
 
     labels: np.ndarray
@@ -68,6 +72,20 @@ class Themes:
     @property
     def n_clusters(self) -> int:
         return len(self.sizes)
+
+    @property
+    def titles(self) -> list[str]:
+        """Each cluster's title: its top ``TITLE_TERMS`` distinguishing terms (``"cluster c"``
+        when it has none), with the cluster number added where two titles would be equal.
+
+        Example:
+            >>> Themes(np.array([0, 1]), [["cat", "mat"], []], np.array([1, 1]), [0, 1],
+            ...        ["a cat", "b"], "tfidf").titles
+            ['cat · mat', 'cluster 1']
+        """
+        titles = [" · ".join(t[:TITLE_TERMS]) or f"cluster {c}" for c, t in enumerate(self.terms)]
+        repeated = {t for t in titles if titles.count(t) > 1}
+        return [f"{t} ({c})" if t in repeated else t for c, t in enumerate(titles)]
 
     def members(self, c: int) -> list[int]:
         """Positions (into ``texts``) of cluster ``c``'s members."""
@@ -451,13 +469,25 @@ def _kmeans(units: np.ndarray, n_clusters, max_clusters: int, seed: int):
 
 def _plane(units: np.ndarray) -> np.ndarray:
     """``(n, 2)``: each unit vector's coordinates along the two directions of greatest
-    variance (zeros where there are fewer)."""
+    variance (zeros where there are fewer), scaled per axis so that the middle 90 % of the
+    points span ±1 around the median, and clipped at ±``MAP_SPREAD``: a few far-out points
+    neither squeeze the rest into a line nor leave the map.
+
+    Example:
+        >>> units = np.eye(3)[[0, 0, 1, 1, 2]] + np.r_[:5][:, None] * 1e-3
+        >>> bool(np.abs(_plane(units)).max() <= MAP_SPREAD)
+        True
+    """
     centred = units - units.mean(axis=0)
     if len(units) < 2 or not centred.any():
         return np.zeros((len(units), 2))
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     plane = centred @ vt[:2].T
-    return np.pad(plane, ((0, 0), (0, 2 - plane.shape[1])))
+    plane = np.pad(plane, ((0, 0), (0, 2 - plane.shape[1])))
+    offset = plane - np.median(plane, axis=0)
+    spread = np.quantile(np.abs(offset), 0.9, axis=0)
+    spread[spread == 0] = 1.0  # an axis where (almost) every point sits at the median
+    return np.clip(offset / spread, -MAP_SPREAD, MAP_SPREAD)
 
 
 def _representatives(units: np.ndarray, labels: np.ndarray) -> list[int]:

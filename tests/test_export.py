@@ -160,7 +160,13 @@ def test_demo_report_in_a_browser(browser, quick_demo, artifacts):
 
     page.click("[data-tab=themes]")
     cards = page.locator("#ik-themes .ik-cluster")
-    assert cards.count() == len(data["queries"][5]["themes"]["names"]) >= 2
+    themes = {**data.get("themes_common", {}), **data["queries"][5]["themes"]}
+    assert cards.count() == len(themes["names"]) >= 2
+    # titled by their terms, each with its representative member's text
+    shown = cards.locator(".ik-cluster-head b").all_inner_texts()
+    assert shown == themes["names"] and not any(n.startswith("cluster ") for n in shown)
+    reps = [themes["snippets"][i] for i in themes["representatives"]]
+    assert cards.locator(".ik-rep").all_inner_texts() == reps
     cards.nth(0).click()
     members = page.locator("#ik-themes ol.ik-members li")
     sizes = base64.b64decode(data["queries"][5]["themes"]["sizes"]["$bytes"])
@@ -168,7 +174,8 @@ def test_demo_report_in_a_browser(browser, quick_demo, artifacts):
     dot = page.locator("#ik-themes circle").last
     dot.hover()
     snippet = dot.locator("title").text_content()
-    assert page.locator("#ik-themes .ik-tip").inner_text().startswith(snippet)
+    tip = page.locator("#ik-themes .ik-tip").inner_text()
+    assert tip.startswith(snippet) and any(name in tip for name in themes["names"])
     page.screenshot(path=artifacts / "export-themes.png", full_page=True)
     assert problems(events) == []
     page.close()

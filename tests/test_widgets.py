@@ -106,13 +106,42 @@ def test_theme_clusters_from_themes_and_checks():
     texts = ["a cat sat", "a cat ran", "the cat slept", "stocks fell", "stocks rose", "bonds"]
     found = ik.themes.cluster(texts, n_clusters=2)
     view = ThemeClusters.from_themes(found, title="t")
-    assert view.names == ["cluster 0", "cluster 1"] and view.snippets == texts
+    assert view.names == found.titles and view.snippets == texts
+    assert view.representatives == found.representatives
+    for c, title in enumerate(view.names):  # titled by the cluster's own top terms
+        assert title.split(" · ") == found.terms[c][:3]
+        assert found.labels[view.representatives[c]] == c
     assert np.frombuffer(view.assignment, "<i4").tolist() == found.labels.tolist()
     assert np.allclose(np.frombuffer(view.points, "<f4").reshape(-1, 2), found.coords, atol=1e-6)
     with pytest.raises(ValueError, match=r"cluster numbers must be in 0\.\.1"):
         ThemeClusters(["x", "y"], [[], []], [1, 1], [0, 0], None, [0, 2], ["a", "b"])
     with pytest.raises(ValueError, match="1 lists for 2 clusters"):
         ThemeClusters(["x", "y"], [[]], [1, 1], [0, 0], None, [0, 1], ["a", "b"])
+    with pytest.raises(ValueError, match=r"representatives.*one snippet number per cluster"):
+        ThemeClusters.state(["x", "y"], [[], []], [1, 1], [0, 0], None, [0, 1], ["a", "b"],
+                            representatives=[0, 5])  # fmt: skip
+
+
+def test_theme_titles_are_unique_and_fall_back_to_numbers():
+    found = ik.themes.Themes(
+        np.array([0, 1, 2]), [["cat", "mat"], ["cat", "mat"], []], np.array([1, 1, 1]),
+        [0, 1, 2], ["a", "b", "c"], "tfidf",
+    )  # fmt: skip
+    assert found.titles == ["cat · mat (0)", "cat · mat (1)", "cluster 2"]
+
+
+def test_the_map_stays_readable_with_outliers():
+    # 60 sequences pointing one way with a little spread, 3 pointing elsewhere: on the plain
+    # principal-component plane the 60 sit in a speck at one end, 1/20 of the map's width
+    rng = np.random.default_rng(0)
+    bulk = np.eye(20)[0] + 0.05 * rng.standard_normal((60, 20))
+    far = np.eye(20)[1] + 0.05 * rng.standard_normal((3, 20))
+    texts = [f"text {i}" for i in range(63)]
+    coords = ik.themes.cluster(texts, "embedding", 2, vectors=np.vstack([bulk, far])).coords
+    assert np.abs(coords).max() <= ik.themes.MAP_SPREAD  # outliers clipped to the map
+    width = coords.max(axis=0) - coords.min(axis=0)
+    spread = np.quantile(np.abs(coords[:60] - np.median(coords[:60], axis=0)), 0.9, axis=0)
+    assert (spread / width > 0.2).all(), (spread, width)  # the 60 fill the map
 
 
 def test_themes_place_alike_texts_close_on_the_map():

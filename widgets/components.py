@@ -310,8 +310,9 @@ class RankedTable(_Component):
 
 
 class ThemeClusters(_Component):
-    """Clusters with their terms, sizes and influence shares, the selected cluster's members,
-    and a 2-D map of the sequences coloured by cluster (hover a point for its text).
+    """Clusters with their titles, terms, sizes, influence shares and a representative
+    member, the selected cluster's members, and a 2-D map of the sequences coloured by
+    cluster (hover a point for its text).
 
     ``points`` is ``(n, 2)``; ``assignment[i]`` the cluster of sequence ``i``; ``weights``
     (optional) each sequence's influence, which orders the member lists; ``highlight``
@@ -333,6 +334,7 @@ class ThemeClusters(_Component):
     points = traitlets.Bytes(b"").tag(sync=True)
     assignment = traitlets.Bytes(b"").tag(sync=True)
     snippets = traitlets.List(traitlets.Unicode()).tag(sync=True)
+    representatives = traitlets.List(traitlets.Int()).tag(sync=True)
     weights = traitlets.Bytes(b"").tag(sync=True)
     highlight = traitlets.Bytes(b"").tag(sync=True)
     selected = traitlets.Int(-1).tag(sync=True)
@@ -347,6 +349,7 @@ class ThemeClusters(_Component):
         assignment=(),
         snippets=(),
         *,
+        representatives=None,
         weights=None,
         highlight=None,
         title: str = "",
@@ -354,6 +357,15 @@ class ThemeClusters(_Component):
         message: str = "",
     ) -> dict:
         k, n = len(names), len(snippets)
+        representatives = [] if representatives is None else [int(i) for i in representatives]
+        if representatives and (
+            len(representatives) != k or not all(0 <= i < n for i in representatives)
+        ):
+            raise ParameterError(
+                "representatives",
+                representatives,
+                f"one snippet number per cluster ({k}), each in 0..{n - 1}",
+            )
         if len(terms) != k:
             raise ParameterError(
                 "terms", f"{len(terms)} lists for {k} clusters", "one list of terms per cluster"
@@ -382,6 +394,7 @@ class ThemeClusters(_Component):
             "points": as_bytes(points, "points", dtype=np.float32, shape=(n, 2)),
             "assignment": as_bytes(assignment, "assignment", dtype=np.int32),
             "snippets": [str(s) for s in snippets],
+            "representatives": representatives,
             "weights": b"" if weights is None else as_bytes(weights, "weights", shape=(n,)),
             "highlight": b""
             if highlight is None
@@ -399,9 +412,11 @@ class ThemeClusters(_Component):
 
         Example:
             >>> from influencekit.themes import cluster
-            >>> found = cluster(["a cat sat", "a cat ran", "stocks fell", "bonds rose"], "tfidf", 2)
+            >>> texts = ["the cat sat on the mat", "a cat and a kitten", "my cat's mat",
+            ...          "stocks fell", "the market and stocks rose", "bonds, stocks"]
+            >>> found = cluster(texts, n_clusters=2)
             >>> ThemeClusters.from_themes(found).names
-            ['cluster 0', 'cluster 1']
+            ['stocks · bonds · fell', 'cat · mat · kitten']
         """
         view = cls()
         view.apply(
@@ -425,13 +440,14 @@ def theme_state(
         shares = themes.shares if themes.shares is not None else np.full(themes.n_clusters, np.nan)
     coords = themes.coords if themes.coords is not None else np.zeros((len(themes.texts), 2))
     return ThemeClusters.state(
-        [f"cluster {c}" for c in range(themes.n_clusters)],
+        themes.titles,
         themes.terms,
         themes.sizes,
         shares,
         coords,
         themes.labels,
         [snippet(t, width) for t in themes.texts],
+        representatives=themes.representatives,
         weights=weights,
         highlight=highlight,
         title=title,

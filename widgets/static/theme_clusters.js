@@ -1,9 +1,10 @@
-// ThemeClusters: clusters of training sequences with their terms, sizes and influence
-// shares; the selected cluster's members; and a 2-D map of the sequences coloured by
-// cluster (hover a point for its text). Traits: title, names, terms (list of lists),
-// sizes (int32 bytes), shares (float64 bytes), points (float32 bytes, x y per sequence),
-// assignment (int32 bytes), snippets, weights (float64 bytes: influence on the query, used
-// to order members), highlight (uint8 bytes, 1 = in the query's top list), selected.
+// ThemeClusters: clusters of training sequences with their titles, terms, sizes, influence
+// shares and a representative member; the selected cluster's members; and a 2-D map of the
+// sequences coloured by cluster (hover a point for its text). Traits: title, names, terms
+// (list of lists), sizes (int32 bytes), shares (float64 bytes), points (float32 bytes, x y
+// per sequence), assignment (int32 bytes), snippets, representatives (a snippet number per
+// cluster, or none), weights (float64 bytes: influence on the query, used to order
+// members), highlight (uint8 bytes, 1 = in the query's top list), selected.
 
 const SIZE = 360; // the map's side in SVG units
 
@@ -21,6 +22,7 @@ function render({ model, el }) {
     const points = f32(model.get("points"));
     const assignment = i32(model.get("assignment"));
     const snippets = model.get("snippets") || [];
+    const representatives = model.get("representatives") || [];
     const weights = f64(model.get("weights"));
     const highlight = typed(model.get("highlight"), Uint8Array);
     const selected = model.get("selected");
@@ -47,6 +49,7 @@ function render({ model, el }) {
       bar.style.width = `${Math.max(0, Math.min(1, shares[c] || 0)) * 100}%`;
       bar.style.background = PALETTE[c % PALETTE.length];
       card.append(head, bar, node("div", "ik-terms", (terms[c] || []).join(", ")));
+      if (representatives.length) card.append(node("div", "ik-rep", snippets[representatives[c]]));
       side.append(card);
     });
     side.addEventListener("click", (event) => {
@@ -77,7 +80,7 @@ function render({ model, el }) {
       if (!dot) return tip.hide();
       const i = Number(dot.dataset.point);
       const score = shown(weights, highlight, i) ? `  score ${fmt(weights[i])}` : "";
-      tip.show(event, [snippets[i], `cluster ${assignment[i]}${score}`]);
+      tip.show(event, [snippets[i], `${names[assignment[i]]}${score}`]);
     });
     map.addEventListener("mouseleave", () => tip.hide());
     map.addEventListener("click", (event) => {
@@ -88,7 +91,7 @@ function render({ model, el }) {
   return redrawOn(
     model,
     ["title", "names", "terms", "sizes", "shares", "points", "assignment", "snippets",
-      "weights", "highlight", "selected", "message"],
+      "representatives", "weights", "highlight", "selected", "message"],
     draw,
   );
 }
