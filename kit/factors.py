@@ -142,6 +142,16 @@ class LayerFactors:
             return outer_query_last(s, a, denom)
         return (s.transpose(-1, -2) @ a).div_(denom)
 
+    def whitened(self, s: torch.Tensor, a: torch.Tensor, damping: float) -> torch.Tensor:
+        """``(Q_Sᵀ G Q_A) ⊘ sqrt(Λ + λ)`` per sequence for ``G = Σ_t s_t a_tᵀ`` (``s``
+        ``(B, T, d_out)``, ``a`` ``(B, T, d_in)``): vectors whose inner products are
+        ``⟨G_a, (Ĝ + λI)⁻¹ G_b⟩``, the influence of one sequence on another.
+        """
+        q_s, q_a, lam = self.arrays_like(s)
+        denom = (0.0 if lam is None else lam) + damping
+        s, a = rotated_tokens(s, a, q_s, q_a)
+        return (s.transpose(-1, -2) @ a) / denom**0.5
+
     def from_eigenbasis(self, x: torch.Tensor) -> torch.Tensor:
         """``Q_S x Q_Aᵀ``: back from :meth:`in_eigenbasis` to the weights' own basis."""
         if self.q_a is None:

@@ -1,11 +1,15 @@
 """Themes: cluster training sequences (typically a query's most influential ones) by topic.
 
-Three ways to say two sequences are alike, one clustering for all of them:
+Four ways to say two sequences are alike, one clustering for all of them:
 
 - ``"tfidf"``: their words (TF-IDF, reduced by truncated SVD when the vocabulary is large);
 - ``"gradient"``: what the model took from them: the cosine of their per-layer training
   gradients, read from a gradient store (``store.gram``) or given as vectors or a Gram matrix;
-- ``"embedding"``: how the model represents them: the mean hidden state of one layer.
+- ``"embedding"``: how the model represents them: the mean hidden state of one layer;
+- ``"influence"``: what they taught the model, in the space influence is measured in: their
+  training gradients preconditioned by the curvature, ``(Ĝ + λI)^(-1/2) G`` per layer
+  (:func:`influence_vectors`), so that two sequences are alike when up-weighting one would
+  raise the other's likelihood the most for its size.
 
 Each becomes one unit vector per sequence (for a Gram matrix: the rows of ``V sqrt(Λ)`` of
 its cosine matrix, which reproduce it exactly), clustered by k-means; with ``n_clusters=None``
@@ -35,7 +39,8 @@ from threadpoolctl import threadpool_limits
 from . import checks
 from .errors import DataError, ParameterError
 
-METHODS = ("tfidf", "gradient", "embedding")
+METHODS = ("tfidf", "gradient", "embedding", "influence")
+SKETCH = 32  # influence vectors: a layer of more than SKETCH² entries is sketched to SKETCH²
 OPTIONS = ("max_clusters", "n_terms", "seed")  # for_query / across pass these on to cluster
 WORD = r"(?u)\b[a-zA-Z][a-zA-Z]+\b"  # words of 2+ letters: no numbers or punctuation
 TITLE_TERMS = 3  # terms in a cluster's title
@@ -53,7 +58,8 @@ class Themes:
     scaled: the middle 90 % within ±1, outliers clipped at ±2), for plotting. From
     :func:`for_query` / :func:`across`: ``indices[i]`` is the training index of text ``i``,
     ``shares[c]`` the cluster's share of the query's positive influence, and
-    ``matrix[q, c]`` that share per query.
+    ``matrix[q, c]`` that share per query. ``k_scores[k]`` is the cosine silhouette of each
+    number of clusters tried: with ``n_clusters=None`` the evidence for the k chosen.
     """
 
     labels: np.ndarray
@@ -63,6 +69,7 @@ class Themes:
     texts: list[str]
     method: str
     silhouette: float | None = None
+    k_scores: dict[int, float] = field(default_factory=dict)
     indices: np.ndarray | None = None
     shares: np.ndarray | None = None
     matrix: np.ndarray | None = None
@@ -136,7 +143,7 @@ def cluster(
     # made clustering 10-20x slower (benchmarks/widgets.py, the explorer's Themes tab).
     with threadpool_limits(limits=1):
         units = _unit_vectors(texts, method, vectors, gram, seed)
-        labels, silhouette = _kmeans(units, n_clusters, max_clusters, seed)
+        labels, silhouette, k_scores = _kmeans(units, n_clusters, max_clusters, seed)
     k = int(labels.max()) + 1
     return Themes(
         labels=labels,
@@ -146,6 +153,7 @@ def cluster(
         texts=texts,
         method=method,
         silhouette=silhouette,
+        k_scores=k_scores,
         coords=_plane(units),
     )
 
@@ -160,26 +168,30 @@ def for_query(
     *,
     store=None,
     model=None,
+    factors=None,
     **options,
 ) -> Themes:
     """Cluster query ``q``'s ``top_k`` most influential sequences; adds each cluster's share
     of their positive influence (``shares``) and their training indices (``indices``).
 
     ``method="gradient"`` reads their gradients from ``store`` (the store the result was
-    scored against); ``"embedding"`` runs ``model`` over them (``options``: ``layer``).
+    scored against); ``"embedding"`` runs ``model`` over them (``options``: ``layer``);
+    ``"influence"`` computes their preconditioned gradients with ``model`` and ``factors``
+    (:func:`influence_vectors`).
 
     Example:
         >>> themes = for_query(result, train, 0, top_k=50)   # doctest: +SKIP
         >>> print(themes.summary())                          # doctest: +SKIP
     """
-    _check_request(method, n_clusters, top_k, store, model, options)
+    _check_request(method, n_clusters, top_k, store, model, factors, options)
     n_queries = len(result.query_ids)
     last = n_queries - 1
     checks.count("q", q, minimum=0, maximum=last, allowed=f"a query index in 0..{last}")
     top = result.top(q, top_k)
     indices = np.array([i for i, _ in top], dtype=np.int64)
     scores = np.array([s for _, s in top])
-    themes = _cluster_indices(result, dataset, indices, method, n_clusters, store, model, options)
+    sources = {"store": store, "model": model, "factors": factors}
+    themes = _cluster_indices(result, dataset, indices, method, n_clusters, sources, options)
     themes.shares = _shares(themes.labels, scores, themes.n_clusters)
     themes.query_ids = [result.query_ids[q]]
     return themes
@@ -194,6 +206,7 @@ def across(
     *,
     store=None,
     model=None,
+    factors=None,
     **options,
 ) -> Themes:
     """Cluster the union of every query's ``top_k`` sequences; ``matrix[q, c]`` is the share
@@ -204,10 +217,11 @@ def across(
         >>> themes.matrix.shape                         # doctest: +SKIP
         (22, 7)
     """
-    _check_request(method, n_clusters, top_k, store, model, options)
+    _check_request(method, n_clusters, top_k, store, model, factors, options)
     tops = [result.top(q, top_k) for q in range(len(result.query_ids))]
     indices = np.array(sorted({i for top in tops for i, _ in top}), dtype=np.int64)
-    themes = _cluster_indices(result, dataset, indices, method, n_clusters, store, model, options)
+    sources = {"store": store, "model": model, "factors": factors}
+    themes = _cluster_indices(result, dataset, indices, method, n_clusters, sources, options)
     position = {int(i): p for p, i in enumerate(indices)}
     matrix = np.zeros((len(tops), themes.n_clusters))
     for q, top in enumerate(tops):
@@ -292,6 +306,68 @@ def mean_hidden_states(
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 
+def influence_vectors(
+    model,
+    factors,
+    dataset,
+    indices=None,
+    *,
+    damping=None,
+    sketch: int | None = SKETCH,
+    seed: int = 0,
+    batch_size: int = 8,
+    device=None,
+    dtype="float32",
+) -> np.ndarray:
+    """``(n, D)``: each sequence's training gradient in the curvature eigenbasis of every
+    layer of ``factors``, divided by ``sqrt(Λ + λ)`` (:meth:`LayerFactors.whitened`): dot
+    products of two rows are the influence of one sequence on the other,
+    ``Σ_ℓ ⟨G_a, (Ĝ + λI)⁻¹ G_b⟩``, and their cosines the similarity ``method="influence"``
+    clusters by. A layer of more than ``sketch²`` entries is compressed to ``sketch × sketch``
+    by a fixed seeded Gaussian on each side (``P W Rᵀ``, ``E[PᵀP] = E[RᵀR] = I``: unbiased dot
+    products); ``sketch=None`` keeps every entry.
+
+    Example:
+        >>> vectors = influence_vectors(model, factors, train, [0, 5, 9])  # doctest: +SKIP
+        >>> cluster(texts, "influence", vectors=vectors)                    # doctest: +SKIP
+    """
+    import torch
+
+    from .data import example_batches
+    from .settings import RunSettings
+
+    checks.count("sketch", sketch, optional=True)
+    run = RunSettings(batch_size=batch_size, device=device, dtype=dtype, progress=False)
+    run = run.on(model)
+    layers = factors.tracked_layers(model)
+    damping = factors.damping_for(damping)
+    chosen = dataset.subset(range(len(dataset)) if indices is None else [int(i) for i in indices])
+    generator = torch.Generator().manual_seed(checks.count("seed", seed, minimum=0))
+    sides = {}
+    for layer in layers:
+        d_out, d_in = layer.grad_shape
+        if sketch is not None and d_out * d_in > sketch * sketch:
+            sides[layer.name] = [
+                (torch.randn(sketch, d, generator=generator, dtype=torch.float64) / sketch**0.5).to(
+                    device=run.device, dtype=run.dtype
+                )
+                for d in (d_out, d_in)
+            ]
+    rows = []
+    batches = example_batches(chosen, run.batch_size)
+    for _, io in run.captures(model, layers, batches, desc="influence vectors", progress=False):
+        parts = []
+        for layer in layers:
+            x = io[layer.name]
+            w = factors.layers[layer.name].whitened(x.s, x.a, damping[layer.name])
+            if layer.name in sides:
+                left, right = sides[layer.name]
+                w = left @ w @ right.T
+            parts.append(w.flatten(1))
+        rows.append(torch.cat(parts, dim=1).double().cpu().numpy())
+    return np.concatenate(rows)
+
+
 # -- internals --------------------------------------------------------------------------------
 
 
@@ -345,7 +421,7 @@ def _float_array(name: str, value, allowed: str) -> np.ndarray:
         raise ParameterError(name, value, allowed) from None
 
 
-def _check_request(method, n_clusters, top_k, store, model, options) -> None:
+def _check_request(method, n_clusters, top_k, store, model, factors, options) -> None:
     """The checks of :func:`for_query` and :func:`across`, before any scores are read."""
     checks.choice("method", method, METHODS)
     checks.count("top_k", top_k)
@@ -370,10 +446,20 @@ def _check_request(method, n_clusters, top_k, store, model, options) -> None:
         raise ParameterError(
             "model", model, "a model: method='embedding' needs model= (to compute hidden states)"
         )
+    if method == "influence" and (model is None or factors is None):
+        missing = "model" if model is None else "factors"
+        raise ParameterError(
+            missing,
+            None,
+            "a model and its fitted factors: method='influence' needs model= and factors= "
+            "(to precondition the sequences' gradients)",
+        )
 
 
-def _cluster_indices(result, dataset, indices, method, n_clusters, store, model, options):
-    """Cluster the training sequences ``indices`` of ``result`` (texts from ``dataset``)."""
+def _cluster_indices(result, dataset, indices, method, n_clusters, sources, options):
+    """Cluster the training sequences ``indices`` of ``result`` (texts from ``dataset``);
+    ``sources``: the ``store``, ``model`` and ``factors`` the method may need."""
+    store, model = sources["store"], sources["model"]
     by_id = {ex.id: ex for ex in dataset}
     ids = [result.train_ids[i] for i in indices]
     missing = [i for i in ids if i not in by_id]
@@ -386,10 +472,14 @@ def _cluster_indices(result, dataset, indices, method, n_clusters, store, model,
         if [stored[i] for i in indices] != ids:
             raise DataError("themes: the store's ids differ from the result's at these indices")
         gram = store.gram(indices.tolist())
-    elif method == "embedding":
+    elif method in ("embedding", "influence"):
         where = {ex_id: p for p, ex_id in enumerate(dataset.ids)}
         positions = [where[i] for i in ids]
-        vectors = mean_hidden_states(model, dataset, positions, layer=options.pop("layer", -1))
+        if method == "embedding":
+            layer = options.pop("layer", -1)
+            vectors = mean_hidden_states(model, dataset, positions, layer=layer)
+        else:
+            vectors = influence_vectors(model, sources["factors"], dataset, positions)
     themes = cluster(texts, method, n_clusters, vectors=vectors, gram=gram, **options)
     themes.indices = np.asarray(indices, dtype=np.int64)
     return themes
@@ -440,7 +530,8 @@ def _from_gram(gram: np.ndarray, n: int) -> np.ndarray:
 
 
 def _kmeans(units: np.ndarray, n_clusters, max_clusters: int, seed: int):
-    """Labels (renumbered by decreasing size) and the silhouette of the chosen k."""
+    """Labels (renumbered by decreasing size), the silhouette of the chosen k, and the
+    silhouette of every k tried (the evidence for the choice)."""
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
 
@@ -451,6 +542,7 @@ def _kmeans(units: np.ndarray, n_clusters, max_clusters: int, seed: int):
     else:
         candidates = [min(n_clusters, distinct)]
     best = None
+    scores: dict[int, float] = {}
     for k in candidates:
         labels = (
             KMeans(k, n_init=10, random_state=seed).fit_predict(units)
@@ -458,13 +550,15 @@ def _kmeans(units: np.ndarray, n_clusters, max_clusters: int, seed: int):
             else (np.zeros(n, dtype=np.int64))
         )
         score = silhouette_score(units, labels, metric="cosine") if 1 < k < n else None
+        if score is not None:
+            scores[k] = float(score)
         if best is None or (score is not None and (best[1] is None or score > best[1])):
             best = (labels, score)
     labels, score = best
     order = np.argsort(-np.bincount(labels), kind="stable")  # cluster 0 = the largest
     renumber = np.empty_like(order)
     renumber[order] = np.arange(len(order))
-    return renumber[labels].astype(np.int64), score
+    return renumber[labels].astype(np.int64), score, scores
 
 
 def _plane(units: np.ndarray) -> np.ndarray:

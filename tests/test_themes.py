@@ -1,4 +1,5 @@
-"""Theme clustering: planted themes are recovered, by words, by gradients, by hidden states."""
+"""Theme clustering: planted themes are recovered, by words, by gradients, by hidden states
+and by preconditioned gradients; the influence vectors against an explicit float64 inverse."""
 
 from __future__ import annotations
 
@@ -46,6 +47,16 @@ def test_tfidf_recovers_planted_themes(n_clusters):
         assert set(found.terms[c][:3]) <= set(PLANTED[theme].split()), (theme, found.terms[c])
 
 
+def test_the_choice_of_k_shows_its_evidence():
+    texts, _ = planted_texts()
+    found = themes.cluster(texts, "tfidf", max_clusters=8)
+    assert sorted(found.k_scores) == list(range(2, 9))  # every k tried, with its silhouette
+    assert max(found.k_scores, key=found.k_scores.get) == found.n_clusters == 4
+    assert found.k_scores[4] == pytest.approx(found.silhouette)
+    told = themes.cluster(texts, "tfidf", 3)
+    assert list(told.k_scores) == [3]  # told k: only that k was scored
+
+
 def test_representative_is_a_member_near_the_centre():
     texts, _ = planted_texts()
     found = themes.cluster(texts, n_clusters=4)
@@ -53,7 +64,8 @@ def test_representative_is_a_member_near_the_centre():
         assert found.labels[rep] == c
 
 
-def test_gradient_method_recovers_planted_directions_from_vectors_and_gram():
+@pytest.mark.parametrize("method", ["gradient", "influence", "embedding"])
+def test_vector_methods_recover_planted_directions_from_vectors_and_gram(method):
     """Vectors near 3 planted directions (with different norms: cosine must ignore scale)."""
     rng = np.random.default_rng(1)
     centres = rng.normal(size=(3, 40))
@@ -61,8 +73,8 @@ def test_gradient_method_recovers_planted_directions_from_vectors_and_gram():
     vectors = centres[truth] + 0.3 * rng.normal(size=(36, 40))
     vectors *= rng.uniform(0.1, 10, size=(36, 1))
     texts = [f"text {i}" for i in range(36)]
-    by_vectors = themes.cluster(texts, "gradient", vectors=vectors)
-    by_gram = themes.cluster(texts, "gradient", gram=vectors @ vectors.T)
+    by_vectors = themes.cluster(texts, method, vectors=vectors)
+    by_gram = themes.cluster(texts, method, gram=vectors @ vectors.T)
     for found in (by_vectors, by_gram):
         assert found.n_clusters == 3
         assert normalized_mutual_info_score(truth, found.labels) == pytest.approx(1.0)
@@ -176,3 +188,68 @@ def test_gradient_method_reads_the_store_gram(tokenizer, tmp_path):
     other = ik.InfluenceResult(result.layer_scores, result.layers, ids[::-1], result.query_ids)
     with pytest.raises(ik.DataError, match="store's ids differ"):
         themes.for_query(other, train, 0, top_k=5, method="gradient", store=store)
+
+
+# ---------------------------------------------------------------------------------------------
+# method="influence": preconditioned training gradients
+
+
+def test_influence_vectors_give_the_influence_of_one_sequence_on_another(tokenizer):
+    """Dot products of influence vectors (unsketched) equal ``G_aᵀ (Ĝ + λI)⁻¹ G_b`` summed over
+    layers, with ``G`` from autograd and ``Ĝ`` the dense EK-FAC matrix of the kit's factors."""
+    from helpers.reference import float64_model, reference_pass
+
+    model = float64_model("llama", tokenizer)
+    texts, _ = planted_texts(2)
+    train = ik.TextDataset.from_texts(texts, tokenizer, max_length=24)
+    factors = ik.fit_factors(model, train, "mlp", dtype="float64", progress=False)
+    vectors = themes.influence_vectors(model, factors, train, sketch=None, dtype="float64")
+    damping = factors.damping_for(None)
+    expected = np.zeros((len(train), len(train)))
+    grads = [reference_pass(model, factors.modules, ex.input_ids) for ex in train]
+    for name in factors.modules:
+        layer = factors.layers[name]
+        basis = torch.kron(layer.q_s, layer.q_a)  # vec(Q_S X Q_Aᵀ) = (Q_S ⊗ Q_A) vec(X)
+        hessian = (basis * (layer.lam.flatten() + damping[name])) @ basis.T
+        g = torch.stack([p[name].g.flatten() for p in grads])  # (n, d_out·d_in)
+        expected += (g @ torch.linalg.solve(hessian, g.T)).numpy()
+    np.testing.assert_allclose(
+        vectors @ vectors.T, expected, rtol=1e-8, atol=1e-10 * abs(expected).max()
+    )
+
+
+def test_sketched_influence_vectors_are_unbiased(tokenizer):
+    from helpers.tiny_models import make_model
+
+    model = make_model("gpt2", len(tokenizer), dtype=torch.float64)
+    texts, _ = planted_texts(1)
+    train = ik.TextDataset.from_texts(texts, tokenizer, max_length=24)
+    factors = ik.fit_factors(model, train, "mlp", dtype="float64", progress=False)
+    exact = themes.influence_vectors(model, factors, train, sketch=None, dtype="float64")
+    assert exact.shape[1] > 2 * 16 * 16  # these layers are larger than the sketch below
+    sketched = [
+        themes.influence_vectors(model, factors, train, sketch=16, seed=s, dtype="float64")
+        for s in range(200)
+    ]
+    assert sketched[0].shape[1] == 2 * 2 * 16 * 16  # 2 blocks × 2 MLP layers × 16 × 16
+    mean = np.mean([v @ v.T for v in sketched], axis=0)
+    spread = np.std([v @ v.T for v in sketched], axis=0) / np.sqrt(len(sketched))
+    truth = exact @ exact.T
+    assert (np.abs(mean - truth) <= 4 * spread + 1e-9 * np.abs(truth).max()).all()
+
+
+def test_for_query_by_influence(tokenizer):
+    from helpers.tiny_models import make_model
+
+    texts, labels = planted_texts(5)
+    train = ik.TextDataset.from_texts(texts, tokenizer, ids=[str(i) for i in range(20)])
+    model = make_model("gpt2", len(tokenizer), dtype=torch.float32)
+    factors = ik.fit_factors(model, train, "mlp", progress=False)
+    result = _planted_result(labels)
+    found = themes.for_query(
+        result, train, 0, top_k=12, method="influence", model=model, factors=factors
+    )
+    assert found.method == "influence" and len(found.labels) == 12
+    assert found.shares.sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="needs model= and factors="):
+        themes.for_query(result, train, 0, method="influence", model=model)
