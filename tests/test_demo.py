@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import influencekit as ik
 from influencekit import demo
 from influencekit.cli import main
 from influencekit.demo import train as demo_train
-from influencekit.demo.derive_corpus import THEMES, derive, split_fortunes
+from influencekit.demo.derive_corpus import THEMES, derive, plain_text, split_fortunes
 from influencekit.demo.pipeline import SETTINGS, demo_records
 
 FORTUNES = Path("/usr/share/games/fortunes")
@@ -36,6 +37,32 @@ def test_corpus_records_are_themed_quotes():
     assert set(counts) == set(THEMES)
     texts = [r["text"] for r in records]
     assert len(set(texts)) == len(texts)  # no quote twice, even across themes
+
+
+def test_the_shipped_corpus_holds_no_control_characters():
+    records = demo.corpus.load_records()
+    # whitespace is collapsed to single spaces; no other control character is left
+    bad = [r["id"] for r in records if any(unicodedata.category(c) == "Cc" for c in r["text"])]
+    assert bad == []
+
+
+@pytest.mark.parametrize(
+    "raw, shown",
+    [
+        ("an _\bItalic word", "an Italic word"),  # underlined by overstrike
+        ("B\bBo\bol\bld", "Bold"),  # bold by overstrike
+        ("_\bN_\bO", "NO"),  # an underlined word, letter by letter
+        ("\bstart", "start"),  # nothing before it to strike
+        ("ring \x07 the \x1b[1mbell", "ring  the [1mbell"),  # other controls dropped
+        ("tab\tand\nnewline", "tab\tand\nnewline"),  # whitespace kept (collapsed later)
+    ],
+)
+def test_plain_text_shows_what_a_terminal_shows(raw, shown):
+    assert plain_text(raw) == shown
+
+
+def test_split_fortunes_strips_overstrikes():
+    assert split_fortunes("a _\bN-1 pass\x07\n%\n") == ["a N-1 pass"]
 
 
 def test_split_fortunes_collapses_whitespace_and_skips_empty_entries():

@@ -5,9 +5,10 @@
 
 Each fortune file holds quotes separated by lines of a single ``%``. The file a quote comes
 from is its ``theme``: the ground truth the theme clustering is measured against. Quotes are
-whitespace-normalised, kept when between ``MIN_CHARS`` and ``MAX_CHARS`` long (so one fits
-in the demo's 128-token window), de-duplicated across themes, and sampled to at most
-``PER_THEME`` per theme with a fixed seed, so the output is the same on every run.
+freed of terminal control codes (backspace overstrikes, bells), whitespace-normalised, kept
+when between ``MIN_CHARS`` and ``MAX_CHARS`` long (so one fits in the demo's 128-token
+window), de-duplicated across themes, and sampled to at most ``PER_THEME`` per theme with a
+fixed seed, so the output is the same on every run.
 
 Example:
     >>> split_fortunes("one\\n%\\ntwo  lines\\n here\\n%\\n")
@@ -21,6 +22,7 @@ import gzip
 import json
 import random
 import re
+import unicodedata
 from pathlib import Path
 
 from ..errors import MissingFileError
@@ -41,14 +43,34 @@ THEMES = (
     "songs-poems",
 )
 MIN_CHARS, MAX_CHARS, PER_THEME, SEED = 30, 360, 320, 0
+BACKSPACE = "\x08"
 DEFAULT_SRC = Path("/usr/share/games/fortunes")
 DEFAULT_OUT = Path(__file__).parent / "data" / "fortunes.jsonl.gz"
 
 
 def split_fortunes(raw: str) -> list[str]:
-    """The quotes of one fortune file, each with its whitespace runs collapsed to one space."""
-    quotes = (re.sub(r"\s+", " ", q).strip() for q in re.split(r"^%$", raw, flags=re.M))
+    """The quotes of one fortune file, terminal control codes removed (:func:`plain_text`)
+    and whitespace runs collapsed to one space."""
+    quotes = re.split(r"^%$", raw, flags=re.M)
+    quotes = (re.sub(r"\s+", " ", plain_text(q)).strip() for q in quotes)
     return [q for q in quotes if q]
+
+
+def plain_text(text: str) -> str:
+    """``text`` as a page shows it: a character struck over another with a backspace
+    (``_<BS>I`` underlines I, ``I<BS>I`` bolds it) is the character struck last, and every
+    other control character but whitespace is dropped.
+
+    Example:
+        >>> plain_text("an _\\x08I and a B\\x08Bold \\x07bell")
+        'an I and a Bold bell'
+    """
+    while BACKSPACE in text:
+        struck = re.sub(f"[^{BACKSPACE}]{BACKSPACE}", "", text)
+        if struck == text:  # backspaces with nothing before them to strike
+            struck = text.replace(BACKSPACE, "")
+        text = struck
+    return "".join(c for c in text if c.isspace() or unicodedata.category(c) != "Cc")
 
 
 def theme_records(src: Path, theme: str, seen: set[str]) -> list[dict]:
