@@ -211,9 +211,9 @@ def _load(args):
 
 
 def _load_model(args):
-    from .loading import load_model, model_dtype
+    from .loading import load_model
 
-    model_dtype(args.model_dtype)  # before anything heavy
+    # load_model checks dtype, device and the folder before any weights load
     return load_model(
         args.model,
         dtype=args.model_dtype,

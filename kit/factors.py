@@ -49,8 +49,8 @@ FISHERS = ("sampled", "empirical")
 FORMAT = "influencekit.factors"
 VERSION = 1
 ARRAYS = ("q_a", "d_a", "q_s", "d_s", "lam")
-# Which arrays each strategy's layers must hold (a file missing one is damaged).
 BLOCK_FLOATS = 2**18  # 1 MiB of float32: a block that stays in a core's L2 cache
+# Which arrays each strategy's layers must hold (a file missing one is damaged).
 REQUIRED = {"ekfac": ARRAYS, "kfac": ARRAYS, "diagonal": ("lam",), "identity": ()}
 
 
@@ -135,9 +135,7 @@ class LayerFactors:
         ``query_last``: the ``(Q, d_out, d_in)`` result lies in memory as ``(d_out, d_in, Q)``,
         every position's values for all queries side by side (what sparse codecs gather).
         """
-        q_s, q_a, lam = self.arrays_like(s)
-        denom = (0.0 if lam is None else lam) + damping
-        s, a = rotated_tokens(s, a, q_s, q_a)
+        s, a, denom = self._rotated(s, a, damping)
         if query_last:
             return outer_query_last(s, a, denom)
         return (s.transpose(-1, -2) @ a).div_(denom)
@@ -147,10 +145,13 @@ class LayerFactors:
         ``(B, T, d_out)``, ``a`` ``(B, T, d_in)``): vectors whose inner products are
         ``⟨G_a, (Ĝ + λI)⁻¹ G_b⟩``, the influence of one sequence on another.
         """
-        q_s, q_a, lam = self.arrays_like(s)
-        denom = (0.0 if lam is None else lam) + damping
-        s, a = rotated_tokens(s, a, q_s, q_a)
+        s, a, denom = self._rotated(s, a, damping)
         return (s.transpose(-1, -2) @ a) / denom**0.5
+
+    def _rotated(self, s: torch.Tensor, a: torch.Tensor, damping: float):
+        """The token factors in the eigenbasis (:func:`rotated_tokens`) and ``Λ + λ``."""
+        q_s, q_a, lam = self.arrays_like(s)
+        return *rotated_tokens(s, a, q_s, q_a), (0.0 if lam is None else lam) + damping
 
     def from_eigenbasis(self, x: torch.Tensor) -> torch.Tensor:
         """``Q_S x Q_Aᵀ``: back from :meth:`in_eigenbasis` to the weights' own basis."""
