@@ -1,44 +1,63 @@
-"""Theme clustering against the shipped corpus's theme labels: NMI and ARI per method.
+"""Theme clustering measured: real corpora with known groups, and the shipped demo.
 
-Clusters three sets of demo quotes with each method of ``influencekit.themes.cluster`` and
-compares the clusters with the ground-truth ``theme`` of each quote:
+**Real corpora** (default; benchmarks/themes_corpora.py: Python library-reference paragraphs
+by chapter, long; WordNet noun definitions by lexicographer file, short). Per corpus:
 
-- ``top-50 union``: the union of the 22 demo queries' 50 most influential quotes (from the
-  demo's result, reused or computed by ``run_demo``);
-- ``4 themes``: every quote of computers, food, law and sports;
-- ``all themes``: a seeded sample of 600 quotes from all 12 themes.
+- per method, the k that ``themes.cluster`` chooses with ``n_clusters=None`` and the NMI
+  against the labels there, the NMI told the true k, and the plain baseline told the true
+  k (TF-IDF, LSA 50, k-means); the targets are automatic k at least 0.95x the baseline on
+  both corpora and NMI >= 0.6 on the long paragraphs;
+- ``k-means + silhouette``: the kit's TF-IDF vectors clustered the simpler way, k-means
+  with k by cosine silhouette, to show what the neighbour-graph criterion changes;
+- ``supervised``: a ceiling, not a method: TF-IDF + logistic regression trained on the
+  labels, 5-fold cross-validated. How far it stays below 1 says how separable the groups
+  are by their words at all;
+- the long-paragraph measurement repeated on ``--draws`` random sets of six chapters, so
+  that the comparison does not rest on one choice of groups;
+- the representation table: TF-IDF variants (raw term counts, no stop-word list, bigrams,
+  words seen twice, other LSA dimensions, no LSA), each clustered by the kit, automatic
+  and true k. With ``--embedding``, the mean hidden states of the wide model's middle
+  block (benchmarks/wide_model.py, trained on the Python documentation) alone and joined
+  to the TF-IDF vectors.
 
-Methods: ``tfidf`` (words), ``gradient`` (cosine of the stored lowrank:8 gradients, read with
-``store.gram``: the demo store holds the whole corpus), ``embedding`` (mean last-layer
-hidden state of the shipped model), ``influence`` (the quotes' training gradients
-preconditioned by the demo's EK-FAC factors, ``themes.influence_vectors``, sketched to 32 × 32
-per layer; its seconds include computing them), and the agreement (NMI) of the
-``influence`` clusters with the ``tfidf`` ones.
-``k=auto`` picks k by silhouette; ``k=themes`` gives the true number of themes.
-
-A last row per set, ``supervised``, is a ceiling rather than a method: a TF-IDF + logistic
-regression classifier trained on the theme labels, scored by 5-fold cross-validation. When
-even it reaches only a low NMI, the themes are not separable by vocabulary, and no
-unsupervised word-based clustering can do better.
+**Demo** (``--demo``): the shipped quotes against their ``theme`` labels, per method
+(``tfidf``; ``gradient``, the cosine of the stored lowrank:8 gradients via ``store.gram``;
+``embedding``, the shipped model's last-layer mean hidden state; ``influence``, training
+gradients preconditioned by the demo's EK-FAC factors, ``themes.influence_vectors``,
+sketched to 32 x 32 per layer, its seconds including computing them), on three sets: the
+union of the 22 demo queries' top 50, every quote of four themes, and a seeded 600 of all
+twelve; with the agreement (NMI) of the ``influence`` clusters with the ``tfidf`` ones.
 
 Usage:
-    python benchmarks/themes.py                 # small model (about 2 minutes with the demo)
-    python benchmarks/themes.py --model large
+    apt-get install python3.11-doc wordnet-base
+    python benchmarks/themes.py               # real corpora; about 2 minutes on 2 cores
+    python benchmarks/themes.py --embedding   # adds the wide model's hidden states
+    python benchmarks/themes.py --demo        # shipped demo, small model (about 2 minutes)
+    python benchmarks/themes.py --demo --model large
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from sklearn.decomposition import TruncatedSVD
+from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.metrics import normalized_mutual_info_score as nmi
+from threadpoolctl import threadpool_limits
 from transformers.utils import logging as hf_logging
 
+import influencekit as ik
 from influencekit import themes
 from influencekit.demo.pipeline import run_demo
+
+sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/ is not a package
+import themes_corpora as corpora
 
 DISTINCT = ("computers", "food", "law", "sports")
 
@@ -67,13 +86,8 @@ def supervised_ceiling(texts: list[str], truth: list[str]) -> np.ndarray:
     return cross_val_predict(classifier, texts, truth, cv=max(2, folds))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=["small", "large"], default="small")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks-demo"))
-    args = parser.parse_args(argv)
-    os.environ["INFLUENCEKIT_PROGRESS"] = "0"
-    hf_logging.disable_progress_bar()
+def demo(args) -> None:
+    """The shipped quotes against their themes, per method (``--demo``)."""
     run = run_demo(args.out / args.model, size=args.model, log=lambda _: None)
     from influencekit import Factors, GradientStore, demo
 
@@ -123,6 +137,149 @@ def main(argv: list[str] | None = None) -> None:
             f"{normalized_mutual_info_score(truth, predicted):>7.3f}"
             f"{adjusted_rand_score(truth, predicted):>7.3f}"
         )
+
+
+def silhouette_kmeans(units: np.ndarray, ceiling: int) -> np.ndarray:
+    """K-means on ``units`` with k in 2..ceiling chosen by cosine silhouette."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    best = None
+    for k in range(2, ceiling + 1):
+        labels = KMeans(k, n_init=10, random_state=corpora.SEED).fit_predict(units)
+        score = silhouette_score(units, labels, metric="cosine")
+        if best is None or score > best[0]:
+            best = (score, labels)
+    return best[1]
+
+
+def tfidf_variants(texts: list[str]) -> dict[str, np.ndarray]:
+    """The kit's TF-IDF vectors and variations of one setting each."""
+
+    def lsa(dims: int = 100, **changes) -> np.ndarray:
+        settings = {"stop_words": "english", "token_pattern": themes.WORD, "sublinear_tf": True}
+        matrix = TfidfVectorizer(**{**settings, **changes}).fit_transform(texts)
+        if dims is None:
+            return matrix.toarray()
+        return TruncatedSVD(dims, random_state=corpora.SEED).fit_transform(matrix)
+
+    return {
+        "kit: log tf, stop words, LSA 100": lsa(),
+        "raw term counts": lsa(sublinear_tf=False),
+        "no stop-word list": lsa(stop_words=None),
+        "words and bigrams": lsa(ngram_range=(1, 2)),
+        "words seen twice": lsa(min_df=2),
+        "LSA 30": lsa(30),
+        "LSA 300": lsa(300),
+        "no LSA": lsa(None),
+    }
+
+
+def wide_model_states(texts: list[str]) -> np.ndarray:
+    """Mean hidden states of the wide model's middle block (benchmarks/wide_model.py)."""
+    folder = Path(os.environ.get("INFLUENCEKIT_CACHE", Path.home() / ".cache" / "influencekit"))
+    folder = folder / "wide-model"
+    if not folder.is_dir():
+        sys.exit(f"{folder}: no wide model; build it with python benchmarks/wide_model.py")
+    model, tokenizer = ik.load_model(folder, device="cpu")
+    data = ik.TextDataset.from_texts(texts, tokenizer, max_length=128)
+    return themes.mean_hidden_states(model, data, layer=model.config.num_hidden_layers // 2)
+
+
+def real_corpora(args) -> None:
+    """Real text with known groups: automatic k against the baseline told k, per method."""
+    from sklearn.preprocessing import normalize
+
+    loaders = {
+        "pydoc (long)": corpora.pydoc_paragraphs,
+        "wordnet (short)": corpora.wordnet_definitions,
+    }
+    found_texts = {name: load() for name, load in loaders.items()}
+    print(f"{'corpus':<17}{'n':>5}{'k':>3}  {'method':<24}{'auto k':>7}{'NMI auto':>9}"
+          f"{'NMI @k':>8}{'base @k':>8}{'auto/base':>10}")  # fmt: skip
+    variants = {}
+    for name, (texts, labels) in found_texts.items():
+        k = len(set(labels))
+        base = nmi(labels, corpora.baseline(texts, k))
+        methods = {"tfidf": ("tfidf", {})}
+        if args.embedding:
+            states = wide_model_states(texts)
+            units = normalize(themes._tfidf(texts, corpora.SEED))
+            joined = np.hstack([units, 0.5 * normalize(states - states.mean(axis=0))])
+            methods["embedding (wide)"] = ("embedding", {"vectors": states})
+            methods["tfidf + embedding"] = ("embedding", {"vectors": joined})
+        row = f"{name:<17}{len(texts):>5}{k:>3}  "
+        for label, (method, given) in methods.items():
+            auto = themes.cluster(texts, method, **given)
+            told = themes.cluster(texts, method, k, **given)
+            found = nmi(labels, auto.labels)
+            print(f"{row}{label:<24}{auto.n_clusters:>7}{found:>9.3f}"
+                  f"{nmi(labels, told.labels):>8.3f}{base:>8.3f}{found / base:>9.2f}x")  # fmt: skip
+        units = normalize(themes._tfidf(texts, corpora.SEED))
+        labels_sil = silhouette_kmeans(units, themes.ceiling(len(texts)))
+        found = nmi(labels, labels_sil)
+        print(f"{row}{'k-means + silhouette':<24}{labels_sil.max() + 1:>7}{found:>9.3f}"
+              f"{'':>8}{base:>8.3f}{found / base:>9.2f}x")  # fmt: skip
+        ceiling = nmi(labels, supervised_ceiling(texts, labels))
+        print(f"{row}{'supervised (5-fold)':<24}{'':>7}{'':>9}{ceiling:>8.3f}")
+        variants[name] = tfidf_variants(texts)
+    print(
+        "\nrepresentations, each clustered by the kit: NMI with automatic k (k) and at the true k"
+    )
+    print(f"{'representation':<34}" + "".join(f"{name:>24}" for name in found_texts))
+    for variant in variants[next(iter(variants))]:
+        cells = []
+        for name, (texts, labels) in found_texts.items():
+            vectors = variants[name][variant]
+            auto = themes.cluster(texts, "embedding", vectors=vectors)
+            told = themes.cluster(texts, "embedding", len(set(labels)), vectors=vectors)
+            found, at_k = nmi(labels, auto.labels), nmi(labels, told.labels)
+            cells.append(f"{found:.3f} ({auto.n_clusters:>2}) {at_k:.3f}")
+        print(f"{variant:<34}" + "".join(f"{cell:>24}" for cell in cells))
+    print("\ntargets: auto/base >= 0.95 on both corpora; NMI auto >= 0.6 on the long paragraphs")
+
+
+def chapter_draws(draws: int, per_draw: int = 6, min_group: int = 50) -> None:
+    """The long-paragraph measurement repeated on random sets of library chapters: whether
+    the kit's lead over the baseline holds beyond the chapters chosen for the main table."""
+    import random
+
+    chapters = corpora.library_chapters()
+    rng = random.Random(corpora.SEED + 1)
+    print(f"\n{draws} random draws of {per_draw} library-reference chapters "
+          f"(each with >= {min_group} long paragraphs)")  # fmt: skip
+    print(f"{'chapters':<66}{'n':>5}{'auto k':>7}{'NMI auto':>9}{'base @k':>8}{'auto/base':>10}")
+    ratios = []
+    while len(ratios) < draws:
+        chosen = tuple(sorted(rng.sample(chapters, per_draw)))
+        texts, labels = corpora.pydoc_paragraphs(chapters=chosen)
+        if min(labels.count(c) for c in chosen) < min_group:
+            continue  # a chapter too small to be a theme; draw again
+        base = nmi(labels, corpora.baseline(texts, per_draw))
+        auto = themes.cluster(texts)
+        found = nmi(labels, auto.labels)
+        ratios.append(found / base)
+        print(f"{' '.join(chosen):<66}{len(texts):>5}{auto.n_clusters:>7}{found:>9.3f}"
+              f"{base:>8.3f}{found / base:>9.2f}x")  # fmt: skip
+    print(f"auto/base over the draws: min {min(ratios):.2f}x, median {np.median(ratios):.2f}x")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--demo", action="store_true", help="the shipped demo, not real corpora")
+    parser.add_argument("--embedding", action="store_true", help="add the wide model's states")
+    parser.add_argument("--draws", type=int, default=6, help="random chapter sets (0: none)")
+    parser.add_argument("--model", choices=["small", "large"], default="small")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks-demo"))
+    args = parser.parse_args(argv)
+    os.environ["INFLUENCEKIT_PROGRESS"] = "0"
+    hf_logging.disable_progress_bar()
+    with threadpool_limits(limits=1):
+        if args.demo:
+            demo(args)
+        else:
+            real_corpora(args)
+            chapter_draws(args.draws)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ Four ways to say two sequences are alike, one clustering for all of them:
   raise the other's likelihood the most for its size.
 
 Each becomes one unit vector per sequence (for a Gram matrix: the rows of ``V sqrt(Λ)`` of
-its cosine matrix, which reproduce it exactly), clustered by k-means; with ``n_clusters=None``
-the k with the best cosine silhouette wins. Every cluster is described by its class-based
-TF-IDF terms (words frequent in it and rare in the others), its size and the member nearest
-its centre.
+its cosine matrix, which reproduce it exactly). The sequences then form a graph, each joined
+to its ``sqrt(n)`` most similar others, cut into k clusters spectrally; with
+``n_clusters=None`` the k of greatest modularity wins, up to a ceiling that grows with the
+data (:func:`ceiling`). Every cluster is described by its class-based TF-IDF terms (words
+frequent in it and rare in the others), a title of the first three, its size and the member
+nearest its centre.
 
 Example:
     >>> texts = ["the cat sat on the mat", "a cat and a kitten", "my cat likes the mat",
@@ -45,6 +47,10 @@ OPTIONS = ("max_clusters", "n_terms", "seed")  # for_query / across pass these o
 WORD = r"(?u)\b[a-zA-Z][a-zA-Z]+\b"  # words of 2+ letters: no numbers or punctuation
 TITLE_TERMS = 3  # terms in a cluster's title
 MAP_SPREAD = 2.0  # map coordinates: the bulk within ±1, outliers clipped at ±MAP_SPREAD
+MAP_TSNE_MIN = 10  # from this many texts the map is a t-SNE layout, below it principal axes
+MAX_CEILING = 30  # the most clusters tried by default, however many texts
+PLATEAU = 0.01  # k scoring within 1 % of the best modularity counts as good as the best
+GRAPH_MIN = 10  # fewer distinct texts than this are clustered by k-means, not a graph
 
 
 @dataclass
@@ -54,12 +60,14 @@ class Themes:
     ``labels[i]`` is the cluster of text ``i``; ``terms[c]`` its top distinguishing words;
     ``sizes[c]`` its member count; ``representatives[c]`` the index of its member nearest the
     centre; ``titles[c]`` names it by its top terms; ``coords[i]`` places text ``i`` on a 2-D
-    map (the top two principal components of the vectors that were clustered, robustly
+    map (a t-SNE layout of the cosine distances of the vectors that were clustered, robustly
     scaled: the middle 90 % within ±1, outliers clipped at ±2), for plotting. From
     :func:`for_query` / :func:`across`: ``indices[i]`` is the training index of text ``i``,
     ``shares[c]`` the cluster's share of the query's positive influence, and
-    ``matrix[q, c]`` that share per query. ``k_scores[k]`` is the cosine silhouette of each
-    number of clusters tried: with ``n_clusters=None`` the evidence for the k chosen.
+    ``matrix[q, c]`` that share per query. ``k_scores[k]`` is the modularity of the
+    neighbour-graph partition into each number of clusters tried: with ``n_clusters=None``
+    the evidence for the k chosen (:meth:`k_evidence` says it in words); ``silhouette`` is
+    the cosine silhouette of the clusters found.
     """
 
     labels: np.ndarray
@@ -99,16 +107,42 @@ class Themes:
         return np.flatnonzero(self.labels == c).tolist()
 
     def summary(self, width: int = 60) -> str:
-        """One line per cluster: size, influence share (if any), terms, representative."""
+        """One line per cluster: its title, size, influence share (if any) and representative,
+        then how k was chosen.
+
+        Example:
+            >>> texts = ["red apple pie", "red apple tart", "blue sky", "blue sea"]
+            >>> print(cluster(texts, n_clusters=2).summary())
+            blue · sea · sky   n=2    | blue sky
+            apple · red · pie  n=2    | red apple pie
+            k = 2 (told)
+        """
+        titles = self.titles
+        title_width = max(len(t) for t in titles)
         lines = []
         for c in range(self.n_clusters):
             share = f" {self.shares[c]:6.1%}" if self.shares is not None else ""
             text = self.texts[self.representatives[c]]
             text = text if len(text) <= width else text[: width - 3] + "..."
-            lines.append(
-                f"{c:>2} n={self.sizes[c]:<3}{share}  {', '.join(self.terms[c][:5]):<40} | {text}"
-            )
-        return "\n".join(lines)
+            lines.append(f"{titles[c]:<{title_width}}  n={self.sizes[c]:<4}{share} | {text}")
+        return "\n".join([*lines, self.k_evidence()])
+
+    def k_evidence(self) -> str:
+        """How k was chosen, in words: the modularity of each k tried, or that k was told.
+
+        Example:
+            >>> Themes(np.array([0, 1, 2]), [[], [], []], np.array([1, 1, 1]), [0, 1, 2],
+            ...        ["a", "b", "c"], "tfidf", k_scores={2: 0.31, 3: 0.4, 4: 0.38}).k_evidence()
+            'k = 3 of 2..4 by neighbour-graph modularity (2: 0.31, 3: 0.40, 4: 0.38)'
+        """
+        if len(self.k_scores) <= 1:
+            return f"k = {self.n_clusters} (told)"
+        tried = sorted(self.k_scores)
+        scores = ", ".join(f"{k}: {self.k_scores[k]:.2f}" for k in tried)
+        return (
+            f"k = {self.n_clusters} of {tried[0]}..{tried[-1]} by neighbour-graph modularity "
+            f"({scores})"
+        )
 
 
 def cluster(
@@ -118,7 +152,7 @@ def cluster(
     *,
     vectors: np.ndarray | None = None,
     gram: np.ndarray | None = None,
-    max_clusters: int = 10,
+    max_clusters: int | None = None,
     n_terms: int = 8,
     seed: int = 0,
 ) -> Themes:
@@ -127,7 +161,9 @@ def cluster(
     ``method="tfidf"`` needs only the texts. ``"gradient"`` and ``"embedding"`` need the
     sequences' vectors (``vectors``, ``(n, d)``) or their Gram matrix (``gram``, ``(n, n)``,
     e.g. ``store.gram(indices)``); :func:`for_query` and :func:`across` fetch them for you.
-    ``n_clusters=None`` picks k in ``2 .. max_clusters`` by silhouette.
+    ``n_clusters=None`` picks k in ``2 .. max_clusters`` (default :func:`ceiling` of the
+    number of texts) by the modularity of the texts' neighbour graph; ``Themes.k_scores``
+    keeps the modularity of every k tried.
 
     Example:
         >>> vectors = np.eye(3)[[0, 0, 1]]   # two alike, one apart
@@ -143,7 +179,7 @@ def cluster(
     # made clustering 10-20x slower (benchmarks/widgets.py, the explorer's Themes tab).
     with threadpool_limits(limits=1):
         units = _unit_vectors(texts, method, vectors, gram, seed)
-        labels, silhouette, k_scores = _kmeans(units, n_clusters, max_clusters, seed)
+        labels, silhouette, k_scores = _partition(units, n_clusters, max_clusters, seed)
     k = int(labels.max()) + 1
     return Themes(
         labels=labels,
@@ -154,7 +190,7 @@ def cluster(
         method=method,
         silhouette=silhouette,
         k_scores=k_scores,
-        coords=_plane(units),
+        coords=_plane(units, seed),
     )
 
 
@@ -385,7 +421,7 @@ def _check_settings(method, n_clusters, max_clusters, n_terms, seed) -> None:
     """The checks of :func:`cluster`'s settings that need no texts."""
     checks.choice("method", method, METHODS)
     checks.count("n_clusters", n_clusters, optional=True)
-    checks.count("max_clusters", max_clusters)
+    checks.count("max_clusters", max_clusters, optional=True)
     checks.count("n_terms", n_terms)
     checks.count("seed", seed, minimum=0)
 
@@ -431,7 +467,7 @@ def _check_request(method, n_clusters, top_k, store, model, factors, options) ->
     if unknown:
         listing = ", ".join(repr(name) for name in allowed)
         raise ParameterError("options", unknown, f"keywords among {listing}")
-    settings = {"max_clusters": 10, "n_terms": 8, "seed": 0}
+    settings = {"max_clusters": None, "n_terms": 8, "seed": 0}
     settings.update((key, options[key]) for key in OPTIONS if key in options)
     _check_settings(method, n_clusters, **settings)
     if "layer" in options:
@@ -529,43 +565,140 @@ def _from_gram(gram: np.ndarray, n: int) -> np.ndarray:
     return vecs[:, keep] * np.sqrt(values[keep])
 
 
-def _kmeans(units: np.ndarray, n_clusters, max_clusters: int, seed: int):
-    """Labels (renumbered by decreasing size), the silhouette of the chosen k, and the
-    silhouette of every k tried (the evidence for the choice)."""
-    from sklearn.cluster import KMeans
+def _partition(units: np.ndarray, n_clusters, max_clusters, seed: int):
+    """Labels (renumbered by decreasing size), their cosine silhouette, and the modularity
+    of every k tried (the evidence for the choice).
+
+    The texts become a graph, each joined to its nearest neighbours (:func:`_neighbour_graph`);
+    every k is a spectral partition of that graph, and with ``n_clusters=None`` the k of
+    greatest modularity wins: the share of edges inside clusters beyond what random wiring
+    with the same degrees would put there. Splitting a group that hangs together loses more
+    edges than it gains, so unlike the silhouette on short texts it does not keep rising
+    with k. Fewer than ``GRAPH_MIN`` distinct texts say too little for a graph: they are
+    partitioned by k-means on the unit vectors, and scored the same way.
+    """
     from sklearn.metrics import silhouette_score
 
     n = len(units)
     distinct = len(np.unique(units.round(12), axis=0))
     if n_clusters is None:
-        candidates = list(range(2, min(max_clusters, distinct - 1, n - 1) + 1)) or [1]
+        top = ceiling(n) if max_clusters is None else max_clusters
+        candidates = list(range(2, min(top, distinct - 1, n - 1) + 1)) or [1]
     else:
         candidates = [min(n_clusters, distinct)]
-    best = None
-    scores: dict[int, float] = {}
-    for k in candidates:
-        labels = (
-            KMeans(k, n_init=10, random_state=seed).fit_predict(units)
-            if k > 1
-            else (np.zeros(n, dtype=np.int64))
-        )
-        score = silhouette_score(units, labels, metric="cosine") if 1 < k < n else None
-        if score is not None:
-            scores[k] = float(score)
-        if best is None or (score is not None and (best[1] is None or score > best[1])):
-            best = (labels, score)
-    labels, score = best
+    graph = _neighbour_graph(units)
+    # One embedding as wide as the default ceiling, whatever k is asked for: a k told is
+    # then cut exactly as the same k found automatically.
+    dims = max(max(candidates), ceiling(n))
+    split = _spectral_splitter(graph, dims, seed) if distinct >= GRAPH_MIN else None
+    partitions = {k: _split(units, k, split, seed) for k in candidates}
+    scores = {k: _modularity(graph, labels) for k, labels in partitions.items() if k > 1}
+    labels = partitions[_fewest_near_best(scores) if scores else candidates[0]]
+    k = len(np.unique(labels))
+    silhouette = float(silhouette_score(units, labels, metric="cosine")) if 1 < k < n else None
     order = np.argsort(-np.bincount(labels), kind="stable")  # cluster 0 = the largest
     renumber = np.empty_like(order)
     renumber[order] = np.arange(len(order))
-    return renumber[labels].astype(np.int64), score, scores
+    return renumber[labels].astype(np.int64), silhouette, scores
 
 
-def _plane(units: np.ndarray) -> np.ndarray:
-    """``(n, 2)``: each unit vector's coordinates along the two directions of greatest
-    variance (zeros where there are fewer), scaled per axis so that the middle 90 % of the
-    points span ±1 around the median, and clipped at ±``MAP_SPREAD``: a few far-out points
-    neither squeeze the rest into a line nor leave the map.
+def _fewest_near_best(scores: dict[int, float]) -> int:
+    """The smallest k scoring within ``PLATEAU`` (relative) of the best: where modularity
+    is flat, more clusters only cut groups that hang together as well whole.
+
+    Example:
+        >>> _fewest_near_best({2: 0.2, 3: 0.398, 4: 0.40, 5: 0.39})
+        3
+    """
+    best = max(scores.values())
+    return min(k for k, score in scores.items() if score >= best - PLATEAU * abs(best))
+
+
+def ceiling(n: int) -> int:
+    """The most clusters :func:`cluster` tries for ``n`` texts unless told otherwise:
+    ``sqrt(n / 2)``, at least 2 and at most ``MAX_CEILING`` (a theme of fewer than about
+    ``2 sqrt(n)`` texts is too small to name).
+
+    Example:
+        >>> ceiling(50), ceiling(800), ceiling(100_000)
+        (5, 20, 30)
+    """
+    return int(min(MAX_CEILING, max(2, round((n / 2) ** 0.5))))
+
+
+def _neighbour_graph(units: np.ndarray):
+    """The symmetric 0/1 graph joining each text to its ``round(sqrt(n))`` most similar
+    (cosine) others, as a sparse matrix: wide enough that a theme's texts form one
+    connected block, narrow enough that unrelated texts rarely touch."""
+    from scipy import sparse
+
+    n = len(units)
+    neighbours = int(min(n - 1, max(1, round(n**0.5))))
+    if neighbours < 1:
+        return sparse.csr_matrix((n, n))
+    similarity = units @ units.T
+    np.fill_diagonal(similarity, -np.inf)
+    nearest = np.argpartition(-similarity, neighbours - 1, axis=1)[:, :neighbours]
+    rows = np.repeat(np.arange(n), neighbours)
+    graph = sparse.csr_matrix((np.ones(n * neighbours), (rows, nearest.ravel())), shape=(n, n))
+    return ((graph + graph.T) > 0).astype(np.float64)
+
+
+def _spectral_splitter(graph, k_max: int, seed: int) -> np.ndarray:
+    """The graph's first ``k_max`` spectral coordinates (normalised Laplacian), each row
+    scaled to unit length: k-means on the first k columns gives its k-way spectral cut."""
+    import warnings
+
+    from sklearn.manifold import spectral_embedding
+    from sklearn.preprocessing import normalize
+
+    with warnings.catch_warnings():  # a graph in pieces is fine: the pieces are clusters
+        warnings.filterwarnings("ignore", message="Graph is not fully connected")
+        coords = spectral_embedding(
+            graph, n_components=max(k_max, 2), drop_first=False, random_state=seed
+        )
+    return normalize(coords)
+
+
+def _split(units: np.ndarray, k: int, spectral, seed: int) -> np.ndarray:
+    """k clusters: k-means on the spectral coordinates, or on the unit vectors when there
+    are none (too few texts for a graph)."""
+    from sklearn.cluster import KMeans
+
+    if k == 1:
+        return np.zeros(len(units), dtype=np.int64)
+    points = units if spectral is None else spectral[:, :k]
+    return KMeans(k, n_init=10, random_state=seed).fit_predict(points).astype(np.int64)
+
+
+def _modularity(graph, labels: np.ndarray) -> float:
+    """Newman's modularity of ``labels`` on ``graph``: the share of edge ends inside clusters
+    minus the share expected if edges were placed at random keeping each text's degree.
+
+    Example:
+        >>> from scipy import sparse
+        >>> two_pairs = sparse.csr_matrix(np.kron(np.eye(2), np.ones((2, 2))) - np.eye(4))
+        >>> round(_modularity(two_pairs, np.array([0, 0, 1, 1])), 3)
+        0.5
+    """
+    total = graph.sum()
+    if total == 0:
+        return 0.0
+    degree = np.asarray(graph.sum(axis=1)).ravel()
+    inside = 0.0
+    for c in np.unique(labels):
+        members = labels == c
+        inside += graph[members][:, members].sum() / total - (degree[members].sum() / total) ** 2
+    return float(inside)
+
+
+def _plane(units: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``(n, 2)`` map coordinates of the unit vectors: a t-SNE layout of their cosine
+    distances from ``MAP_TSNE_MIN`` texts on (it keeps each text near its neighbours and
+    spreads the rest, where the two directions of greatest variance are often set by a few
+    texts and squeeze the others into a speck), below that the two principal components;
+    then scaled per axis so that the middle 90 % of the points span ±1 around the median,
+    and clipped at ±``MAP_SPREAD``: far-out points neither squeeze the rest nor leave the map.
 
     Example:
         >>> units = np.eye(3)[[0, 0, 1, 1, 2]] + np.r_[:5][:, None] * 1e-3
@@ -575,9 +708,17 @@ def _plane(units: np.ndarray) -> np.ndarray:
     centred = units - units.mean(axis=0)
     if len(units) < 2 or not centred.any():
         return np.zeros((len(units), 2))
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    plane = centred @ vt[:2].T
-    plane = np.pad(plane, ((0, 0), (0, 2 - plane.shape[1])))
+    if len(units) >= MAP_TSNE_MIN:
+        from sklearn.manifold import TSNE
+
+        perplexity = min(30.0, (len(units) - 1) / 3)  # about 3 neighbours per perplexity unit
+        plane = TSNE(
+            2, perplexity=perplexity, metric="cosine", init="pca", random_state=seed
+        ).fit_transform(units)
+    else:
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        plane = centred @ vt[:2].T
+        plane = np.pad(plane, ((0, 0), (0, 2 - plane.shape[1])))  # one direction: a line
     offset = plane - np.median(plane, axis=0)
     spread = np.quantile(np.abs(offset), 0.9, axis=0)
     spread[spread == 0] = 1.0  # an axis where (almost) every point sits at the median

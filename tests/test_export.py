@@ -15,7 +15,7 @@ from influencekit.cli import main
 from influencekit.widgets import InfluenceExplorer
 from influencekit.widgets.export import safe_json
 
-from helpers.browser_pages import XSS, open_page, page_data, problems
+from helpers.browser_pages import XSS, map_spread, open_page, page_data, problems
 
 
 def _hostile_page(path, tokenizer):
@@ -167,6 +167,10 @@ def test_demo_report_in_a_browser(browser, quick_demo, artifacts):
     assert shown == themes["names"] and not any(n.startswith("cluster ") for n in shown)
     reps = [themes["snippets"][i] for i in themes["representatives"]]
     assert cards.locator(".ik-rep").all_inner_texts() == reps
+    # how k was chosen, under the map; the map's bulk spread over both axes
+    caption = page.locator("#ik-themes .ik-caption").inner_text()
+    assert caption == themes["caption"] and "modularity" in caption
+    assert min(map_spread(page.locator("#ik-themes"))) > 0.15
     cards.nth(0).click()
     members = page.locator("#ik-themes ol.ik-members li")
     sizes = base64.b64decode(data["queries"][5]["themes"]["sizes"]["$bytes"])

@@ -16,7 +16,7 @@ import pytest
 
 import influencekit as ik
 
-from helpers.browser_pages import XSS
+from helpers.browser_pages import XSS, map_spread
 from helpers.tiny_example import QUERIES, corpus_records
 
 NOTEBOOK = """
@@ -116,6 +116,11 @@ def test_live_explorer_round_trips_through_the_kernel(browser, served, artifacts
     page.locator(".lm-TabBar-tab", has_text="Themes").click()
     cards = page.locator(".ik-themes .ik-cluster")
     cards.first.wait_for(state="visible", timeout=60_000)
+    titles = cards.locator(".ik-cluster-head b").all_inner_texts()
+    assert len(titles) >= 2 and not any(t.startswith("cluster ") for t in titles)
+    assert cards.locator(".ik-rep").count() == len(titles)  # each with its representative
+    assert "modularity" in page.locator(".ik-themes .ik-caption").inner_text()
+    assert min(map_spread(page.locator(".ik-themes"))) > 0.15
     cards.first.click()
     page.locator(".ik-themes ol.ik-members li").first.wait_for(state="visible")
     dot = page.locator(".ik-themes circle").last

@@ -50,11 +50,66 @@ def test_tfidf_recovers_planted_themes(n_clusters):
 def test_the_choice_of_k_shows_its_evidence():
     texts, _ = planted_texts()
     found = themes.cluster(texts, "tfidf", max_clusters=8)
-    assert sorted(found.k_scores) == list(range(2, 9))  # every k tried, with its silhouette
+    assert sorted(found.k_scores) == list(range(2, 9))  # every k tried, with its modularity
     assert max(found.k_scores, key=found.k_scores.get) == found.n_clusters == 4
-    assert found.k_scores[4] == pytest.approx(found.silhouette)
     told = themes.cluster(texts, "tfidf", 3)
     assert list(told.k_scores) == [3]  # told k: only that k was scored
+    vectors, _ = _grouped_vectors(3, 40, seed=0)
+    found = themes.cluster([f"t{i}" for i in range(120)], "embedding", vectors=vectors)
+    for k in found.k_scores:  # a k told is cut as the same k tried automatically
+        told = themes.cluster(found.texts, "embedding", k, vectors=vectors)
+        assert told.k_scores[k] == pytest.approx(found.k_scores[k])
+
+
+def test_modularity_matches_its_definition():
+    """Against the double sum over pairs, Q = Σ_ij [A_ij - d_i d_j / 2m] δ(c_i, c_j) / 2m."""
+    from scipy import sparse
+
+    rng = np.random.default_rng(3)
+    upper = np.triu(rng.random((12, 12)) < 0.3, 1)
+    adjacency = (upper | upper.T).astype(float)
+    labels = rng.integers(0, 3, size=12)
+    degree, total = adjacency.sum(axis=1), adjacency.sum()
+    expected = sum(
+        adjacency[i, j] - degree[i] * degree[j] / total
+        for i in range(12)
+        for j in range(12)
+        if labels[i] == labels[j]
+    )
+    found = themes._modularity(sparse.csr_matrix(adjacency), labels)
+    assert found == pytest.approx(expected / total)
+
+
+def _grouped_vectors(groups: int, per_group: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    truth = np.repeat(np.arange(groups), per_group)
+    return rng.normal(size=(groups, 50))[truth] + 0.8 * rng.normal(size=(len(truth), 50)), truth
+
+
+@pytest.mark.parametrize("groups", [2, 3, 5])
+def test_k_stops_short_of_the_ceiling_when_there_are_fewer_groups(groups):
+    vectors, truth = _grouped_vectors(groups, 300 // groups, seed=groups)
+    texts = [f"text {i}" for i in range(len(truth))]
+    found = themes.cluster(texts, "embedding", vectors=vectors)
+    assert max(found.k_scores) == themes.ceiling(300) == 12  # every k up to the ceiling tried
+    assert found.n_clusters == groups
+    assert normalized_mutual_info_score(truth, found.labels) >= 0.9
+
+
+def test_k_stops_short_of_the_ceiling_on_real_short_texts():
+    """The shipped quotes of three themes: short texts, where the silhouette rises with k."""
+    from influencekit.demo.corpus import load_records
+
+    corpus = [r for r in load_records() if r["theme"] in ("food", "law", "sports")]
+    found = themes.cluster([r["text"] for r in corpus], "tfidf")
+    assert 2 <= found.n_clusters < themes.ceiling(len(corpus)) == max(found.k_scores)
+
+
+def test_the_ceiling_grows_with_the_data_and_max_clusters_overrides_it():
+    assert [themes.ceiling(n) for n in (3, 8, 50, 200, 800, 5000)] == [2, 2, 5, 10, 20, 30]
+    texts, _ = planted_texts()
+    assert max(themes.cluster(texts, "tfidf").k_scores) == themes.ceiling(60) == 5
+    assert max(themes.cluster(texts, "tfidf", max_clusters=12).k_scores) == 12
 
 
 def test_representative_is_a_member_near_the_centre():

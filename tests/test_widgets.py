@@ -130,13 +130,14 @@ def test_theme_titles_are_unique_and_fall_back_to_numbers():
     assert found.titles == ["cat · mat (0)", "cat · mat (1)", "cluster 2"]
 
 
-def test_the_map_stays_readable_with_outliers():
-    # 60 sequences pointing one way with a little spread, 3 pointing elsewhere: on the plain
-    # principal-component plane the 60 sit in a speck at one end, 1/20 of the map's width
+@pytest.mark.parametrize("n_far", [3, 12])
+def test_the_map_stays_readable_with_outliers(n_far):
+    # 60 sequences pointing one way with a little spread, a few pointing elsewhere: on the
+    # plain principal-component plane the 60 sit in a speck at one end, 1/20 of the map's width
     rng = np.random.default_rng(0)
     bulk = np.eye(20)[0] + 0.05 * rng.standard_normal((60, 20))
-    far = np.eye(20)[1] + 0.05 * rng.standard_normal((3, 20))
-    texts = [f"text {i}" for i in range(63)]
+    far = np.eye(20)[1] + 0.05 * rng.standard_normal((n_far, 20))
+    texts = [f"text {i}" for i in range(60 + n_far)]
     coords = ik.themes.cluster(texts, "embedding", 2, vectors=np.vstack([bulk, far])).coords
     assert np.abs(coords).max() <= ik.themes.MAP_SPREAD  # outliers clipped to the map
     width = coords.max(axis=0) - coords.min(axis=0)

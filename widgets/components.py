@@ -316,7 +316,8 @@ class ThemeClusters(_Component):
 
     ``points`` is ``(n, 2)``; ``assignment[i]`` the cluster of sequence ``i``; ``weights``
     (optional) each sequence's influence, which orders the member lists; ``highlight``
-    (optional booleans) draws those points larger. :meth:`from_themes` takes a
+    (optional booleans) draws those points larger; ``caption`` is a line under the map (from
+    :meth:`from_themes`: how the number of clusters was chosen). :meth:`from_themes` takes a
     :class:`influencekit.themes.Themes`.
 
     Example:
@@ -338,6 +339,7 @@ class ThemeClusters(_Component):
     weights = traitlets.Bytes(b"").tag(sync=True)
     highlight = traitlets.Bytes(b"").tag(sync=True)
     selected = traitlets.Int(-1).tag(sync=True)
+    caption = traitlets.Unicode("").tag(sync=True)
 
     @staticmethod
     def state(
@@ -355,6 +357,7 @@ class ThemeClusters(_Component):
         title: str = "",
         selected: int = -1,
         message: str = "",
+        caption: str = "",
     ) -> dict:
         k, n = len(names), len(snippets)
         representatives = [] if representatives is None else [int(i) for i in representatives]
@@ -402,6 +405,7 @@ class ThemeClusters(_Component):
             "selected": int(selected),
             "title": title,
             "message": message,
+            "caption": str(caption),
         }
 
     @classmethod
@@ -451,6 +455,7 @@ def theme_state(
         weights=weights,
         highlight=highlight,
         title=title,
+        caption=themes.k_evidence(),
     )
 
 

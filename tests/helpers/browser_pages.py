@@ -86,3 +86,18 @@ def page_data(text: str) -> dict:
     found = re.search(r'<script type="application/json" id="ik-data">(.*?)</script>', text, re.S)
     assert found, "no ik-data script in the page"
     return json.loads(found.group(1))
+
+
+def map_spread(themes_view) -> tuple[float, float]:
+    """The spread of a Themes map's points as drawn: per axis, the middle half of the points'
+    extent as a share of the map's side (a map squeezed into a line has one near 0)."""
+    import numpy as np
+
+    side = float(themes_view.locator("svg.ik-map").get_attribute("viewBox").split()[2])
+    centres = themes_view.locator("circle").evaluate_all(
+        "dots => dots.map(d => [Number(d.getAttribute('cx')), Number(d.getAttribute('cy'))])"
+    )
+    xy = np.array(centres)
+    assert ((xy >= 0) & (xy <= side)).all(), "a point is drawn off the map"
+    low, high = np.percentile(xy, [25, 75], axis=0)
+    return tuple(((high - low) / side).tolist())

@@ -4,7 +4,8 @@
 // (list of lists), sizes (int32 bytes), shares (float64 bytes), points (float32 bytes, x y
 // per sequence), assignment (int32 bytes), snippets, representatives (a snippet number per
 // cluster, or none), weights (float64 bytes: influence on the query, used to order
-// members), highlight (uint8 bytes, 1 = in the query's top list), selected.
+// members), highlight (uint8 bytes, 1 = in the query's top list), selected, caption (a
+// line under the map: how k was chosen).
 
 const SIZE = 360; // the map's side in SVG units
 
@@ -58,6 +59,7 @@ function render({ model, el }) {
     });
     body.append(side, drawMap(points, assignment, snippets, highlight, selected));
     children.push(body);
+    if (model.get("caption")) children.push(node("p", "ik-note ik-caption", model.get("caption")));
     if (selected >= 0 && selected < names.length) {
       const members = [];
       assignment.forEach((c, i) => c === selected && members.push(i));
@@ -91,7 +93,7 @@ function render({ model, el }) {
   return redrawOn(
     model,
     ["title", "names", "terms", "sizes", "shares", "points", "assignment", "snippets",
-      "representatives", "weights", "highlight", "selected", "message"],
+      "representatives", "weights", "highlight", "selected", "message", "caption"],
     draw,
   );
 }
