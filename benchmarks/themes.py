@@ -6,33 +6,39 @@ by chapter, long; WordNet noun definitions by lexicographer file, short). Per co
 - per method, the k that ``themes.cluster`` chooses with ``n_clusters=None`` and the NMI
   against the labels there, the NMI told the true k, and the plain baseline told the true
   k (TF-IDF, LSA 50, k-means); the targets are automatic k at least 0.95x the baseline on
-  both corpora and NMI >= 0.6 on the long paragraphs;
+  both corpora and NMI >= 0.6 on the long paragraphs. Methods: ``tfidf``; with
+  ``--embedding`` also the mean hidden states of the wide model's middle block
+  (benchmarks/wide_model.py, trained on the Python documentation), alone and joined at
+  half weight to the TF-IDF vectors;
 - ``k-means + silhouette``: the kit's TF-IDF vectors clustered the simpler way, k-means
-  with k by cosine silhouette, to show what the neighbour-graph criterion changes;
+  with k by cosine silhouette (and told the true k), to show what the neighbour graph and
+  its criterion change;
 - ``supervised``: a ceiling, not a method: TF-IDF + logistic regression trained on the
   labels, 5-fold cross-validated. How far it stays below 1 says how separable the groups
   are by their words at all;
-- the long-paragraph measurement repeated on ``--draws`` random sets of six chapters, so
-  that the comparison does not rest on one choice of groups;
 - the representation table: TF-IDF variants (raw term counts, no stop-word list, bigrams,
   words seen twice, other LSA dimensions, no LSA), each clustered by the kit, automatic
-  and true k. With ``--embedding``, the mean hidden states of the wide model's middle
-  block (benchmarks/wide_model.py, trained on the Python documentation) alone and joined
-  to the TF-IDF vectors.
+  and true k;
+- last, the long-paragraph measurement repeated on ``--draws`` random sets of six
+  chapters, so that the comparison does not rest on one choice of groups.
 
 **Demo** (``--demo``): the shipped quotes against their ``theme`` labels, per method
 (``tfidf``; ``gradient``, the cosine of the stored lowrank:8 gradients via ``store.gram``;
 ``embedding``, the shipped model's last-layer mean hidden state; ``influence``, training
 gradients preconditioned by the demo's EK-FAC factors, ``themes.influence_vectors``,
-sketched to 32 x 32 per layer, its seconds including computing them), on three sets: the
-union of the 22 demo queries' top 50, every quote of four themes, and a seeded 600 of all
-twelve; with the agreement (NMI) of the ``influence`` clusters with the ``tfidf`` ones.
+sketched to 32 x 32 per layer, its seconds including computing them; ``influence
+(store)``, the same from the demo store's lowrank:8 gradients,
+``themes.stored_influence_vectors``), on three sets: the union of the 22 demo queries' top
+50, every quote of four themes, and a seeded 600 of all twelve; with the agreement (NMI) of
+the ``influence`` clusters with the ``tfidf`` and stored ones, the cosine between computed
+and stored influence vectors, and the quality of the map (trustworthiness and spread of
+the t-SNE layout against the principal plane, per query's themes and per set).
 
 Usage:
     apt-get install python3.11-doc wordnet-base
-    python benchmarks/themes.py               # real corpora; about 2 minutes on 2 cores
+    python benchmarks/themes.py               # real corpora; about 4 minutes on 2 cores
     python benchmarks/themes.py --embedding   # adds the wide model's hidden states
-    python benchmarks/themes.py --demo        # shipped demo, small model (about 2 minutes)
+    python benchmarks/themes.py --demo        # shipped demo, small model (about 4 minutes)
     python benchmarks/themes.py --demo --model large
 """
 
@@ -97,7 +103,7 @@ def demo(args) -> None:
     sets = text_sets(run, np.random.default_rng(0))
     print(f"model {args.model}; NMI / ARI against the quotes' themes; k chosen -> clusters found")
     print(
-        f"{'set':<14}{'n':>5}{'themes':>7}  {'method':<11}{'k':<7}{'found':>6}"
+        f"{'set':<14}{'n':>5}{'themes':>7}  {'method':<18}{'k':<7}{'found':>6}"
         f"{'NMI':>7}{'ARI':>7}{'seconds':>9}"
     )
     for name, indices in sets.items():
@@ -109,48 +115,109 @@ def demo(args) -> None:
             "gradient": {"gram": store.gram(indices.tolist())},
             "embedding": {"vectors": themes.mean_hidden_states(model, run.train, indices)},
         }
+        prepare = {}
         started = time.perf_counter()
         vectors = themes.influence_vectors(model, factors, run.train, indices)
         inputs["influence"] = {"vectors": vectors}
-        prepare = {"influence": time.perf_counter() - started}
+        prepare["influence"] = time.perf_counter() - started
+        started = time.perf_counter()
+        stored = themes.stored_influence_vectors(store, factors, indices)
+        inputs["influence (store)"] = {"vectors": stored}
+        prepare["influence (store)"] = time.perf_counter() - started
         found_at = {}
-        for method, given in inputs.items():
+        for label, given in inputs.items():
+            method = label.split()[0]
             for k_name, k in (("auto", None), ("themes", n_themes)):
                 started = time.perf_counter()
                 found = themes.cluster(texts, method, k, **given)
-                seconds = time.perf_counter() - started + prepare.get(method, 0.0)
-                found_at[method, k_name] = found.labels
+                seconds = time.perf_counter() - started + prepare.get(label, 0.0)
+                found_at[label, k_name] = found.labels
                 nmi = normalized_mutual_info_score(truth, found.labels)
                 print(
-                    f"{name:<14}{len(indices):>5}{n_themes:>7}  {method:<11}{k_name:<7}"
+                    f"{name:<14}{len(indices):>5}{n_themes:>7}  {label:<18}{k_name:<7}"
                     f"{found.n_clusters:>6}{nmi:>7.3f}"
                     f"{adjusted_rand_score(truth, found.labels):>7.3f}{seconds:>9.1f}"
                 )
         for k_name in ("auto", "themes"):
-            agree = normalized_mutual_info_score(
-                found_at["influence", k_name], found_at["tfidf", k_name]
-            )
-            print(f"{name:<14}{'':>12}  influence vs tfidf clusters (k={k_name}): NMI {agree:.3f}")
+            for other in ("tfidf", "influence (store)"):
+                agree = normalized_mutual_info_score(
+                    found_at["influence", k_name], found_at[other, k_name]
+                )
+                print(f"{name:<14}{'':>12}  influence vs {other} clusters (k={k_name}): "
+                      f"NMI {agree:.3f}")  # fmt: skip
+        cosine = np.sum(_unit(vectors) * _unit(stored), axis=1)
+        print(f"{name:<14}{'':>12}  influence vectors, stored vs computed: median cosine "
+              f"{np.median(cosine):.3f} (min {cosine.min():.3f})")  # fmt: skip
         predicted = supervised_ceiling(texts, truth)
         print(
-            f"{name:<14}{len(indices):>5}{n_themes:>7}  {'supervised':<11}{'5-fold':<7}{'':>6}"
+            f"{name:<14}{len(indices):>5}{n_themes:>7}  {'supervised':<18}{'5-fold':<7}{'':>6}"
             f"{normalized_mutual_info_score(truth, predicted):>7.3f}"
             f"{adjusted_rand_score(truth, predicted):>7.3f}"
         )
+    per_query = [[run.train[i].text for i in found.indices] for found in run.themes]
+    print_map_quality(
+        {
+            f"per query ({len(per_query)}, median)": per_query,
+            **{name: [[run.train[i].text for i in indices]] for name, indices in sets.items()},
+        }
+    )
 
 
-def silhouette_kmeans(units: np.ndarray, ceiling: int) -> np.ndarray:
-    """K-means on ``units`` with k in 2..ceiling chosen by cosine silhouette."""
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-300)
+
+
+def map_quality(texts: list[str]) -> dict[str, tuple[float, float]]:
+    """Per map (the kit's t-SNE layout, and the principal plane it replaced, both robustly
+    scaled): its trustworthiness (how many of each point's 10 nearest neighbours on the map
+    are near in the TF-IDF space, 1 = all) and its spread (the middle half of the points'
+    extent over the whole map's, the smaller of the two axes; near 0 = squeezed)."""
+    from sklearn.manifold import trustworthiness
+
+    units = themes._unit_vectors(texts, "tfidf", None, None, 0)
+    maps = {"t-SNE": themes._plane(units)}
+    default = themes.MAP_TSNE_MIN
+    themes.MAP_TSNE_MIN = len(units) + 1  # the principal plane, as below that size
+    try:
+        maps["principal plane"] = themes._plane(units)
+    finally:
+        themes.MAP_TSNE_MIN = default
+    found = {}
+    for name, plane in maps.items():
+        low, high = np.percentile(plane, [25, 75], axis=0)
+        spread = float(np.min((high - low) / np.ptp(plane, axis=0)))
+        neighbours = min(10, len(units) // 2 - 1)
+        trust = trustworthiness(units, plane, n_neighbors=neighbours, metric="cosine")
+        found[name] = (trust, spread)
+    return found
+
+
+def print_map_quality(sets: dict[str, list[str]]) -> None:
+    """``map_quality`` of each set of texts; sets of many small lists give medians."""
+    print("\nthe map of tfidf themes: trustworthiness (10 neighbours) and spread (middle half)")
+    print(f"{'set':<28}{'map':<17}{'trust':>7}{'spread':>8}")
+    for name, groups in sets.items():
+        measured = [map_quality(texts) for texts in groups]
+        for layout in measured[0]:
+            trust = np.median([m[layout][0] for m in measured])
+            spread = np.median([m[layout][1] for m in measured])
+            print(f"{name:<28}{layout:<17}{trust:>7.3f}{spread:>8.3f}")
+
+
+def silhouette_kmeans(units: np.ndarray, ceiling: int, k_true: int) -> tuple[np.ndarray, ...]:
+    """K-means on ``units``: with k in 2..ceiling chosen by cosine silhouette, and told
+    ``k_true``."""
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
 
-    best = None
-    for k in range(2, ceiling + 1):
-        labels = KMeans(k, n_init=10, random_state=corpora.SEED).fit_predict(units)
-        score = silhouette_score(units, labels, metric="cosine")
-        if best is None or score > best[0]:
-            best = (score, labels)
-    return best[1]
+    found = {
+        k: KMeans(k, n_init=10, random_state=corpora.SEED).fit_predict(units)
+        for k in range(2, max(ceiling, k_true) + 1)
+    }
+    chosen = max(
+        range(2, ceiling + 1), key=lambda k: silhouette_score(units, found[k], metric="cosine")
+    )
+    return found[chosen], found[k_true]
 
 
 def tfidf_variants(texts: list[str]) -> dict[str, np.ndarray]:
@@ -216,10 +283,10 @@ def real_corpora(args) -> None:
             print(f"{row}{label:<24}{auto.n_clusters:>7}{found:>9.3f}"
                   f"{nmi(labels, told.labels):>8.3f}{base:>8.3f}{found / base:>9.2f}x")  # fmt: skip
         units = normalize(themes._tfidf(texts, corpora.SEED))
-        labels_sil = silhouette_kmeans(units, themes.ceiling(len(texts)))
-        found = nmi(labels, labels_sil)
-        print(f"{row}{'k-means + silhouette':<24}{labels_sil.max() + 1:>7}{found:>9.3f}"
-              f"{'':>8}{base:>8.3f}{found / base:>9.2f}x")  # fmt: skip
+        by_silhouette, told_k = silhouette_kmeans(units, themes.ceiling(len(texts)), k)
+        found = nmi(labels, by_silhouette)
+        print(f"{row}{'k-means + silhouette':<24}{by_silhouette.max() + 1:>7}{found:>9.3f}"
+              f"{nmi(labels, told_k):>8.3f}{base:>8.3f}{found / base:>9.2f}x")  # fmt: skip
         ceiling = nmi(labels, supervised_ceiling(texts, labels))
         print(f"{row}{'supervised (5-fold)':<24}{'':>7}{'':>9}{ceiling:>8.3f}")
         variants[name] = tfidf_variants(texts)

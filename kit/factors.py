@@ -148,6 +148,14 @@ class LayerFactors:
         s, a, denom = self._rotated(s, a, damping)
         return (s.transpose(-1, -2) @ a) / denom**0.5
 
+    def whiten(self, g: torch.Tensor, damping: float, *, in_eigenbasis: bool = False):
+        """:meth:`whitened` of gradients given as matrices ``g`` ``(B, d_out, d_in)``: in the
+        weights' own basis, or (``in_eigenbasis``) already rotated into this layer's."""
+        q_s, q_a, lam = self.arrays_like(g)
+        if q_a is not None and not in_eigenbasis:
+            g = q_s.T @ g @ q_a
+        return g / ((0.0 if lam is None else lam) + damping) ** 0.5
+
     def _rotated(self, s: torch.Tensor, a: torch.Tensor, damping: float):
         """The token factors in the eigenbasis (:func:`rotated_tokens`) and ``Λ + λ``."""
         q_s, q_a, lam = self.arrays_like(s)

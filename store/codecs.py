@@ -149,6 +149,10 @@ class DenseCodec:
         """``⟨G_a, G_b⟩`` for every pair of stored examples, ``(Ba, Bb)``; exact."""
         return a["g"].flatten(1) @ b["g"].flatten(1).T
 
+    def decode(self, stored: dict[str, Tensor]) -> Tensor:
+        """The stored gradients as ``(B, d_out, d_in)`` matrices, in the standard basis."""
+        return stored["g"]
+
 
 class ProjectionCodec:
     """``P_out G_z P_inᵀ`` for fixed projections ``p_out (k_out, d_out)``, ``p_in (k_in, d_in)``.
@@ -263,6 +267,10 @@ class LowRankCodec:
             right = torch.einsum("aki,bji->abkj", a["v"][lo : lo + step], vb)
             out.append((left * right).sum(dim=(2, 3)))
         return torch.cat(out)
+
+    def decode(self, stored: dict[str, Tensor]) -> Tensor:
+        """The stored rank-``R`` gradients ``u_zᵀ v_z`` as ``(B, d_out, d_in)`` matrices."""
+        return stored["u"].transpose(1, 2) @ stored["v"]
 
 
 @dataclass(frozen=True)
@@ -432,6 +440,14 @@ class SparseCodec:
         left, right = self._rows(a), self._rows(b)
         dtype = (a["s"] if self.eight_bit else a["x"]).dtype
         return torch.from_numpy((left @ right.T).toarray()).to(dtype)
+
+    def decode(self, stored: dict[str, Tensor]) -> Tensor:
+        """The kept entries placed in ``(B, d_out, d_in)`` zero matrices, in the basis they
+        are kept in (:attr:`eigenbasis`: the factors' eigenbasis, or the standard one)."""
+        x = self.kept(stored, stored["s" if self.eight_bit else "x"].dtype)
+        dense = x.new_zeros(x.shape[0], self.shape[0] * self.shape[1])
+        dense.scatter_(1, self.positions(stored).long(), x)
+        return dense.view(-1, *self.shape)
 
     def _rows(self, stored: dict[str, Tensor]) -> scipy.sparse.csr_matrix:
         """Stored sparse codes as rows of a ``(B, d_out·d_in)`` scipy CSR matrix (float64)."""

@@ -80,6 +80,21 @@ def test_modularity_matches_its_definition():
     assert found == pytest.approx(expected / total)
 
 
+def test_neighbour_graph_joins_each_text_to_its_nearest(monkeypatch):
+    """Built a few rows at a time, it equals the graph of a full similarity sort."""
+    monkeypatch.setattr(themes, "GRAPH_BLOCK", 7)  # several blocks, one cut short
+    rng = np.random.default_rng(4)
+    units = rng.normal(size=(30, 5))
+    units /= np.linalg.norm(units, axis=1, keepdims=True)
+    similarity = units @ units.T
+    np.fill_diagonal(similarity, -np.inf)
+    nearest = np.argsort(-similarity, axis=1)[:, : round(30**0.5)]
+    expected = np.zeros((30, 30), dtype=bool)
+    expected[np.repeat(np.arange(30), nearest.shape[1]), nearest.ravel()] = True
+    expected |= expected.T
+    np.testing.assert_array_equal(themes._neighbour_graph(units).toarray() > 0, expected)
+
+
 def _grouped_vectors(groups: int, per_group: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     truth = np.repeat(np.arange(groups), per_group)
@@ -306,5 +321,59 @@ def test_for_query_by_influence(tokenizer):
     )
     assert found.method == "influence" and len(found.labels) == 12
     assert found.shares.sum() == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="needs model= and factors="):
+    with pytest.raises(ValueError, match="needs factors= and model="):
         themes.for_query(result, train, 0, method="influence", model=model)
+
+
+@pytest.mark.parametrize("codec", ["dense", "lowrank:16", "sparse"])
+def test_stored_influence_vectors_equal_the_computed_ones(tokenizer, tmp_path, codec):
+    """Read from a store that keeps whole gradients (dense, lowrank of a rank above the
+    tokens', sparse keeping every entry in the factors' eigenbasis), the influence vectors
+    are those computed with the model, sketch included."""
+    from helpers.tiny_models import make_model
+
+    texts, _ = planted_texts(3)
+    train = ik.TextDataset.from_texts(texts, tokenizer, ids=[f"t{i}" for i in range(12)])
+    model = make_model("gpt2", len(tokenizer), dtype=torch.float32)
+    factors = ik.fit_factors(model, train, "mlp", progress=False)
+    if codec == "sparse":  # as many entries as the largest layer has
+        codec = f"sparse:{max(np.prod(layer.shape) for layer in factors.layers.values())}"
+    store = ik.GradientStore.build(
+        tmp_path / "g.h5", model, train, codec=codec, factors=factors, progress=False
+    )
+    computed = themes.influence_vectors(model, factors, train)
+    stored = themes.stored_influence_vectors(store, factors, rows=5)  # blocks of rows
+    assert stored.shape == computed.shape
+    np.testing.assert_allclose(stored, computed, rtol=1e-4, atol=1e-5 * abs(computed).max())
+    part = themes.stored_influence_vectors(store, factors, [7, 2])
+    np.testing.assert_allclose(part, stored[[7, 2]], rtol=1e-12, atol=1e-12)
+    found = themes.cluster(texts, "influence", store=store, factors=factors)
+    expected = themes.cluster(texts, "influence", vectors=stored)
+    np.testing.assert_array_equal(found.labels, expected.labels)
+
+
+def test_influence_from_a_store_for_a_query_and_the_stores_that_cannot(tokenizer, tmp_path):
+    from helpers.tiny_models import make_model
+
+    texts, _ = planted_texts(3)
+    ids = [f"t{i}" for i in range(12)]
+    train = ik.TextDataset.from_texts(texts, tokenizer, ids=ids)
+    model = make_model("gpt2", len(tokenizer), dtype=torch.float32)
+    factors = ik.fit_factors(model, train, "mlp", progress=False)
+    store = ik.GradientStore.build(tmp_path / "d.h5", model, train, codec="dense", progress=False)
+    result = ik.score(model, factors, [("The chef", " bakes bread.")], store, progress=False)
+    found = themes.for_query(
+        result, train, 0, top_k=8, method="influence", store=store, factors=factors
+    )
+    vectors = themes.stored_influence_vectors(store, factors, found.indices)
+    expected = themes.cluster([texts[i] for i in found.indices], "influence", vectors=vectors)
+    np.testing.assert_array_equal(found.labels, expected.labels)
+    projected = ik.GradientStore.build(
+        tmp_path / "k.h5", model, train, codec="kron:4", progress=False
+    )
+    with pytest.raises(ik.ParameterError, match=r"cannot be preconditioned.*model="):
+        themes.stored_influence_vectors(projected, factors)
+    with pytest.raises(ik.ParameterError, match="indices must be 3 store rows"):
+        themes.cluster(texts[:3], "influence", store=store, factors=factors)
+    with pytest.raises(ik.ParameterError, match="needs factors="):
+        themes.cluster(texts, "influence", store=store)
