@@ -33,7 +33,7 @@ from .data import TextDataset, example_batches, length_order
 from .errors import DataError, FileFormatError, ModelError, NonFiniteError, ParameterError
 from .h5io import atomic_h5, open_h5, read_array
 from .hooks import LayerIO, per_sequence_grads
-from .lowrank import LowRank, truncate
+from .lowrank import LowRank, QueryForm, as_dense, times_stack, truncate
 from .models import (
     TrackedLayer,
     candidate_layers,
@@ -148,13 +148,14 @@ class LayerFactors:
         s, a, denom = self._rotated(s, a, damping)
         return (s.transpose(-1, -2) @ a) / denom**0.5
 
-    def whiten(self, g: torch.Tensor, damping: float, *, in_eigenbasis: bool = False):
-        """:meth:`whitened` of gradients given as matrices ``g`` ``(B, d_out, d_in)``: in the
-        weights' own basis, or (``in_eigenbasis``) already rotated into this layer's."""
-        q_s, q_a, lam = self.arrays_like(g)
+    def whiten(self, g: QueryForm, damping: float, *, in_eigenbasis: bool = False):
+        """:meth:`whitened` of gradients given as matrices ``g`` ``(B, d_out, d_in)`` or
+        their :class:`LowRank` factors (rotated as factors): in the weights' own basis, or
+        (``in_eigenbasis``) already rotated into this layer's."""
+        q_s, q_a, lam = self.arrays_like(g.v if isinstance(g, LowRank) else g)
         if q_a is not None and not in_eigenbasis:
-            g = q_s.T @ g @ q_a
-        return g / ((0.0 if lam is None else lam) + damping) ** 0.5
+            g = g.map(q_s.T, q_a.T) if isinstance(g, LowRank) else times_stack(q_s.T, g) @ q_a
+        return as_dense(g) / ((0.0 if lam is None else lam) + damping) ** 0.5
 
     def _rotated(self, s: torch.Tensor, a: torch.Tensor, damping: float):
         """The token factors in the eigenbasis (:func:`rotated_tokens`) and ``Λ + λ``."""

@@ -427,6 +427,7 @@ def stored_influence_vectors(
     """
     import torch
 
+    from .lowrank import times_stack
     from .store.codecs import stored_tensor
 
     checks.count("sketch", sketch, optional=True)
@@ -448,21 +449,21 @@ def stored_influence_vectors(
     indices = list(range(len(store))) if indices is None else [int(i) for i in indices]
     shapes = {name: factors.layers[name].shape for name in factors.modules}
     sides = _sketch_sides(shapes, sketch, seed, device="cpu", dtype=torch.float64)
-    parts = []
-    for name, j in positions.items():
-        codec, layer = store.codecs[j], factors.layers[name]
-        in_eigenbasis = getattr(codec, "eigenbasis", None) is not None
-        out = []
-        for lo in range(0, len(indices), rows):
-            (arrays,) = store.rows(indices[lo : lo + rows], [j])
+    blocks = []
+    for lo in range(0, len(indices), rows):  # every layer of a few rows per read
+        layers = store.rows(indices[lo : lo + rows], list(positions.values()))
+        parts = []
+        for name, arrays in zip(positions, layers, strict=True):
+            codec, layer = store.codecs[positions[name]], factors.layers[name]
             stored = {key: stored_tensor(value, torch.float64) for key, value in arrays.items()}
+            in_eigenbasis = getattr(codec, "eigenbasis", None) is not None
             w = layer.whiten(codec.decode(stored), damping[name], in_eigenbasis=in_eigenbasis)
             if name in sides:
                 left, right = sides[name]
-                w = left @ w @ right.T
-            out.append(w.flatten(1))
-        parts.append(torch.cat(out) if out else torch.zeros(0, 0, dtype=torch.float64))
-    return torch.cat(parts, dim=1).numpy() if indices else np.zeros((0, 0))
+                w = times_stack(left, w) @ right.T
+            parts.append(w.flatten(1))
+        blocks.append(torch.cat(parts, dim=1))
+    return torch.cat(blocks).numpy() if blocks else np.zeros((0, 0))
 
 
 # -- internals --------------------------------------------------------------------------------
@@ -818,8 +819,9 @@ def _plane(units: np.ndarray, seed: int = 0) -> np.ndarray:
         from sklearn.manifold import TSNE
 
         perplexity = min(30.0, (len(units) - 1) / 3)  # about 3 neighbours per perplexity unit
-        # 500 iterations: as faithful to the neighbourhoods as 1000 (trustworthiness 0.93
-        # on 954 quotes, against 0.60 for the principal plane) in half the time.
+        # 500 iterations, half scikit-learn's default, to keep the Themes tab quick: on the
+        # demo's quotes the layout keeps neighbourhoods (trustworthiness 0.85-0.90, against
+        # 0.61-0.63 for the principal plane; benchmarks/themes.py --demo).
         plane = TSNE(
             2, perplexity=perplexity, metric="cosine", init="pca", max_iter=500, random_state=seed
         ).fit_transform(units)

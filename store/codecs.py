@@ -13,6 +13,11 @@ Every codec keeps the per-layer structure and supports four operations:
 - ``gram(a, b)``: ``⟨G_a, G_b⟩`` (or its compressed estimate) between two batches of stored
   examples, ``(Ba, Bb)``, also without expanding them.
 
+A codec that keeps whole gradients (``dense``, ``lowrank``, ``sparse``, not the projecting
+``kron`` and ``eig``) also has ``decode(stored)``: the kept gradients as ``(B, d_out, d_in)``
+matrices (or their :class:`~influencekit.lowrank.LowRank` factors), in the basis they are
+kept in, which themes precondition (``themes.stored_influence_vectors``).
+
 The codecs (``spec`` strings, recorded in the store):
 
 - ``dense``: ``G_z`` itself, ``(d_out, d_in)``; exact.
@@ -268,9 +273,10 @@ class LowRankCodec:
             out.append((left * right).sum(dim=(2, 3)))
         return torch.cat(out)
 
-    def decode(self, stored: dict[str, Tensor]) -> Tensor:
-        """The stored rank-``R`` gradients ``u_zᵀ v_z`` as ``(B, d_out, d_in)`` matrices."""
-        return stored["u"].transpose(1, 2) @ stored["v"]
+    def decode(self, stored: dict[str, Tensor]) -> LowRank:
+        """The stored rank-``R`` gradients ``u_zᵀ v_z``, as factors (rotating them costs
+        ``R·(d_out² + d_in²)``, rotating the product ``d_out·d_in·(d_out + d_in)``)."""
+        return LowRank(stored["u"].transpose(1, 2), stored["v"].transpose(1, 2))
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ import pytest
 import torch
 
 import influencekit as ik
+from influencekit.lowrank import as_dense
 from influencekit.store import codecs as codecs_module
 from influencekit.store.codecs import make_codec, parse_codec
 from influencekit.tiny import TINY_CORPUS
@@ -381,3 +382,27 @@ def test_codec_gram_random(spec, monkeypatch):
         torch.testing.assert_close(codec.gram(first, second), got, rtol=1e-14, atol=1e-14)
         empty = codec.gram({k: v[:0] for k, v in stored.items()}, second)
         assert empty.shape == (0, 4)
+
+
+@pytest.mark.parametrize("spec", ["dense", "lowrank:2", "lowrank:9", "sparse:6", "sparse8:35"])
+def test_codec_decode_gives_the_kept_gradients(spec, monkeypatch):
+    """``decode`` returns the matrices whose inner products ``gram`` computes (so exactly
+    ``G`` where a codec keeps it whole), in the basis they are kept in; the projecting
+    codecs have none."""
+    monkeypatch.setattr(
+        codecs_module, "LAYOUTS", {4: (np.uint8, np.uint16), 16: (np.uint16, np.int32)}
+    )
+    codec = make_codec(parse_codec(spec), (5, 7), seed=3, layer_index=1)
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(6, 4, 7, generator=gen, dtype=F64)
+    s = torch.randn(6, 4, 5, generator=gen, dtype=F64)
+    stored = codec.encode(a, s)
+    decoded = as_dense(codec.decode(stored))  # lowrank: as factors
+    assert decoded.shape == (6, 5, 7) and decoded.dtype == F64
+    flat = decoded.flatten(1)
+    torch.testing.assert_close(flat @ flat.T, codec.gram(stored, stored), rtol=1e-12, atol=1e-12)
+    if spec in ("dense", "lowrank:9"):  # whole: R >= T tokens
+        torch.testing.assert_close(decoded, torch.einsum("bto,bti->boi", s, a))
+    if spec == "sparse:6":  # the 6 largest |G| entries of each example, zeros elsewhere
+        assert ((decoded != 0).flatten(1).sum(1) == 6).all()
+    assert not hasattr(make_codec(parse_codec("kron:3"), (5, 7)), "decode")
