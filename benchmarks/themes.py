@@ -174,14 +174,14 @@ def map_quality(texts: list[str]) -> dict[str, tuple[float, float]]:
     extent over the whole map's, the smaller of the two axes; near 0 = squeezed)."""
     from sklearn.manifold import trustworthiness
 
-    units = themes._unit_vectors(texts, "tfidf", None, None, 0)
-    maps = {"t-SNE": themes._plane(units)}
-    default = themes.MAP_TSNE_MIN
-    themes.MAP_TSNE_MIN = len(units) + 1  # the principal plane, as below that size
+    units = themes.vectors.unit_vectors(texts, "tfidf", None, None, 0)
+    maps = {"t-SNE": themes.clustering.plane(units)}
+    default = themes.clustering.MAP_TSNE_MIN
+    themes.clustering.MAP_TSNE_MIN = len(units) + 1  # the principal plane, as below that size
     try:
-        maps["principal plane"] = themes._plane(units)
+        maps["principal plane"] = themes.clustering.plane(units)
     finally:
-        themes.MAP_TSNE_MIN = default
+        themes.clustering.MAP_TSNE_MIN = default
     found = {}
     for name, plane in maps.items():
         low, high = np.percentile(plane, [25, 75], axis=0)
@@ -271,7 +271,7 @@ def real_corpora(args) -> None:
         methods = {"tfidf": ("tfidf", {})}
         if args.embedding:
             states = wide_model_states(texts)
-            units = normalize(themes._tfidf(texts, corpora.SEED))
+            units = normalize(themes.vectors.tfidf_vectors(texts, corpora.SEED))
             joined = np.hstack([units, 0.5 * normalize(states - states.mean(axis=0))])
             methods["embedding (wide)"] = ("embedding", {"vectors": states})
             methods["tfidf + embedding"] = ("embedding", {"vectors": joined})
@@ -282,7 +282,7 @@ def real_corpora(args) -> None:
             found = nmi(labels, auto.labels)
             print(f"{row}{label:<24}{auto.n_clusters:>7}{found:>9.3f}"
                   f"{nmi(labels, told.labels):>8.3f}{base:>8.3f}{found / base:>9.2f}x")  # fmt: skip
-        units = normalize(themes._tfidf(texts, corpora.SEED))
+        units = normalize(themes.vectors.tfidf_vectors(texts, corpora.SEED))
         by_silhouette, told_k = silhouette_kmeans(units, themes.ceiling(len(texts)), k)
         found = nmi(labels, by_silhouette)
         print(f"{row}{'k-means + silhouette':<24}{by_silhouette.max() + 1:>7}{found:>9.3f}"

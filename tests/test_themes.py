@@ -76,13 +76,13 @@ def test_modularity_matches_its_definition():
         for j in range(12)
         if labels[i] == labels[j]
     )
-    found = themes._modularity(sparse.csr_matrix(adjacency), labels)
+    found = themes.clustering.modularity(sparse.csr_matrix(adjacency), labels)
     assert found == pytest.approx(expected / total)
 
 
 def test_neighbour_graph_joins_each_text_to_its_nearest(monkeypatch):
     """Built a few rows at a time, it equals the graph of a full similarity sort."""
-    monkeypatch.setattr(themes, "GRAPH_BLOCK", 7)  # several blocks, one cut short
+    monkeypatch.setattr(themes.clustering, "GRAPH_BLOCK", 7)  # several blocks, one cut short
     rng = np.random.default_rng(4)
     units = rng.normal(size=(30, 5))
     units /= np.linalg.norm(units, axis=1, keepdims=True)
@@ -92,7 +92,7 @@ def test_neighbour_graph_joins_each_text_to_its_nearest(monkeypatch):
     expected = np.zeros((30, 30), dtype=bool)
     expected[np.repeat(np.arange(30), nearest.shape[1]), nearest.ravel()] = True
     expected |= expected.T
-    np.testing.assert_array_equal(themes._neighbour_graph(units).toarray() > 0, expected)
+    np.testing.assert_array_equal(themes.clustering.neighbour_graph(units).toarray() > 0, expected)
 
 
 def _grouped_vectors(groups: int, per_group: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -154,7 +154,7 @@ def test_vector_methods_recover_planted_directions_from_vectors_and_gram(method)
 def test_gram_embedding_reproduces_the_cosine_matrix():
     rng = np.random.default_rng(2)
     vectors = rng.normal(size=(10, 4))  # rank 4 < n: the embedding must drop null directions
-    units = themes._from_gram(vectors @ vectors.T, 10)
+    units = themes.vectors.from_gram(vectors @ vectors.T, 10)
     norms = np.linalg.norm(vectors, axis=1)
     np.testing.assert_allclose(units @ units.T, (vectors @ vectors.T) / np.outer(norms, norms))
 

@@ -38,20 +38,38 @@ from dataclasses import dataclass, field
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import checks
-from .errors import DataError, ParameterError
+from .. import checks
+from ..errors import DataError, ParameterError
+from .clustering import MAP_SPREAD, MAX_CEILING, ceiling, partition, plane, representatives
+from .vectors import (
+    SKETCH,
+    WORD,
+    influence_vectors,
+    mean_hidden_states,
+    stored_influence_vectors,
+    unit_vectors,
+)
+
+__all__ = [
+    "MAP_SPREAD",
+    "MAX_CEILING",
+    "METHODS",
+    "SKETCH",
+    "WORD",
+    "Themes",
+    "across",
+    "ceiling",
+    "class_tfidf_terms",
+    "cluster",
+    "for_query",
+    "influence_vectors",
+    "mean_hidden_states",
+    "stored_influence_vectors",
+]
 
 METHODS = ("tfidf", "gradient", "embedding", "influence")
-SKETCH = 32  # influence vectors: a layer of more than SKETCH² entries is sketched to SKETCH²
 OPTIONS = ("max_clusters", "n_terms", "seed")  # for_query / across pass these on to cluster
-WORD = r"(?u)\b[a-zA-Z][a-zA-Z]+\b"  # words of 2+ letters: no numbers or punctuation
 TITLE_TERMS = 3  # terms in a cluster's title
-MAP_SPREAD = 2.0  # map coordinates: the bulk within ±1, outliers clipped at ±MAP_SPREAD
-MAP_TSNE_MIN = 10  # from this many texts the map is a t-SNE layout, below it principal axes
-MAX_CEILING = 30  # the most clusters tried by default, however many texts
-PLATEAU = 0.01  # k scoring within 1 % of the best modularity counts as good as the best
-GRAPH_BLOCK = 1024  # rows of the similarity matrix held at once when building the graph
-GRAPH_MIN = 10  # fewer distinct texts than this are clustered by k-means, not a graph
 
 
 @dataclass
@@ -187,19 +205,19 @@ def cluster(
     # One BLAS/OpenMP thread: these problems are small, and on a busy machine more threads
     # made clustering 10-20x slower (benchmarks/widgets.py, the explorer's Themes tab).
     with threadpool_limits(limits=1):
-        units = _unit_vectors(texts, method, vectors, gram, seed)
-        labels, silhouette, k_scores = _partition(units, n_clusters, max_clusters, seed)
+        units = unit_vectors(texts, method, vectors, gram, seed)
+        labels, silhouette, k_scores = partition(units, n_clusters, max_clusters, seed)
     k = int(labels.max()) + 1
     return Themes(
         labels=labels,
         terms=class_tfidf_terms(texts, labels, n_terms),
         sizes=np.bincount(labels, minlength=k),
-        representatives=_representatives(units, labels),
+        representatives=representatives(units, labels),
         texts=texts,
         method=method,
         silhouette=silhouette,
         k_scores=k_scores,
-        coords=_plane(units, seed),
+        coords=plane(units, seed),
     )
 
 
@@ -314,178 +332,7 @@ def class_tfidf_terms(texts: list[str], labels: np.ndarray, n_terms: int = 8) ->
     ]
 
 
-def mean_hidden_states(
-    model, dataset, indices=None, *, layer: int = -1, batch_size: int = 16, device=None
-) -> np.ndarray:
-    """``(n, hidden)``: each sequence's hidden state at ``layer`` averaged over its tokens.
-
-    ``layer`` indexes ``output_hidden_states`` (0 = embeddings, -1 = the last block).
-
-    Example:
-        >>> vectors = mean_hidden_states(model, train, [0, 5, 9])   # doctest: +SKIP
-    """
-    import torch
-
-    from .data import collate, padding_id
-    from .models import resolve_device
-
-    checks.count("layer", layer, minimum=None)  # an index into output_hidden_states
-    batch_size = checks.count("batch_size", batch_size)
-    device = checks.device("device", device)
-    indices = range(len(dataset)) if indices is None else [int(i) for i in indices]
-    examples = [dataset[i] for i in indices]
-    device = resolve_device(model, device)
-    pad = padding_id(dataset.tokenizer)
-    out = []
-    with torch.no_grad():
-        for lo in range(0, len(examples), batch_size):
-            chunk = examples[lo : lo + batch_size]
-            ids = [ex.input_ids for ex in chunk]
-            batch = collate(ids, [1] * len(ids), list(range(len(ids))), pad).to(device)
-            hidden = model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                output_hidden_states=True,
-            ).hidden_states[layer]
-            mask = batch.attention_mask.unsqueeze(-1).to(hidden.dtype)
-            out.append(((hidden * mask).sum(1) / mask.sum(1)).double().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0))
-
-
-def influence_vectors(
-    model,
-    factors,
-    dataset,
-    indices=None,
-    *,
-    damping=None,
-    sketch: int | None = SKETCH,
-    seed: int = 0,
-    batch_size: int = 8,
-    device=None,
-    dtype="float32",
-) -> np.ndarray:
-    """``(n, D)``: each sequence's training gradient in the curvature eigenbasis of every
-    layer of ``factors``, divided by ``sqrt(Λ + λ)`` (:meth:`LayerFactors.whitened`): dot
-    products of two rows are the influence of one sequence on the other,
-    ``Σ_ℓ ⟨G_a, (Ĝ + λI)⁻¹ G_b⟩``, and their cosines the similarity ``method="influence"``
-    clusters by. A layer of more than ``sketch²`` entries is compressed to ``sketch × sketch``
-    by a fixed seeded Gaussian on each side (``P W Rᵀ``, ``E[PᵀP] = E[RᵀR] = I``: unbiased dot
-    products); ``sketch=None`` keeps every entry.
-
-    Example:
-        >>> vectors = influence_vectors(model, factors, train, [0, 5, 9])  # doctest: +SKIP
-        >>> cluster(texts, "influence", vectors=vectors)                    # doctest: +SKIP
-    """
-    import torch
-
-    from .data import example_batches
-    from .settings import RunSettings
-
-    checks.count("sketch", sketch, optional=True)
-    run = RunSettings(batch_size=batch_size, device=device, dtype=dtype, progress=False)
-    run = run.on(model)
-    layers = factors.tracked_layers(model)
-    damping = factors.damping_for(damping)
-    chosen = dataset.subset(range(len(dataset)) if indices is None else [int(i) for i in indices])
-    shapes = {layer.name: layer.grad_shape for layer in layers}
-    sides = _sketch_sides(shapes, sketch, seed, device=run.device, dtype=run.dtype)
-    rows = []
-    batches = example_batches(chosen, run.batch_size)
-    for _, io in run.captures(model, layers, batches, desc="influence vectors", progress=False):
-        parts = []
-        for layer in layers:
-            x = io[layer.name]
-            w = factors.layers[layer.name].whitened(x.s, x.a, damping[layer.name])
-            if layer.name in sides:
-                left, right = sides[layer.name]
-                w = left @ w @ right.T
-            parts.append(w.flatten(1))
-        rows.append(torch.cat(parts, dim=1).double().cpu().numpy())
-    return np.concatenate(rows)
-
-
-def stored_influence_vectors(
-    store,
-    factors,
-    indices=None,
-    *,
-    damping=None,
-    sketch: int | None = SKETCH,
-    seed: int = 0,
-    rows: int = 16,
-) -> np.ndarray:
-    """:func:`influence_vectors` of stored sequences, from their gradients as the store keeps
-    them (decoded by its codec) instead of a model's forward and backward passes: the same
-    vectors, sketched the same way, for a ``dense`` store or a ``lowrank`` one of full rank;
-    for ``sparse`` and lower ranks, those of the stored approximations. ``indices``: store
-    rows (default all); ``rows``: sequences decoded at a time per layer. ``kron`` and ``eig``
-    stores keep projections of the gradients, which cannot be preconditioned.
-
-    Example:
-        >>> vectors = stored_influence_vectors(store, factors, [0, 5, 9])  # doctest: +SKIP
-    """
-    import torch
-
-    from .lowrank import times_stack
-    from .store.codecs import stored_tensor
-
-    checks.count("sketch", sketch, optional=True)
-    rows = checks.count("rows", rows)
-    store.check(modules=factors.modules)
-    kept = {name: layer.basis_fingerprint() for name, layer in factors.layers.items()}
-    store.check_eigenbasis(kept)
-    positions = {name: store.modules.index(name) for name in factors.modules}
-    projected = [n for n, j in positions.items() if not hasattr(store.codecs[j], "decode")]
-    if projected:
-        raise ParameterError(
-            "store",
-            store.path,
-            f"a store of whole gradients (dense, lowrank, sparse): its codec {store.codec!r} "
-            f"keeps projections of layer {projected[0]}'s, which cannot be preconditioned; "
-            "pass model= to compute them on the fly",
-        )
-    damping = factors.damping_for(damping)
-    indices = list(range(len(store))) if indices is None else [int(i) for i in indices]
-    shapes = {name: factors.layers[name].shape for name in factors.modules}
-    sides = _sketch_sides(shapes, sketch, seed, device="cpu", dtype=torch.float64)
-    blocks = []
-    for lo in range(0, len(indices), rows):  # every layer of a few rows per read
-        layers = store.rows(indices[lo : lo + rows], list(positions.values()))
-        parts = []
-        for name, arrays in zip(positions, layers, strict=True):
-            codec, layer = store.codecs[positions[name]], factors.layers[name]
-            stored = {key: stored_tensor(value, torch.float64) for key, value in arrays.items()}
-            in_eigenbasis = getattr(codec, "eigenbasis", None) is not None
-            w = layer.whiten(codec.decode(stored), damping[name], in_eigenbasis=in_eigenbasis)
-            if name in sides:
-                left, right = sides[name]
-                w = times_stack(left, w) @ right.T
-            parts.append(w.flatten(1))
-        blocks.append(torch.cat(parts, dim=1))
-    return torch.cat(blocks).numpy() if blocks else np.zeros((0, 0))
-
-
 # -- internals --------------------------------------------------------------------------------
-
-
-def _sketch_sides(shapes: dict, sketch: int | None, seed: int, *, device, dtype) -> dict:
-    """``{layer: (P, R)}``: for each layer of more than ``sketch²`` entries, in order, the
-    seeded Gaussian ``(sketch, d_out)`` and ``(sketch, d_in)`` sketches, scaled so that
-    ``E[PᵀP] = I``; the same for the same shapes and seed, wherever the gradients come from."""
-    import torch
-
-    generator = torch.Generator().manual_seed(checks.count("seed", seed, minimum=0))
-    sides = {}
-    for name, (d_out, d_in) in shapes.items():
-        if sketch is not None and d_out * d_in > sketch * sketch:
-            sides[name] = [
-                (torch.randn(sketch, d, generator=generator, dtype=torch.float64) / sketch**0.5).to(
-                    device=device, dtype=dtype
-                )
-                for d in (d_out, d_in)
-            ]
-    return sides
 
 
 def _check_texts(texts) -> list[str]:
@@ -622,227 +469,6 @@ def _cluster_indices(result, dataset, indices, method, n_clusters, sources, opti
     themes = cluster(texts, method, n_clusters, vectors=vectors, gram=gram, **options)
     themes.indices = np.asarray(indices, dtype=np.int64)
     return themes
-
-
-def _unit_vectors(texts, method, vectors, gram, seed) -> np.ndarray:
-    """One row per text, unit length, whose dot products are the cosine similarities."""
-    if method == "tfidf":
-        vectors = _tfidf(texts, seed)
-    elif gram is not None:
-        vectors = _from_gram(gram, len(texts))
-    vectors = np.asarray(vectors, dtype=np.float64)
-    if not np.isfinite(vectors).all():
-        raise DataError("themes: the vectors or Gram matrix contain NaN or inf")
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
-
-
-def _tfidf(texts: list[str], seed: int) -> np.ndarray:
-    from sklearn.decomposition import TruncatedSVD
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
-    try:
-        matrix = TfidfVectorizer(
-            stop_words="english", token_pattern=WORD, sublinear_tf=True
-        ).fit_transform(texts)
-    except ValueError:  # nothing but stop words: every text alike
-        return np.ones((len(texts), 1))
-    # Short texts share few words: LSA (truncated SVD) lets synonyms' co-occurrence count.
-    dims = min(100, matrix.shape[1] - 1, len(texts) - 1)
-    if dims >= 2 and matrix.shape[1] > 100:
-        return TruncatedSVD(dims, random_state=seed).fit_transform(matrix)
-    return matrix.toarray()
-
-
-def _from_gram(gram: np.ndarray, n: int) -> np.ndarray:
-    """Rows ``V sqrt(Λ₊)`` of the cosine matrix of ``gram``: their dot products equal it."""
-    if gram.shape != (n, n):
-        raise ParameterError("gram", gram, f"({n}, {n}) for {n} texts, not of shape {gram.shape}")
-    if not np.isfinite(gram).all():
-        raise DataError("themes: the vectors or Gram matrix contain NaN or inf")
-    norms = np.sqrt(np.clip(np.diag(gram), 0, None))
-    norms[norms == 0] = 1  # a zero gradient stays a zero row
-    cosine = gram / np.outer(norms, norms)
-    values, vecs = np.linalg.eigh((cosine + cosine.T) / 2)
-    keep = values > 1e-10 * max(values.max(), 1e-300)
-    return vecs[:, keep] * np.sqrt(values[keep])
-
-
-def _partition(units: np.ndarray, n_clusters, max_clusters, seed: int):
-    """Labels (renumbered by decreasing size), their cosine silhouette, and the modularity
-    of every k tried (the evidence for the choice).
-
-    The texts become a graph, each joined to its nearest neighbours (:func:`_neighbour_graph`);
-    every k is a spectral partition of that graph, and with ``n_clusters=None`` the k of
-    greatest modularity wins: the share of edges inside clusters beyond what random wiring
-    with the same degrees would put there. Splitting a group that hangs together loses more
-    edges than it gains, so unlike the silhouette on short texts it does not keep rising
-    with k. Fewer than ``GRAPH_MIN`` distinct texts say too little for a graph: they are
-    partitioned by k-means on the unit vectors, and scored the same way.
-    """
-    from sklearn.metrics import silhouette_score
-
-    n = len(units)
-    distinct = len(np.unique(units.round(12), axis=0))
-    if n_clusters is None:
-        top = ceiling(n) if max_clusters is None else max_clusters
-        candidates = list(range(2, min(top, distinct - 1, n - 1) + 1)) or [1]
-    else:
-        candidates = [min(n_clusters, distinct)]
-    graph = _neighbour_graph(units)
-    # One embedding as wide as the default ceiling, whatever k is asked for: a k told is
-    # then cut exactly as the same k found automatically.
-    dims = max(max(candidates), ceiling(n))
-    split = _spectral_splitter(graph, dims, seed) if distinct >= GRAPH_MIN else None
-    partitions = {k: _split(units, k, split, seed) for k in candidates}
-    scores = {k: _modularity(graph, labels) for k, labels in partitions.items() if k > 1}
-    labels = partitions[_fewest_near_best(scores) if scores else candidates[0]]
-    k = len(np.unique(labels))
-    silhouette = float(silhouette_score(units, labels, metric="cosine")) if 1 < k < n else None
-    order = np.argsort(-np.bincount(labels), kind="stable")  # cluster 0 = the largest
-    renumber = np.empty_like(order)
-    renumber[order] = np.arange(len(order))
-    return renumber[labels].astype(np.int64), silhouette, scores
-
-
-def _fewest_near_best(scores: dict[int, float]) -> int:
-    """The smallest k scoring within ``PLATEAU`` (relative) of the best: where modularity
-    is flat, more clusters only cut groups that hang together as well whole.
-
-    Example:
-        >>> _fewest_near_best({2: 0.2, 3: 0.398, 4: 0.40, 5: 0.39})
-        3
-    """
-    best = max(scores.values())
-    return min(k for k, score in scores.items() if score >= best - PLATEAU * abs(best))
-
-
-def ceiling(n: int) -> int:
-    """The most clusters :func:`cluster` tries for ``n`` texts unless told otherwise:
-    ``sqrt(n / 2)``, at least 2 and at most ``MAX_CEILING``: clusters of ``sqrt(2 n)``
-    texts on average at the ceiling, few enough to read and each large enough to name.
-
-    Example:
-        >>> ceiling(50), ceiling(800), ceiling(100_000)
-        (5, 20, 30)
-    """
-    return int(min(MAX_CEILING, max(2, round((n / 2) ** 0.5))))
-
-
-def _neighbour_graph(units: np.ndarray):
-    """The symmetric 0/1 graph joining each text to its ``round(sqrt(n))`` most similar
-    (cosine) others, as a sparse matrix: wide enough that a theme's texts form one
-    connected block, narrow enough that unrelated texts rarely touch."""
-    from scipy import sparse
-
-    n = len(units)
-    neighbours = int(min(n - 1, max(1, round(n**0.5))))
-    if neighbours < 1:
-        return sparse.csr_matrix((n, n))
-    nearest = np.empty((n, neighbours), dtype=np.int64)
-    for lo in range(0, n, GRAPH_BLOCK):  # a block of rows at a time: memory O(n), not O(n²)
-        similarity = units[lo : lo + GRAPH_BLOCK] @ units.T
-        rows = np.arange(len(similarity))
-        similarity[rows, lo + rows] = -np.inf  # not its own neighbour
-        order = np.argpartition(-similarity, neighbours - 1, axis=1)
-        nearest[lo : lo + GRAPH_BLOCK] = order[:, :neighbours]
-    rows = np.repeat(np.arange(n), neighbours)
-    graph = sparse.csr_matrix((np.ones(n * neighbours), (rows, nearest.ravel())), shape=(n, n))
-    return ((graph + graph.T) > 0).astype(np.float64)
-
-
-def _spectral_splitter(graph, k_max: int, seed: int) -> np.ndarray:
-    """The graph's first ``k_max`` spectral coordinates (normalised Laplacian), each row
-    scaled to unit length: k-means on the first k columns gives its k-way spectral cut."""
-    import warnings
-
-    from sklearn.manifold import spectral_embedding
-    from sklearn.preprocessing import normalize
-
-    with warnings.catch_warnings():  # a graph in pieces is fine: the pieces are clusters
-        warnings.filterwarnings("ignore", message="Graph is not fully connected")
-        coords = spectral_embedding(
-            graph, n_components=max(k_max, 2), drop_first=False, random_state=seed
-        )
-    return normalize(coords)
-
-
-def _split(units: np.ndarray, k: int, spectral, seed: int) -> np.ndarray:
-    """k clusters: k-means on the spectral coordinates, or on the unit vectors when there
-    are none (too few texts for a graph)."""
-    from sklearn.cluster import KMeans
-
-    if k == 1:
-        return np.zeros(len(units), dtype=np.int64)
-    points = units if spectral is None else spectral[:, :k]
-    return KMeans(k, n_init=10, random_state=seed).fit_predict(points).astype(np.int64)
-
-
-def _modularity(graph, labels: np.ndarray) -> float:
-    """Newman's modularity of ``labels`` on ``graph``: the share of edge ends inside clusters
-    minus the share expected if edges were placed at random keeping each text's degree.
-
-    Example:
-        >>> from scipy import sparse
-        >>> two_pairs = sparse.csr_matrix(np.kron(np.eye(2), np.ones((2, 2))) - np.eye(4))
-        >>> round(_modularity(two_pairs, np.array([0, 0, 1, 1])), 3)
-        0.5
-    """
-    total = graph.sum()
-    if total == 0:
-        return 0.0
-    degree = np.asarray(graph.sum(axis=1)).ravel()
-    inside = 0.0
-    for c in np.unique(labels):
-        members = labels == c
-        inside += graph[members][:, members].sum() / total - (degree[members].sum() / total) ** 2
-    return float(inside)
-
-
-def _plane(units: np.ndarray, seed: int = 0) -> np.ndarray:
-    """``(n, 2)`` map coordinates of the unit vectors: a t-SNE layout of their cosine
-    distances from ``MAP_TSNE_MIN`` texts on (it keeps each text near its neighbours and
-    spreads the rest, where the two directions of greatest variance are often set by a few
-    texts and squeeze the others into a speck), below that the two principal components;
-    then scaled per axis so that the middle 90 % of the points span ±1 around the median,
-    and clipped at ±``MAP_SPREAD``: far-out points neither squeeze the rest nor leave the map.
-
-    Example:
-        >>> units = np.eye(3)[[0, 0, 1, 1, 2]] + np.r_[:5][:, None] * 1e-3
-        >>> bool(np.abs(_plane(units)).max() <= MAP_SPREAD)
-        True
-    """
-    centred = units - units.mean(axis=0)
-    if len(units) < 2 or not centred.any():
-        return np.zeros((len(units), 2))
-    if len(units) >= MAP_TSNE_MIN:
-        from sklearn.manifold import TSNE
-
-        perplexity = min(30.0, (len(units) - 1) / 3)  # about 3 neighbours per perplexity unit
-        # 500 iterations, half scikit-learn's default, to keep the Themes tab quick: on the
-        # demo's quotes the layout keeps neighbourhoods (trustworthiness 0.85-0.90, against
-        # 0.61-0.63 for the principal plane; benchmarks/themes.py --demo).
-        plane = TSNE(
-            2, perplexity=perplexity, metric="cosine", init="pca", max_iter=500, random_state=seed
-        ).fit_transform(units)
-    else:
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        plane = centred @ vt[:2].T
-        plane = np.pad(plane, ((0, 0), (0, 2 - plane.shape[1])))  # one direction: a line
-    offset = plane - np.median(plane, axis=0)
-    spread = np.quantile(np.abs(offset), 0.9, axis=0)
-    spread[spread == 0] = 1.0  # an axis where (almost) every point sits at the median
-    return np.clip(offset / spread, -MAP_SPREAD, MAP_SPREAD)
-
-
-def _representatives(units: np.ndarray, labels: np.ndarray) -> list[int]:
-    """Per cluster, the member most similar (cosine) to the cluster's mean direction."""
-    reps = []
-    for c in range(int(labels.max()) + 1):
-        members = np.flatnonzero(labels == c)
-        centre = units[members].mean(axis=0)
-        reps.append(int(members[np.argmax(units[members] @ centre)]))
-    return reps
 
 
 def _shares(labels: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
