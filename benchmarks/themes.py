@@ -175,13 +175,11 @@ def map_quality(texts: list[str]) -> dict[str, tuple[float, float]]:
     from sklearn.manifold import trustworthiness
 
     units = themes.vectors.unit_vectors(texts, "tfidf", None, None, 0)
-    maps = {"t-SNE": themes.clustering.plane(units)}
-    default = themes.clustering.MAP_TSNE_MIN
-    themes.clustering.MAP_TSNE_MIN = len(units) + 1  # the principal plane, as below that size
-    try:
-        maps["principal plane"] = themes.clustering.plane(units)
-    finally:
-        themes.clustering.MAP_TSNE_MIN = default
+    layout = themes.clustering
+    maps = {
+        "t-SNE": layout.plane(units),
+        "principal plane": layout.robust_scale(layout.principal_axes(units)),
+    }
     found = {}
     for name, plane in maps.items():
         low, high = np.percentile(plane, [25, 75], axis=0)

@@ -325,17 +325,23 @@ def test_for_query_by_influence(tokenizer):
         themes.for_query(result, train, 0, method="influence", model=model)
 
 
-@pytest.mark.parametrize("codec", ["dense", "lowrank:16", "sparse"])
-def test_stored_influence_vectors_equal_the_computed_ones(tokenizer, tmp_path, codec):
-    """Read from a store that keeps whole gradients (dense, lowrank of a rank above the
-    tokens', sparse keeping every entry in the factors' eigenbasis), the influence vectors
-    are those computed with the model, sketch included."""
+@pytest.fixture(scope="module")
+def planted_fit(tokenizer):
+    """12 planted texts (ids t0..t11), a tiny GPT-2 and its factors; tests only read them."""
     from helpers.tiny_models import make_model
 
     texts, _ = planted_texts(3)
     train = ik.TextDataset.from_texts(texts, tokenizer, ids=[f"t{i}" for i in range(12)])
     model = make_model("gpt2", len(tokenizer), dtype=torch.float32)
-    factors = ik.fit_factors(model, train, "mlp", progress=False)
+    return texts, train, model, ik.fit_factors(model, train, "mlp", progress=False)
+
+
+@pytest.mark.parametrize("codec", ["dense", "lowrank:16", "sparse"])
+def test_stored_influence_vectors_equal_the_computed_ones(planted_fit, tmp_path, codec):
+    """Read from a store that keeps whole gradients (dense, lowrank of a rank above the
+    tokens', sparse keeping every entry in the factors' eigenbasis), the influence vectors
+    are those computed with the model, sketch included."""
+    texts, train, model, factors = planted_fit
     if codec == "sparse":  # as many entries as the largest layer has
         codec = f"sparse:{max(np.prod(layer.shape) for layer in factors.layers.values())}"
     store = ik.GradientStore.build(
@@ -352,14 +358,8 @@ def test_stored_influence_vectors_equal_the_computed_ones(tokenizer, tmp_path, c
     np.testing.assert_array_equal(found.labels, expected.labels)
 
 
-def test_influence_from_a_store_for_a_query_and_the_stores_that_cannot(tokenizer, tmp_path):
-    from helpers.tiny_models import make_model
-
-    texts, _ = planted_texts(3)
-    ids = [f"t{i}" for i in range(12)]
-    train = ik.TextDataset.from_texts(texts, tokenizer, ids=ids)
-    model = make_model("gpt2", len(tokenizer), dtype=torch.float32)
-    factors = ik.fit_factors(model, train, "mlp", progress=False)
+def test_influence_from_a_store_for_a_query_and_the_stores_that_cannot(planted_fit, tmp_path):
+    texts, train, model, factors = planted_fit
     store = ik.GradientStore.build(tmp_path / "d.h5", model, train, codec="dense", progress=False)
     result = ik.score(model, factors, [("The chef", " bakes bread.")], store, progress=False)
     found = themes.for_query(

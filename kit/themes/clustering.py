@@ -166,24 +166,35 @@ def plane(units: np.ndarray, seed: int = 0) -> np.ndarray:
         >>> bool(np.abs(plane(units)).max() <= MAP_SPREAD)
         True
     """
-    centred = units - units.mean(axis=0)
-    if len(units) < 2 or not centred.any():
+    if len(units) < 2 or not (units - units.mean(axis=0)).any():
         return np.zeros((len(units), 2))
-    if len(units) >= MAP_TSNE_MIN:
-        from sklearn.manifold import TSNE
+    if len(units) < MAP_TSNE_MIN:
+        return robust_scale(principal_axes(units))
+    from sklearn.manifold import TSNE
 
-        perplexity = min(30.0, (len(units) - 1) / 3)  # about 3 neighbours per perplexity unit
-        # 500 iterations, half scikit-learn's default, to keep the Themes tab quick: on the
-        # demo's quotes the layout keeps neighbourhoods (trustworthiness 0.85-0.90, against
-        # 0.61-0.63 for the principal plane; benchmarks/themes.py --demo).
-        plane = TSNE(
-            2, perplexity=perplexity, metric="cosine", init="pca", max_iter=500, random_state=seed
-        ).fit_transform(units)
-    else:
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        plane = centred @ vt[:2].T
-        plane = np.pad(plane, ((0, 0), (0, 2 - plane.shape[1])))  # one direction: a line
-    offset = plane - np.median(plane, axis=0)
+    perplexity = min(30.0, (len(units) - 1) / 3)  # about 3 neighbours per perplexity unit
+    # 500 iterations, half scikit-learn's default, to keep the Themes tab quick: on the
+    # demo's quotes the layout keeps neighbourhoods (trustworthiness 0.85-0.90, against
+    # 0.61-0.63 for the principal plane; benchmarks/themes.py --demo).
+    layout = TSNE(
+        2, perplexity=perplexity, metric="cosine", init="pca", max_iter=500, random_state=seed
+    ).fit_transform(units)
+    return robust_scale(layout)
+
+
+def principal_axes(units: np.ndarray) -> np.ndarray:
+    """``(n, 2)``: the vectors' coordinates along their two directions of greatest variance
+    (a zero column where there is only one)."""
+    centred = units - units.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    axes = centred @ vt[:2].T
+    return np.pad(axes, ((0, 0), (0, 2 - axes.shape[1])))
+
+
+def robust_scale(points: np.ndarray) -> np.ndarray:
+    """``points`` scaled per axis so that the middle 90 % span ±1 around the median, and
+    clipped at ±``MAP_SPREAD``."""
+    offset = points - np.median(points, axis=0)
     spread = np.quantile(np.abs(offset), 0.9, axis=0)
     spread[spread == 0] = 1.0  # an axis where (almost) every point sits at the median
     return np.clip(offset / spread, -MAP_SPREAD, MAP_SPREAD)

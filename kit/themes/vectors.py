@@ -102,10 +102,7 @@ def influence_vectors(
         for layer in layers:
             x = io[layer.name]
             w = factors.layers[layer.name].whitened(x.s, x.a, damping[layer.name])
-            if layer.name in sides:
-                left, right = sides[layer.name]
-                w = left @ w @ right.T
-            parts.append(w.flatten(1))
+            parts.append(_sketched(w, sides.get(layer.name)))
         rows.append(torch.cat(parts, dim=1).double().cpu().numpy())
     return np.concatenate(rows)
 
@@ -124,7 +121,7 @@ def stored_influence_vectors(
     them (decoded by its codec) instead of a model's forward and backward passes: the same
     vectors, sketched the same way, for a ``dense`` store or a ``lowrank`` one of full rank;
     for ``sparse`` and lower ranks, those of the stored approximations. ``indices``: store
-    rows (default all); ``rows``: sequences decoded at a time per layer. ``kron`` and ``eig``
+    rows (default all); ``rows``: sequences read and decoded at a time. ``kron`` and ``eig``
     stores keep projections of the gradients, which cannot be preconditioned.
 
     Example:
@@ -132,7 +129,6 @@ def stored_influence_vectors(
     """
     import torch
 
-    from ..lowrank import times_stack
     from ..store.codecs import stored_tensor
 
     checks.count("sketch", sketch, optional=True)
@@ -163,10 +159,7 @@ def stored_influence_vectors(
             stored = {key: stored_tensor(value, torch.float64) for key, value in arrays.items()}
             in_eigenbasis = getattr(codec, "eigenbasis", None) is not None
             w = layer.whiten(codec.decode(stored), damping[name], in_eigenbasis=in_eigenbasis)
-            if name in sides:
-                left, right = sides[name]
-                w = times_stack(left, w) @ right.T
-            parts.append(w.flatten(1))
+            parts.append(_sketched(w, sides.get(name)))
         blocks.append(torch.cat(parts, dim=1))
     return torch.cat(blocks).numpy() if blocks else np.zeros((0, 0))
 
@@ -188,6 +181,17 @@ def _sketch_sides(shapes: dict, sketch: int | None, seed: int, *, device, dtype)
                 for d in (d_out, d_in)
             ]
     return sides
+
+
+def _sketched(w, side):
+    """Whitened gradients ``w`` ``(B, d_out, d_in)`` as rows: sketched to ``P w Rᵀ`` where the
+    layer has sketches ``side = (P, R)`` (:func:`_sketch_sides`), else whole."""
+    from ..lowrank import times_stack
+
+    if side is not None:
+        left, right = side
+        w = times_stack(left, w) @ right.T
+    return w.flatten(1)
 
 
 def unit_vectors(texts, method, vectors, gram, seed) -> np.ndarray:
