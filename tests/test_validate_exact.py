@@ -28,7 +28,10 @@ from influencekit.training import new_gpt2
 from influencekit.validate import Recipe, kl_divergence, pbrf_scores
 from influencekit.validate.exact import SolveInfo, conjugate_gradient, exact_influence
 
+from helpers.reference import query_pass, reference_pass
+
 F64 = torch.float64
+EPS64 = torch.finfo(F64).eps
 QUERIES = [("The chef tastes the", " soup."), ("The choir sings", " a song.")]
 INDICES = [0, 9, 26]  # three themes of TINY_CORPUS
 
@@ -136,7 +139,26 @@ def test_ekfac_preconditioner_same_answer_fewer_iterations(tiny):
             model, train, QUERIES, damping=damping, modules=[layer], factors=fitted, tol=1e-8,
             max_iter=500, indices=INDICES, return_info=True,
         )  # fmt: skip
-    np.testing.assert_allclose(runs["ekfac"][0], runs["plain"][0], rtol=1e-6)
+    # CG's guarantee: the residual r each solve reports (recomputed from scratch) bounds its
+    # error, ‖v_q − v*‖ ≤ r‖g_q‖/μ with μ ≥ λ (G is PSD), so the two solves' scores differ by
+    # at most (r_plain + r_ekfac)·‖g_q‖‖∇L(z)‖/λ (both dot the same g_z). Rounding: residuals
+    # good to a few ulps of ‖A v‖'s terms ≲ κ‖g_q‖, κ = ‖G + λ‖/λ with ‖G‖ ≈ max EK-FAC Λ
+    # (×10 margin); each score is a dot product of n terms, good to n ulps of ‖v‖‖∇L(z)‖.
+    model64 = copy.deepcopy(model).to(F64)
+    g_q = np.array(
+        [query_pass(model64, [layer], train.tokenizer, *q)[layer].g.norm() for q in QUERIES]
+    )
+    g_z = np.array(
+        [reference_pass(model64, [layer], train[i].input_ids)[layer].g.norm() for i in INDICES]
+    )
+    lam = damping[layer]
+    kappa = 10 * (float(factors.layers[layer].lam.max()) + lam) / lam
+    n = int(np.prod(factors.layers[layer].shape))
+    residuals = sum(np.array([i.residual for i in infos]) for _, infos in runs.values())
+    rounding = 2 * EPS64 * (8 * kappa + n)
+    bound = np.outer((residuals + rounding) * g_q, g_z) / lam
+    gap = np.abs(runs["ekfac"][0] - runs["plain"][0])
+    assert (gap <= bound).all(), (gap, bound)
     plain = [i.iterations for i in runs["plain"][1]]
     ekfac = [i.iterations for i in runs["ekfac"][1]]
     assert all(i.converged for _, infos in runs.values() for i in infos)
