@@ -31,7 +31,8 @@ from .errors import (
     ParameterError,
     StoreWriteError,
 )
-from .factors import Factors, LayerFactors, fit_factors
+from .factors import Factors, LayerFactors
+from .fitting import fit_factors
 from .loading import load_model
 from .models import model_fingerprint, select_modules
 from .result import InfluenceResult

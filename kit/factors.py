@@ -12,6 +12,10 @@ For a layer with inputs ``a`` and output gradients ``s``:
 A preconditioned gradient is ``P = Q_S [(Q_Sᵀ G Q_A) ⊘ (Λ + λ)] Q_Aᵀ`` with damping ``λ``
 defaulting to ``0.1 × mean(Λ)`` per layer.
 
+Factors are kept (in memory and on disk) in the dtype they were fitted in: float32 by
+default, float64 on request. This module holds what factors are and their file;
+:mod:`influencekit.fitting` fits them.
+
 Example:
     >>> factors = fit_factors(model, train, modules="mlp")          # doctest: +SKIP
     >>> factors.save("run/factors.h5"); Factors.load("run/factors.h5")   # doctest: +SKIP
@@ -28,90 +32,209 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checks, distributed
-from .data import TextDataset, example_batches, length_order
-from .errors import DataError, FileFormatError, ModelError, NonFiniteError, ParameterError
+from . import checks
+from .errors import FileFormatError, ModelError, NonFiniteError, ParameterError
 from .h5io import atomic_h5, open_h5, read_array
-from .hooks import LayerIO, per_sequence_grads
 from .lowrank import LowRank, QueryForm, as_dense, times_stack, truncate
 from .models import (
     TrackedLayer,
     candidate_layers,
     check_finite_weights,
-    check_sequences_fit,
     model_fingerprint,
     select_modules,
 )
-from .settings import RunSettings
 
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
 FISHERS = ("sampled", "empirical")
 FORMAT = "influencekit.factors"
-VERSION = 1
+# 2: arrays float32 or float64 (the fit's dtype), each layer's default damping and basis
+# fingerprint recorded; version 1 files (float64, nothing recorded) still read.
+VERSION = 2
 ARRAYS = ("q_a", "d_a", "q_s", "d_s", "lam")
 BLOCK_FLOATS = 2**18  # 1 MiB of float32: a block that stays in a core's L2 cache
+READ_ROWS_BYTES = 64 * 2**20  # a window of a layer is read this much of its rows at a time
 # Which arrays each strategy's layers must hold (a file missing one is damaged).
 REQUIRED = {"ekfac": ARRAYS, "kfac": ARRAYS, "diagonal": ("lam",), "identity": ()}
 
 
-@dataclass
 class LayerFactors:
-    """The factors of one layer, float64 on the CPU. Absent pieces are ``None``.
+    """The factors of one layer: ``q_a``, ``d_a``, ``q_s``, ``d_s``, ``lam`` (absent ones
+    ``None``), in the dtype they were fitted in (float32 by default, float64 on request).
 
     ``q_a``/``q_s`` are ``None`` for ``diagonal`` and ``identity`` (the standard basis);
-    ``lam`` is ``None`` for ``identity``.
+    ``lam`` is ``None`` for ``identity``. Factors read from a file (:meth:`Factors.load`)
+    hold a :class:`LayerSource` and read each array the first time it is asked for, checked
+    for NaN and inf; :meth:`release` forgets what was read, so a pass over many layers
+    holds one at a time. :meth:`window` reads only a sub-block of the eigenbasis.
+
+    Example:
+        >>> lf = LayerFactors("fc", (2, 3), lam=torch.ones(2, 3))
+        >>> lf.default_damping(), lf.q_a is None
+        (0.1, True)
     """
 
-    name: str
-    shape: tuple[int, int]  # canonical gradient shape (d_out, d_in [+1])
-    q_a: torch.Tensor | None = None
-    d_a: torch.Tensor | None = None
-    q_s: torch.Tensor | None = None
-    d_s: torch.Tensor | None = None
-    lam: torch.Tensor | None = None
-    _basis_name: tuple | None = field(default=None, init=False, repr=False, compare=False)
-    _copies: tuple | None = field(default=None, init=False, repr=False, compare=False)
-    _finite: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    def __init__(
+        self,
+        name: str,
+        shape: tuple[int, int],
+        q_a: torch.Tensor | None = None,
+        d_a: torch.Tensor | None = None,
+        q_s: torch.Tensor | None = None,
+        d_s: torch.Tensor | None = None,
+        lam: torch.Tensor | None = None,
+        *,
+        source: LayerSource | None = None,
+    ) -> None:
+        self.name = name
+        self.shape = tuple(int(d) for d in shape)  # canonical gradient shape (d_out, d_in [+1])
+        given = {"q_a": q_a, "d_a": d_a, "q_s": q_s, "d_s": d_s, "lam": lam}
+        self._arrays = {key: value for key, value in given.items() if value is not None}
+        self._read: set[str] = set()  # arrays read from the source (release forgets them)
+        self._source = source
+        self._basis_name: tuple | None = None
+        self._copies: tuple | None = None
+        self._windows: tuple | None = None
+        self._finite: tuple | None = None
+
+    def __repr__(self) -> str:
+        held = ", ".join(sorted(self._arrays)) or "nothing"
+        where = f", from {self._source.path}" if self._source is not None else ""
+        return f"LayerFactors({self.name!r}, shape={self.shape}, holding {held}{where})"
+
+    # -- the arrays ------------------------------------------------------------------------
+
+    def __getattr__(self, key: str):
+        if key in ARRAYS:  # q_a, d_a, q_s, d_s, lam: held, read from the file, or None
+            return self._array(key)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {key!r}")
+
+    def __setattr__(self, key: str, value) -> None:
+        if key in ARRAYS:
+            if value is None:
+                self._arrays.pop(key, None)
+            else:
+                self._arrays[key] = value
+            self._read.discard(key)
+            return
+        object.__setattr__(self, key, value)
+
+    def _array(self, key: str) -> torch.Tensor | None:
+        if key in self._arrays:
+            return self._arrays[key]
+        if self._source is None or key not in self._source.keys:
+            return None
+        value = self._source.read(key)
+        self._arrays[key] = value
+        self._read.add(key)
+        return value
+
+    def has(self, key: str) -> bool:
+        """Whether this layer has array ``key`` (held or in its file), without reading it."""
+        return key in self._arrays or (self._source is not None and key in self._source.keys)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the factors are kept in (float64 where there are none)."""
+        for value in self._arrays.values():
+            return value.dtype
+        return torch.float64 if self._source is None else self._source.dtype
+
+    def nbytes(self) -> int:
+        """Bytes of all this layer's arrays (held or not)."""
+        d_out, d_in = self.shape
+        sizes = {"q_a": d_in * d_in, "d_a": d_in, "q_s": d_out * d_out, "d_s": d_out}
+        sizes["lam"] = d_out * d_in
+        item = torch.empty(0, dtype=self.dtype).element_size()
+        return item * sum(n for key, n in sizes.items() if self.has(key))
+
+    def release(self) -> None:
+        """Forget the arrays read from the file (and copies made from any array): they are
+        read again when next asked for. Arrays given in memory stay."""
+        for key in self._read:
+            self._arrays.pop(key, None)
+        self._read.clear()
+        self._copies = self._windows = None
+        self._finite = None
+
+    # -- what is known without the arrays ----------------------------------------------------
 
     def default_damping(self) -> float:
-        """``0.1 × mean(Λ)``; 1 for ``identity`` (no curvature, plain dot product)."""
-        return 1.0 if self.lam is None else 0.1 * float(self.lam.mean())
+        """``0.1 × mean(Λ)``; 1 for ``identity`` (no curvature, plain dot product). Recorded
+        in the file, so a file's layers answer without reading ``Λ``."""
+        if self._source is not None and self._source.damping is not None and not self._arrays:
+            return self._source.damping
+        lam = self.lam
+        return 1.0 if lam is None else 0.1 * float(lam.mean(dtype=torch.float64))
 
     def basis_fingerprint(self) -> str:
         """A name for this layer's eigenbasis (``Q_S``, ``Q_A``): equal for the same
-        eigenvectors, ``"standard"`` without any (``diagonal``, ``identity``). Hashed once
-        per pair of arrays (every score against a ``sparse`` store asks)."""
-        if self.q_a is None:
+        eigenvectors, ``"standard"`` without any (``diagonal``, ``identity``). Recorded in
+        the file; hashed once per pair of arrays otherwise (every score against a ``sparse``
+        store asks)."""
+        if not self.has("q_a"):
             return "standard"
-        key = (id(self.q_s), id(self.q_a))
+        if self._source is not None and self._source.basis is not None:
+            if "q_a" not in self._arrays or "q_a" in self._read:
+                return self._source.basis
+        q_s, q_a = self.q_s, self.q_a
+        key = (id(q_s), id(q_a))
         if self._basis_name is None or self._basis_name[0] != key:
             digest = hashlib.blake2b(digest_size=8)
-            for q in (self.q_s, self.q_a):
+            for q in (q_s, q_a):
                 digest.update(q.to(torch.float64).contiguous().numpy().tobytes())
             self._basis_name = (key, "eig-" + digest.hexdigest())
         return self._basis_name[1]
 
     def check_finite(self) -> None:
         """Raise NonFiniteError naming this layer and the array holding NaN or inf. Arrays
-        found finite are not scanned again until one is replaced or changed in place."""
-        arrays = [(key, getattr(self, key)) for key in ARRAYS]
+        found finite are not scanned again until one is replaced or changed in place (arrays
+        read from a file are checked as they are read)."""
+        arrays = [(key, self._arrays.get(key)) for key in ARRAYS]
         state = tuple((id(x), x._version) for _, x in arrays if x is not None)
         if self._finite == state:
             return
         for key, value in arrays:
-            if value is not None and not torch.isfinite(value).all():
+            if value is not None and key not in self._read and not torch.isfinite(value).all():
                 raise NonFiniteError(f"factors of layer {self.name}: {key} holds NaN or inf")
         self._finite = state
+
+    # -- arithmetic --------------------------------------------------------------------------
 
     def arrays_like(self, like: torch.Tensor) -> tuple:
         """``(q_s, q_a, lam)`` in ``like``'s dtype and device (``None`` where absent), converted
         once and kept for the next call on the same dtype and device."""
-        key = (like.dtype, like.device, id(self.q_s), id(self.q_a), id(self.lam))
+        found = (self.q_s, self.q_a, self.lam)
+        key = (like.dtype, like.device, *(id(x) for x in found))
         if self._copies is None or self._copies[0] != key:
             opts = {"dtype": like.dtype, "device": like.device}
-            found = (self.q_s, self.q_a, self.lam)
             self._copies = (key, *(None if x is None else x.to(**opts) for x in found))
         return self._copies[1:]
+
+    def window(self, rows: torch.Tensor, cols: torch.Tensor, like: torch.Tensor) -> tuple:
+        """``(Q_S[:, rows], Q_A[:, cols], Λ[rows][:, cols])`` in ``like``'s dtype and device:
+        the sub-block of the eigenbasis a windowed store keeps (``rows``, ``cols``: int
+        index tensors). Read from the file a block of rows at a time where the arrays are
+        not held, so the whole eigenbasis is never in memory; kept for the next call."""
+        key = (like.dtype, like.device, id(rows), id(cols))
+        if self._windows is None or self._windows[0] != key:
+            opts = {"dtype": like.dtype, "device": like.device}
+            parts = (
+                self._columns("q_s", rows),
+                self._columns("q_a", cols),
+                self._block(rows, cols),
+            )
+            self._windows = (key, *(x.to(**opts) for x in parts))
+        return self._windows[1:]
+
+    def _columns(self, key: str, cols: torch.Tensor) -> torch.Tensor:
+        if key in self._arrays or self._source is None:
+            return self._array(key)[:, cols]
+        return self._source.read_block(key, None, cols)
+
+    def _block(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        if "lam" in self._arrays or self._source is None:
+            return self._array("lam")[rows][:, cols]
+        return self._source.read_block("lam", rows, cols)
 
     def precondition(self, grads: torch.Tensor, damping: float) -> torch.Tensor:
         """``(Ĝ + λI)⁻¹`` applied to gradients ``(..., d_out, d_in)`` in their own dtype/device."""
@@ -124,7 +247,12 @@ class LayerFactors:
         return q_s @ (rotated / denom) @ q_a.T
 
     def in_eigenbasis(
-        self, s: torch.Tensor, a: torch.Tensor, damping: float, query_last: bool = False
+        self,
+        s: torch.Tensor,
+        a: torch.Tensor,
+        damping: float,
+        query_last: bool = False,
+        window: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``(Q_Sᵀ G Q_A) ⊘ (Λ + λ)`` for ``G = Σ_t s_t a_tᵀ``, rotating the tokens, not ``G``:
         the preconditioned gradient in the eigenbasis (the standard basis for ``diagonal``
@@ -134,8 +262,9 @@ class LayerFactors:
         instead of ``d_out·d_in·(d_out + d_in)`` when a query has fewer tokens than ``d_in``.
         ``query_last``: the ``(Q, d_out, d_in)`` result lies in memory as ``(d_out, d_in, Q)``,
         every position's values for all queries side by side (what sparse codecs gather).
+        ``window=(rows, cols)``: only those eigen-directions, ``(Q, len(rows), len(cols))``.
         """
-        s, a, denom = self._rotated(s, a, damping)
+        s, a, denom = self._rotated(s, a, damping, window)
         if query_last:
             return outer_query_last(s, a, denom)
         return (s.transpose(-1, -2) @ a).div_(denom)
@@ -157,9 +286,13 @@ class LayerFactors:
             g = g.map(q_s.T, q_a.T) if isinstance(g, LowRank) else times_stack(q_s.T, g) @ q_a
         return as_dense(g) / ((0.0 if lam is None else lam) + damping) ** 0.5
 
-    def _rotated(self, s: torch.Tensor, a: torch.Tensor, damping: float):
-        """The token factors in the eigenbasis (:func:`rotated_tokens`) and ``Λ + λ``."""
-        q_s, q_a, lam = self.arrays_like(s)
+    def _rotated(self, s: torch.Tensor, a: torch.Tensor, damping: float, window=None):
+        """The token factors in the eigenbasis (:func:`rotated_tokens`) and ``Λ + λ``, over
+        the whole eigenbasis or its ``window``."""
+        if window is None:
+            q_s, q_a, lam = self.arrays_like(s)
+        else:
+            q_s, q_a, lam = self.window(*window, like=s)
         return *rotated_tokens(s, a, q_s, q_a), (0.0 if lam is None else lam) + damping
 
     def from_eigenbasis(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,8 +386,67 @@ def outer_query_last(s: torch.Tensor, a: torch.Tensor, denom) -> torch.Tensor:
 
 
 @dataclass
+class LayerSource:
+    """Where a layer's factors lie in a factors file, and what it records of them: its
+    arrays' names, dtype, default damping and basis fingerprint (``None`` in files that do
+    not record them, which are then computed from the arrays).
+
+    :meth:`read` reads one array whole (checked against its checksum and for NaN or inf);
+    :meth:`read_block` a sub-block, a block of rows at a time.
+    """
+
+    path: Path
+    group: str  # e.g. "layers/0003"
+    name: str
+    keys: frozenset[str]
+    dtype: torch.dtype
+    damping: float | None = None
+    basis: str | None = None
+
+    def read(self, key: str) -> torch.Tensor:
+        with open_h5(self.path, FORMAT, VERSION) as f:
+            value = torch.from_numpy(read_array(f[self.group], key, self.path))
+        if not torch.isfinite(value).all():
+            raise NonFiniteError(
+                f"{self.path}: factors of layer {self.name}: {key} holds NaN or inf"
+            )
+        return value
+
+    def read_block(self, key: str, rows: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor:
+        """``array[rows][:, cols]`` (all rows when ``rows`` is None), reading
+        ``READ_ROWS_BYTES`` of whole rows at a time."""
+        with open_h5(self.path, FORMAT, VERSION) as f:
+            data = f[self.group][key]
+            n_rows, n_cols = data.shape
+            wanted = torch.arange(n_rows) if rows is None else rows.cpu().long()
+            step = max(1, READ_ROWS_BYTES // max(1, n_cols * data.dtype.itemsize))
+            order = torch.argsort(wanted)  # read in row order, place as asked
+            out = torch.empty(len(wanted), len(cols), dtype=self.dtype)
+            cols = cols.cpu().long()
+            for lo in range(0, len(order), step):
+                chosen = order[lo : lo + step]
+                first, last = int(wanted[chosen[0]]), int(wanted[chosen[-1]])
+                try:
+                    rows_read = torch.from_numpy(data[first : last + 1])
+                except OSError as err:
+                    raise FileFormatError(
+                        f"{self.path}: cannot read {self.group}/{key} ({err})"
+                    ) from err
+                out[chosen] = rows_read[wanted[chosen] - first][:, cols].to(self.dtype)
+        if not torch.isfinite(out).all():
+            raise NonFiniteError(
+                f"{self.path}: factors of layer {self.name}: {key} holds NaN or inf"
+            )
+        return out
+
+
+@dataclass
 class Factors:
     """Fitted curvature for a set of layers of one model (identified by its fingerprint).
+
+    Factors fitted in memory hold their arrays; factors read from a file (:meth:`load`, or
+    ``fit_factors(..., path=)``) read each layer's arrays when they are first needed, so
+    factors larger than memory can be used a layer (or a group of layers) at a time.
 
     Example:
         >>> factors.modules                      # doctest: +SKIP
@@ -266,24 +458,38 @@ class Factors:
     layers: dict[str, LayerFactors]
     fingerprint: str
     meta: dict = field(default_factory=dict)
+    path: Path | None = None  # the file the layers are read from, for loaded factors
 
     @property
     def modules(self) -> list[str]:
         return list(self.layers)
 
+    def nbytes(self) -> int:
+        """Bytes of every layer's arrays (what holding them all in memory takes)."""
+        return sum(layer.nbytes() for layer in self.layers.values())
+
+    def release(self) -> None:
+        """Forget every array read from the file (:meth:`LayerFactors.release`)."""
+        for layer in self.layers.values():
+            layer.release()
+
     def damping_for(self, damping: float | Mapping[str, float] | None = None) -> dict[str, float]:
         """Per-layer damping ``{layer: λ}``: the defaults (``None``), one number for every
         layer, or a mapping naming exactly these layers; every λ a finite number > 0."""
-        defaults = {name: layer.default_damping() for name, layer in self.layers.items()}
+        defaults = (
+            {name: layer.default_damping() for name, layer in self.layers.items()}
+            if damping is None
+            else None
+        )
         return checks.damping(damping, list(self.layers), defaults)
 
     def eigenbasis(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(Q_S, Q_A)`` of layer ``name`` with columns by decreasing eigenvalue (float64).
+        """``(Q_S, Q_A)`` of layer ``name`` with columns by decreasing eigenvalue.
 
         The ``eig:K`` store codec keeps gradients in the leading ``K`` of these directions.
         """
         layer = self.layers[name]
-        if layer.q_a is None:
+        if not layer.has("q_a"):
             raise ParameterError(
                 "factors", f"{self.strategy} factors", "ekfac or kfac factors (with eigenbases)"
             )
@@ -292,7 +498,8 @@ class Factors:
         return layer.q_s[:, by_s].contiguous(), layer.q_a[:, by_a].contiguous()
 
     def check_finite(self) -> None:
-        """Raise NonFiniteError naming the first layer and array holding NaN or inf."""
+        """Raise NonFiniteError naming the first layer and array holding NaN or inf (arrays
+        read from a file are checked as they are read)."""
         for layer in self.layers.values():
             layer.check_finite()
 
@@ -321,254 +528,140 @@ class Factors:
         return layers
 
     def save(self, path: str | Path) -> Path:
-        """Write an HDF5 file (atomically: a crash never leaves a half-written file)."""
-        attrs = {
-            "format": FORMAT,
-            "version": VERSION,
-            "strategy": self.strategy,
-            "fisher": self.fisher,
-            "model_fingerprint": self.fingerprint,
-            "modules": json.dumps(self.modules),
-            "meta": json.dumps(self.meta),
-        }
-        with atomic_h5(path) as f:
-            f.attrs.update(attrs)
-            for i, (name, layer) in enumerate(self.layers.items()):
-                group = f.create_group(f"layers/{i:04d}")
-                group.attrs["name"] = name
-                group.attrs["shape"] = list(layer.shape)
-                for key in ARRAYS:
-                    value = getattr(layer, key)
-                    if value is not None:
-                        group.create_dataset(key, data=value.numpy(), fletcher32=True)
-        return Path(path)
+        """Write an HDF5 file (atomically: a crash never leaves a half-written file).
+        Layers read from a file are copied one at a time.
+
+        Example:
+            >>> factors.save("run/factors.h5")          # doctest: +SKIP
+        """
+        path = Path(path)
+        if self.path is not None and path.resolve() == Path(self.path).resolve():
+            return path  # already that file, unchanged since (files are never edited)
+        with FactorsWriter(path, self) as writer:
+            for layer in self.layers.values():
+                held = set(layer._arrays)
+                writer.add(layer)
+                if layer._source is not None and not held:
+                    layer.release()
+        return path
 
     @classmethod
-    def load(cls, path: str | Path) -> Factors:
-        """Read factors written by :meth:`save`, with clear errors for any other file."""
+    def load(cls, path: str | Path, *, lazy: bool = True) -> Factors:
+        """Read factors written by :meth:`save`, with clear errors for any other file.
+
+        Every attribute, layer group and array shape is checked here; the arrays themselves
+        are read (and checked against their checksums and for NaN or inf) when a layer is
+        first used, unless ``lazy=False``.
+
+        Example:
+            >>> factors = Factors.load("run/factors.h5")   # doctest: +SKIP
+        """
+        path = Path(path)
         with open_h5(path, FORMAT, VERSION) as f:
             modules = json.loads(f.attrs["modules"])
             strategy = str(f.attrs["strategy"])
             if strategy not in REQUIRED:
                 raise FileFormatError(f"{path}: unknown strategy {strategy!r}")
-            layers = {}
-            for i, name in enumerate(modules):
-                group_path = f"layers/{i:04d}"
-                if group_path not in f:
-                    raise FileFormatError(f"{path}: group {group_path} ({name}) is missing")
-                group = f[group_path]
-                missing = [k for k in REQUIRED[strategy] if k not in group]
-                if missing:
-                    raise FileFormatError(f"{path}: {group_path} ({name}) lacks {missing}")
-                arrays = {
-                    k: torch.from_numpy(read_array(group, k, path)) for k in ARRAYS if k in group
-                }
-                layers[name] = LayerFactors(name, tuple(group.attrs["shape"]), **arrays)
-            return cls(
+            layers = {
+                name: _lazy_layer(name, *_layer_header(f, path, i, name, strategy))
+                for i, name in enumerate(modules)
+            }
+            factors = cls(
                 strategy=strategy,
                 fisher=str(f.attrs["fisher"]),
                 layers=layers,
                 fingerprint=str(f.attrs["model_fingerprint"]),
                 meta=json.loads(f.attrs["meta"]),
+                path=path,
             )
+        if not lazy:
+            for layer in factors.layers.values():
+                for key in ARRAYS:
+                    getattr(layer, key)
+        return factors
 
 
-def fit_factors(
-    model: nn.Module,
-    train: TextDataset,
-    modules: str | list[str] = "mlp",
-    *,
-    strategy: str = "ekfac",
-    fisher: str = "sampled",
-    seed: int = 0,
-    max_examples: int | None = None,
-    batch_size: int = 8,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device | None = None,
-    amp_dtype: torch.dtype | None = None,
-    progress: bool = True,
-) -> Factors:
-    """Fit curvature factors for the selected layers on ``train``.
-
-    ``fisher="sampled"`` draws labels from the model's own predictive distribution (the true
-    Fisher, equal to the Gauss-Newton matrix for softmax cross-entropy), reproducible with
-    ``seed``; ``"empirical"`` uses the real next tokens. ``max_examples=n`` fits on the first
-    ``n`` sequences (pass ``train.subset(...)`` for a random sample). ``dtype`` is the
-    accumulation dtype (``torch.float32`` or ``torch.float64``, or its name); ``amp_dtype``
-    runs the forward in bf16/fp16 with accumulators in ``dtype``. ``batch_size``, ``device``
-    (default: where the model is), ``amp_dtype`` and ``progress`` are the run settings
-    (:class:`~influencekit.settings.RunSettings`), as for ``score`` and
-    ``GradientStore.build``.
-
-    Example:
-        >>> factors = fit_factors(model, train, "mlp", fisher="sampled")  # doctest: +SKIP
-    """
-    checks.instance("train", train, TextDataset, "a TextDataset")
-    checks.choice("strategy", strategy, STRATEGIES)
-    checks.choice("fisher", fisher, FISHERS)
-    seed = checks.count("seed", seed, minimum=0)
-    max_examples = checks.count("max_examples", max_examples, optional=True)
-    run = RunSettings(batch_size, device, dtype, amp_dtype, progress)
-    layers = select_modules(model, modules)
-    check_finite_weights(layers)
-    check_sequences_fit(model, (ex.input_ids for ex in train), f"training data {train.source}")
-    if len(train) == 0:
-        raise DataError(f"training data {train.source}: the dataset is empty")
-    indices = list(range(len(train) if max_examples is None else min(len(train), max_examples)))
-    targets = "sampled" if fisher == "sampled" else "real"
-    passes = _Passes(model, layers, train, indices, run.on(model), targets, seed)
-    fitted = {layer.name: LayerFactors(layer.name, layer.grad_shape) for layer in layers}
-    if strategy in ("ekfac", "kfac"):
-        _fit_eigenbases(fitted, passes)
-    if strategy == "kfac":
-        for lf in fitted.values():
-            lf.lam = torch.outer(lf.d_s, lf.d_a)
-    if strategy in ("ekfac", "diagonal"):
-        _fit_lambda(fitted, passes)
-    meta = {"n_examples": len(indices), "seed": seed, "dataset": train.fingerprint()}
-    return Factors(strategy, fisher, fitted, model_fingerprint(model), meta)
+def _layer_header(f, path: Path, i: int, name: str, strategy: str):
+    """``(shape, source)`` of layer ``i`` of an open factors file, checked: the
+    group exists, holds the arrays ``strategy`` needs, each of the shape it must have."""
+    group_path = f"layers/{i:04d}"
+    if group_path not in f:
+        raise FileFormatError(f"{path}: group {group_path} ({name}) is missing")
+    group = f[group_path]
+    missing = [k for k in REQUIRED[strategy] if k not in group]
+    if missing:
+        raise FileFormatError(f"{path}: {group_path} ({name}) lacks {missing}")
+    shape = tuple(int(d) for d in group.attrs["shape"])
+    d_out, d_in = shape
+    expected = {"q_a": (d_in, d_in), "d_a": (d_in,), "q_s": (d_out, d_out), "d_s": (d_out,)}
+    expected["lam"] = (d_out, d_in)
+    keys = frozenset(k for k in ARRAYS if k in group)
+    dtypes = set()
+    for key in keys:
+        if tuple(group[key].shape) != expected[key]:
+            raise FileFormatError(
+                f"{path}: {group_path}/{key} ({name}) has shape {tuple(group[key].shape)}, "
+                f"expected {expected[key]}"
+            )
+        dtypes.add(str(group[key].dtype))
+    if not dtypes <= {"float32", "float64"} or len(dtypes) > 1:
+        raise FileFormatError(f"{path}: {group_path} ({name}) holds arrays of {sorted(dtypes)}")
+    dtype = getattr(torch, dtypes.pop()) if dtypes else torch.float64
+    damping = float(group.attrs["default_damping"]) if "default_damping" in group.attrs else None
+    basis = str(group.attrs["basis"]) if "basis" in group.attrs else None
+    return shape, LayerSource(path, group_path, name, keys, dtype, damping, basis)
 
 
-@dataclass(frozen=True)
-class _Passes:
-    """What both data passes of one fit share: the model, its layers, the examples, the run
-    settings and the label choice."""
-
-    model: nn.Module
-    layers: list[TrackedLayer]
-    train: TextDataset
-    indices: list[int]
-    run: RunSettings
-    targets: str
-    seed: int
-
-    def captures(self, desc: str):
-        """Captured (batch, layer inputs/gradients) over the fit's examples."""
-        # Longest first: batches of similar length carry little padding, and a too-large batch
-        # fails on the first step rather than the last. The sums do not depend on the order.
-        order = length_order(self.train, self.indices)
-        # Under torchrun each process takes every world-th of these batches; sums are then
-        # all-reduced (see _summed).
-        batches = example_batches(self.train, self.run.batch_size, order)
-        return self.run.captures(
-            self.model,
-            self.layers,
-            distributed.my_share(batches),
-            desc=desc,
-            total=distributed.share_count(self.run.n_batches(len(order))),
-            example_ids=self.train.ids,
-            targets=self.targets,
-            seed=self.seed,
-        )
+def _lazy_layer(name: str, shape: tuple[int, int], source: LayerSource) -> LayerFactors:
+    return LayerFactors(name, shape, source=source)
 
 
-def _summed(sums: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], run: RunSettings):
-    """Every process's sums added up (a process given no batch contributes zeros)."""
-    for name, shape in shapes.items():
-        if name not in sums:
-            sums[name] = torch.zeros(shape, dtype=run.dtype, device=run.device)
-        distributed.all_sum(sums[name])
-    return sums
-
-
-def _accumulate(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
-    """Add into a running sum kept on the device in the accumulation dtype (no host sync)."""
-    if name in sums:
-        sums[name].add_(value)
-    else:
-        sums[name] = value.clone()
-
-
-def _fit_eigenbases(fitted: dict[str, LayerFactors], passes: _Passes) -> None:
-    """Pass 1: token-mean covariances A and S, then their float64 eigendecompositions."""
-    a_sum: dict[str, torch.Tensor] = {}
-    s_sum: dict[str, torch.Tensor] = {}
-    n_tokens = 0
-    for batch, io in passes.captures("covariances"):
-        real = batch.attention_mask.bool()
-        n_tokens += sum(batch.lengths)  # known on the host: no device sync
-        for name, x in io.items():  # real tokens only: padded rows are zero, skip their work
-            a, s = x.a[real], x.s[real]
-            _accumulate(a_sum, name, a.T @ a)
-            _accumulate(s_sum, name, s.T @ s)
-    _summed(a_sum, {name: (lf.shape[1],) * 2 for name, lf in fitted.items()}, passes.run)
-    _summed(s_sum, {name: (lf.shape[0],) * 2 for name, lf in fitted.items()}, passes.run)
-    n_tokens = int(distributed.all_sum(torch.tensor([n_tokens], dtype=torch.int64))[0])
-    # Each covariance is decomposed once, by one process: under torchrun the 2L
-    # decompositions are dealt out largest first (so each rank gets a like share of the
-    # O(n³) work), all computed, then sent to the others.
-    rank, world = distributed.rank_and_world()
-    covariances = [
-        (lf, side, sums[name])
-        for name, lf in fitted.items()
-        for side, sums in (("a", a_sum), ("s", s_sum))
-    ]
-    largest_first = sorted(range(len(covariances)), key=lambda p: -covariances[p][2].shape[0])
-    owner = {position: turn % world for turn, position in enumerate(largest_first)}
-    # contiguous: row-major like a loaded file (fresh and loaded factors score bit-equal),
-    # and what a broadcast needs
-    mine = {
-        position: eigh_on_device(total.double() / n_tokens)
-        for position, (_, _, total) in enumerate(covariances)
-        if owner[position] == rank
-    }
-    for position, (lf, side, total) in enumerate(covariances):
-        n = total.shape[0]
-        values, vectors = mine.get(position) or (
-            torch.zeros(n, dtype=torch.float64),
-            torch.zeros(n, n, dtype=torch.float64),
-        )
-        distributed.broadcast(values, src=owner[position])
-        distributed.broadcast(vectors, src=owner[position])
-        setattr(lf, f"d_{side}", values)
-        setattr(lf, f"q_{side}", vectors)
-
-
-def eigh_on_device(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.linalg.eigh`` of a float64 symmetric matrix where it lies (on a GPU, far faster
-    than the host at the widths of large models), the host only if the device cannot; the
-    eigenvalues and eigenvectors are returned on the host, contiguous.
+class FactorsWriter:
+    """A factors file written a layer at a time (``fit_factors(..., path=)`` writes each
+    group of layers as it is fitted): opened on entry, renamed into place on a clean exit.
 
     Example:
-        >>> values, vectors = eigh_on_device(torch.eye(2, dtype=torch.float64))
-        >>> values.tolist(), vectors.device.type
-        ([1.0, 1.0], 'cpu')
+        >>> with FactorsWriter("run/factors.h5", factors) as writer:   # doctest: +SKIP
+        ...     for layer in factors.layers.values():
+        ...         writer.add(layer)
     """
-    try:
-        values, vectors = torch.linalg.eigh(matrix)
-    except (RuntimeError, torch.cuda.OutOfMemoryError):
-        if matrix.device.type == "cpu":
-            raise
-        values, vectors = torch.linalg.eigh(matrix.cpu())  # the device failed: the host
-    return values.cpu().contiguous(), vectors.cpu().contiguous()
 
+    def __init__(self, path: str | Path, header: Factors) -> None:
+        self.path = Path(path)
+        self.header = header
+        self._context = None
+        self._file = None
 
-def _rotated_grads(x: LayerIO, real: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor):
-    """``Q_Sᵀ G_z Q_A`` per sequence, rotating each real token first (cheaper than each G_z)."""
-    s_rot = x.s.new_zeros(*x.s.shape[:2], q_s.shape[1])
-    a_rot = x.a.new_zeros(*x.a.shape[:2], q_a.shape[1])
-    s_rot[real] = x.s[real] @ q_s
-    a_rot[real] = x.a[real] @ q_a
-    return s_rot.transpose(1, 2) @ a_rot
+    def __enter__(self) -> FactorsWriter:
+        self._context = atomic_h5(self.path)
+        self._file = self._context.__enter__()
+        h = self.header
+        self._file.attrs.update(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "strategy": h.strategy,
+                "fisher": h.fisher,
+                "model_fingerprint": h.fingerprint,
+                "modules": json.dumps(h.modules),
+                "meta": json.dumps(h.meta),
+            }
+        )
+        return self
 
+    def add(self, layer: LayerFactors) -> None:
+        """Write one layer (its arrays must be held or readable), in the header's order."""
+        i = self.header.modules.index(layer.name)
+        group = self._file.create_group(f"layers/{i:04d}")
+        group.attrs["name"] = layer.name
+        group.attrs["shape"] = list(layer.shape)
+        for key in ARRAYS:
+            value = getattr(layer, key)
+            if value is not None:
+                group.create_dataset(key, data=value.cpu().numpy(), fletcher32=True)
+        group.attrs["default_damping"] = layer.default_damping()
+        group.attrs["basis"] = layer.basis_fingerprint()
+        self._file.flush()
 
-def _fit_lambda(fitted: dict[str, LayerFactors], passes: _Passes) -> None:
-    """Pass 2: mean over sequences of squared gradients in the eigenbasis (or standard basis)."""
-    lam_sum: dict[str, torch.Tensor] = {}
-    like = {"dtype": passes.run.dtype, "device": passes.run.device}
-    bases = {
-        name: (lf.q_s.to(**like), lf.q_a.to(**like))
-        for name, lf in fitted.items()
-        if lf.q_a is not None
-    }
-    for batch, io in passes.captures("eigenvalue correction"):
-        real = batch.attention_mask.bool()
-        for name, x in io.items():
-            if name in bases:
-                g = _rotated_grads(x, real, *bases[name])
-            else:
-                g = per_sequence_grads(x)
-            _accumulate(lam_sum, name, g.square().sum(0))
-    _summed(lam_sum, {name: tuple(lf.shape) for name, lf in fitted.items()}, passes.run)
-    for name, lf in fitted.items():
-        lf.lam = lam_sum[name].double().cpu() / len(passes.indices)
+    def __exit__(self, *exc) -> bool:
+        return bool(self._context.__exit__(*exc))

@@ -196,6 +196,7 @@ def capture(
     mask = batch.attention_mask.to(dtype)[..., None]
     shape = tuple(batch.input_ids.shape)
     result = {}
+    masked: set[int] = set()
     for layer, grad in zip(layers, grads, strict=True):
         # Some models (OPT) flatten (B, T, d) to (B*T, d) around their MLP: undo that.
         a = seen[layer.name][0].to(dtype).reshape(*shape, -1)
@@ -205,7 +206,14 @@ def capture(
             s = a.new_zeros(*shape, layer.d_out)
         else:
             s = grad.to(dtype).reshape(*shape, -1)
-        result[layer.name] = LayerIO(a=a * mask, s=s * mask)
+        # Padding zeroed in place: the backward is over, nothing reads these activations
+        # again, and layers that share an input (a gate and an up projection) share one
+        # masked copy instead of holding two.
+        for x in (a, s):
+            if x.data_ptr() not in masked:
+                x.mul_(mask)
+                masked.add(x.data_ptr())
+        result[layer.name] = LayerIO(a=a, s=s)
     _check_finite(result, batch, example_ids)
     return result
 

@@ -30,7 +30,7 @@ from transformers import TrainerCallback
 from . import checks, distributed
 from .data import TextDataset
 from .errors import ParameterError
-from .factors import fit_factors
+from .fitting import fit_factors
 from .validate.checkpoints import STORE_FILE, save_checkpoint
 
 FOLDER = "influence"  # under the run's output_dir

@@ -26,7 +26,7 @@ import torch
 
 import influencekit as ik
 from influencekit.cli import main
-from influencekit.factors import eigh_on_device
+from influencekit.fitting import eigh_on_device
 
 from helpers.tiny_example import QUERIES, corpus_records
 
@@ -69,8 +69,11 @@ def test_fit_on_cuda_equals_cpu(both):
         for q, d in (("q_a", "d_a"), ("q_s", "d_s")):
             want = covariance(getattr(a, q), getattr(a, d))
             got = covariance(getattr(b, q), getattr(b, d))
-            torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9 * want.abs().max())
-        torch.testing.assert_close(b.lam, a.lam, rtol=1e-4, atol=1e-7 * a.lam.abs().max())
+            # The model runs in float32 on both devices: activations differ by float32
+            # rounding over a few layers of sums (u = 6e-8 times their length and depth,
+            # ~1e-6 relative), which the float64 accumulation carries into A and S.
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * want.abs().max())
+        torch.testing.assert_close(b.lam, a.lam, rtol=1e-4, atol=1e-6 * a.lam.abs().max())
 
 
 def test_score_on_the_fly_on_cuda(both):

@@ -191,7 +191,7 @@ def test_factors_load_truncated_file(factors_files, tmp_path, source, fraction):
     path = tmp_path / "truncated.h5"
     path.write_bytes(data[:cut])
     with pytest.raises(ik.FileFormatError, match=re.escape(str(path))):
-        ik.Factors.load(path)
+        ik.Factors.load(path, lazy=False)
 
 
 # Bytes flipped in the middle of a dataset's first chunk: every array of one layer of the
@@ -216,9 +216,16 @@ def test_factors_load_flipped_bytes_inside_a_dataset(
     path = tmp_path / "flipped.h5"
     path.write_bytes(bytes(data))
     with pytest.raises(ik.FileFormatError) as info:
-        ik.Factors.load(path)
+        ik.Factors.load(path, lazy=False)
     assert str(path) in str(info.value)
     assert dataset in str(info.value)
+    # Read lazily (the default), the damage surfaces when that array is first read.
+    lazy = ik.Factors.load(path)
+    _, group, key = dataset.split("/")
+    layer = lazy.layers[lazy.modules[int(group)]]
+    with pytest.raises(ik.FileFormatError) as info:
+        getattr(layer, key)
+    assert str(path) in str(info.value) and dataset in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,8 @@ from .. import themes
 from ..analysis.layers import block_number
 from ..data import TextDataset, as_queries
 from ..errors import InfluenceKitError, ParameterError
-from ..factors import Factors, fit_factors
+from ..factors import Factors
+from ..fitting import fit_factors
 from ..h5io import temp_name
 from ..loading import load_model
 from ..models import model_fingerprint

@@ -37,7 +37,8 @@ from torch import nn
 
 from ..data import TextDataset
 from ..errors import FileFormatError, MismatchError, MissingFileError, ParameterError
-from ..factors import Factors, fit_factors
+from ..factors import Factors
+from ..fitting import fit_factors
 from ..result import InfluenceResult
 from ..scoring import score
 from ..training import Checkpoint

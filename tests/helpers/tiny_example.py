@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from influencekit.data import TextDataset
-from influencekit.factors import fit_factors
+from influencekit.fitting import fit_factors
 from influencekit.loading import load_model
 from influencekit.result import InfluenceResult
 from influencekit.scoring import score
