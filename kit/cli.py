@@ -62,6 +62,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
     p.add_argument("--amp", choices=AMP, default="none", help="forward in bf16/fp16 (autocast)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--max-memory",
+        default=None,
+        help="memory the stage may hold, e.g. 8GiB (default: half the free memory); layers "
+        "are taken in groups that fit, a pass over the data each",
+    )
 
 
 def _add_loading_args(p: argparse.ArgumentParser) -> None:
@@ -243,10 +249,13 @@ def cmd_demo(args) -> None:
 
 
 def cmd_fit(args) -> None:
-    from .factors import fit_factors
+    from .fitting import fit_factors
+    from .memory import parse_bytes
 
+    if args.max_memory is not None:  # cheap checks before the model loads
+        parse_bytes(args.max_memory, "--max-memory")
     model, train = _load(args)
-    factors = fit_factors(
+    factors = fit_factors(  # written to --out as each group of layers is fitted (rank 0)
         model,
         train,
         args.modules,
@@ -258,9 +267,10 @@ def cmd_fit(args) -> None:
         dtype=ACCUMULATION_DTYPES[args.dtype],
         amp_dtype=AMP[args.amp],
         progress=not args.quiet,
+        max_memory=args.max_memory,
+        path=args.out,
     )
-    if is_main():  # under torchrun every process holds the same factors: one writes them
-        factors.save(args.out)
+    if is_main():
         print(
             f"wrote {args.out}: {factors.strategy} factors for {len(factors.modules)} layers "
             f"on {factors.meta['n_examples']} sequences"
@@ -270,6 +280,7 @@ def cmd_fit(args) -> None:
 def cmd_build(args) -> None:
     from .data import load_queries
     from .factors import Factors
+    from .memory import parse_bytes as parse_memory
     from .store import GradientStore
     from .store.budget import parse_bytes
     from .store.codecs import parse_codec
@@ -278,6 +289,8 @@ def cmd_build(args) -> None:
         parse_codec(args.codec)
     if args.budget is not None:
         parse_bytes(args.budget)
+    if args.max_memory is not None:
+        parse_memory(args.max_memory, "--max-memory")
     probe = None if args.fidelity_queries is None else load_queries(args.fidelity_queries)
     factors = Factors.load(args.factors) if args.factors else None
     model, train = _load(args)
@@ -297,6 +310,7 @@ def cmd_build(args) -> None:
         seed=args.seed,
         factors=factors,
         progress=not args.quiet,
+        max_memory=args.max_memory,
     )
     if is_main():
         print(f"wrote {store}")
@@ -307,6 +321,7 @@ def cmd_build(args) -> None:
 def cmd_score(args) -> None:
     from .data import load_queries
     from .factors import Factors
+    from .memory import parse_bytes
     from .scoring import score
     from .store import GradientStore
 
@@ -316,6 +331,8 @@ def cmd_score(args) -> None:
             [args.store, args.train],
             "exactly one of --store (stored gradients) or --train (on the fly)",
         )
+    if args.max_memory is not None:
+        parse_bytes(args.max_memory, "--max-memory")
     factors, queries = Factors.load(args.factors), load_queries(args.queries)  # cheap first
     if args.store is not None:
         store = GradientStore.open(args.store)
@@ -337,6 +354,7 @@ def cmd_score(args) -> None:
         dtype=ACCUMULATION_DTYPES[args.dtype],
         amp_dtype=AMP[args.amp],
         progress=not args.quiet,
+        max_memory=args.max_memory,
     )
     if is_main():  # every process holds the whole result: one writes it
         result.save(args.out)

@@ -40,9 +40,13 @@ class AllScores:
     def __init__(self, n_queries: int, n_train: int, n_layers: int) -> None:
         self.layer_scores = np.zeros((n_queries, n_train, n_layers))
 
-    def add(self, indices: np.ndarray, block: np.ndarray) -> None:
-        """Put a block ``(Q, B, L)`` of the training ``indices`` ``(B,)`` in place."""
-        self.layer_scores[:, indices] = block
+    def add(self, indices: np.ndarray, block: np.ndarray, layers: list[int] | None = None) -> None:
+        """Put a block ``(Q, B, L)`` of the training ``indices`` ``(B,)`` in place; with
+        ``layers``, the block holds only those layers' columns."""
+        if layers is None:
+            self.layer_scores[:, indices] = block
+        else:
+            self.layer_scores[np.ix_(np.arange(block.shape[0]), indices, layers)] = block
 
     def combine(self) -> None:
         """Sum every process's array (each is zero where another process scored)."""
@@ -71,8 +75,10 @@ class TopK:
         self.indices = np.zeros((n_queries, 0), dtype=np.int64)
         self.layer_scores = np.zeros((n_queries, 0, n_layers))
 
-    def add(self, indices: np.ndarray, block: np.ndarray) -> None:
-        """Merge a block ``(Q, B, L)`` of scores of the training ``indices`` ``(B,)``."""
+    def add(self, indices: np.ndarray, block: np.ndarray, layers: list[int] | None = None) -> None:
+        """Merge a block ``(Q, B, L)`` of scores of the training ``indices`` ``(B,)`` (every
+        layer: a top-k keeper takes whole blocks)."""
+        assert layers is None or len(layers) == self.layer_scores.shape[-1]
         new = np.broadcast_to(indices, block.shape[:2])
         self._keep(
             np.concatenate([self.indices, new], axis=1),
@@ -116,8 +122,27 @@ class TopK:
         return self.layer_scores, self.indices
 
 
-def keeper(n_queries: int, n_train: int, n_layers: int, top_k: int | None) -> AllScores | TopK:
-    """:class:`AllScores`, or :class:`TopK` when only each query's ``top_k`` are wanted."""
+class AllThenTopK(AllScores):
+    """Every score while layers arrive in groups (a query's total is known only once the
+    last group is in), then each query's ``k`` highest, as :class:`TopK` gives them."""
+
+    def __init__(self, n_queries: int, k: int, n_layers: int, n_train: int) -> None:
+        super().__init__(n_queries, n_train, n_layers)
+        self.k = k
+
+    def final(self, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        top = TopK(self.layer_scores.shape[0], min(k or self.k, self.k), self.layer_scores.shape[2])
+        top.add(np.arange(self.layer_scores.shape[1]), self.layer_scores)
+        return top.final()
+
+
+def keeper(
+    n_queries: int, n_train: int, n_layers: int, top_k: int | None, grouped: bool = False
+) -> AllScores | TopK:
+    """:class:`AllScores`, or :class:`TopK` when only each query's ``top_k`` are wanted
+    (:class:`AllThenTopK` when layers arrive in groups, ``grouped``)."""
     if top_k is None:
         return AllScores(n_queries, n_train, n_layers)
+    if grouped:
+        return AllThenTopK(n_queries, top_k, n_layers, n_train)
     return TopK(n_queries, top_k, n_layers)

@@ -27,12 +27,13 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import checks, distributed
+from . import checks, distributed, memory
 from .data import (
     Example,
     Query,
@@ -45,31 +46,26 @@ from .data import (
 )
 from .errors import NonFiniteError, ParameterError
 from .factors import Factors
+from .forms import QueryNeeds, query_form
 from .hooks import LayerIO
 from .keep import AllScores, keeper
 from .lowrank import (
     LowRank,
     QueryForm,
-    as_dense,
     factored_inner,
     max_factored_rank,
-    truncate,
     zero_pad,
 )
 from .models import TrackedLayer, check_sequences_fit
 from .result import InfluenceResult
 from .settings import RunSettings
 from .store import GradientStore
-from .store.codecs import DenseCodec
+from .store.codecs import CodecSpec, DenseCodec
+from .store.reader import BLOCK_BYTES
 from .store.scoring import compressed_queries, stored_scores
 
 Scores = Iterator[tuple[np.ndarray, np.ndarray]]  # (training indices (B,), scores (Q, B, L))
 QUERY_RANKS = ("auto", "full")  # or an int >= 1
-# query_rank="auto" keeps this share of each query's squared norm. On the wide trained model
-# (benchmarks/wide_model.py) 0.99 keeps Pearson against exact within 0.005 of full-rank
-# queries with a lowrank:8 store (ranks 50-77, 3x faster); 0.999 needs ranks 163-270, too
-# high for a factored contraction to pay.
-AUTO_ENERGY = 0.99
 
 
 def score(
@@ -88,6 +84,7 @@ def score(
     amp_dtype: torch.dtype | None = None,
     tokenizer=None,
     progress: bool = True,
+    max_memory: int | str | None = None,
 ) -> InfluenceResult:
     """Influence of every training sequence on every query, per tracked layer.
 
@@ -107,6 +104,10 @@ def score(
     ``dtype``: accumulation dtype (``torch.float32`` or ``torch.float64``; a float64 store
     is scored in float64); ``amp_dtype``: autocast for the forward (bf16/fp16).
     ``tokenizer`` defaults to ``train.tokenizer`` (the dataset's, or the store's own).
+    ``max_memory``: bytes (or ``"8GiB"``) scoring may hold on its device, default half the
+    memory free there: the layers' preconditioned queries are made and met in groups that
+    fit, one pass over the training gradients per group (one pass when all fit). Each
+    layer's factors are read (from a factors file) only while its queries are made.
 
     Example:
         >>> result = score(model, factors, [("The sky is", " blue")], train)  # doctest: +SKIP
@@ -118,6 +119,8 @@ def score(
     query_rank = _query_rank(query_rank)
     top_k = checks.count("top_k", top_k, optional=True)
     refine = checks.count("refine", refine, optional=True)
+    if max_memory is not None:
+        memory.parse_bytes(max_memory, "max_memory")
     if refine is not None and not isinstance(source, Stored):
         raise ParameterError(
             "refine", refine, "None when train is a TextDataset (on-the-fly scores are exact)"
@@ -129,37 +132,70 @@ def score(
     check_sequences_fit(model, (q.encode(tokenizer)[0] for q in queries), "queries")
     run = source.settings(run).on(model)
     lambdas = factors.damping_for(damping)
-    tokens = query_tokens(model, layers, queries, tokenizer, run)
-    forms = query_forms(factors, tokens, lambdas, query_rank, source)
-
     width = None if top_k is None else max(top_k, refine or 0)
-    keep = keeper(len(queries), len(source), len(layers), width)
-    for indices, block in source.scores(model, layers, forms, run):
-        keep.add(indices, block)
+    kept = len(queries) * len(layers) * 8 * (len(source) if width is None else 2 * width)
+    groups = plan_groups(
+        model, factors, layers, queries, tokenizer, source, run, max_memory, kept=kept
+    )
+
+    keep = keeper(len(queries), len(source), len(layers), width, grouped=len(groups) > 1)
+    ranks = {}
+    for group in groups:
+        chosen = [layers[j] for j in group]
+        tokens = query_tokens(model, chosen, queries, tokenizer, run)
+        forms = query_forms(factors, tokens, lambdas, query_rank, source)
+        ranks.update({n: f.rank if isinstance(f, LowRank) else "full" for n, f in forms.items()})
+        for indices, block in source.scores(model, chosen, forms, run):
+            keep.add(indices, block, group)
+        del tokens, forms
     keep.combine()
     meta = {
         "strategy": factors.strategy,
         "fisher": factors.fisher,
         "damping": lambdas,
         "query_rank": query_rank,
-        "query_ranks": {
-            name: f.rank if isinstance(f, LowRank) else "full" for name, f in forms.items()
-        },
+        "query_ranks": {layer.name: ranks[layer.name] for layer in layers},
         "top_k": top_k,
         "refine": refine,
         "source": source.source,
         "codec": source.codec,
         "model_fingerprint": factors.fingerprint,
+        "layer_groups": len(groups),
     }
     if refine is not None:  # exact scores, with the full-rank P_q, replace the candidates'
         candidates = keep.best(refine)
-        full = preconditioned(factors, tokens, lambdas)  # in the weights' basis, untruncated
-        keep.replace(candidates, source.exact_scores(model, layers, full, run, candidates))
+        exact = np.zeros((*candidates.shape, len(layers)))
+        for group in groups:
+            chosen = [layers[j] for j in group]
+            tokens = query_tokens(model, chosen, queries, tokenizer, run)
+            full = preconditioned(factors, tokens, lambdas)  # weights' basis, untruncated
+            exact[..., group] = source.exact_scores(model, chosen, full, run, candidates)
+            del tokens, full
+        keep.replace(candidates, exact)
         meta["refined"] = candidates.tolist()
     layer_scores, indices = keep.final(top_k)
     names = [layer.name for layer in layers]
     ids = [q.id for q in queries]
     return InfluenceResult(layer_scores, names, source.ids, ids, meta, indices, queries)
+
+
+def plan_groups(model, factors, layers, queries, tokenizer, source, run, max_memory, kept=0):
+    """The groups of layers ``score`` takes in turn under ``max_memory`` (indices into
+    ``layers``). Per layer: its preconditioned queries in the form the source needs, with
+    the intermediates of making them, and what the source holds for it while it streams.
+    Fixed: the model's activations for a batch, one layer's factors read from a file, and
+    the ``kept`` bytes of the scores themselves."""
+    limit = memory.max_memory(max_memory, run.device)
+    item = torch.empty(0, dtype=run.dtype).element_size()
+    n = len(queries)
+    longest = max(len(q.encode(tokenizer)[0]) for q in queries)
+    costs = [source.layer_bytes(layer, n, item, run) for layer in layers]
+    factor_bytes = max(
+        (factors.layers[layer.name].nbytes() for layer in layers if factors.path), default=0
+    )
+    fixed = memory.activation_bytes(model, run.batch_size, max(longest, source.longest()))
+    fixed += factor_bytes + source.fixed_bytes(layers, n, item, run) + kept
+    return memory.Plan(costs, fixed, limit).groups
 
 
 def _query_rank(value) -> int | str:
@@ -181,7 +217,7 @@ def gradient_source(train) -> OnTheFly | Stored:
 
 class _Source:
     """What ``score`` asks of every source of training gradients: how many sequences, their
-    ids, and where they are (a ``TextDataset`` and a ``GradientStore`` answer alike)."""
+    ids, where they are, what form each layer's queries must take, and what it holds."""
 
     def __init__(self, sequences: TextDataset | GradientStore) -> None:
         self.sequences = sequences
@@ -213,13 +249,30 @@ class OnTheFly(_Source):
     def settings(self, run: RunSettings) -> RunSettings:
         return run
 
-    def max_factored_rank(self, name: str, n_queries: int) -> int:
-        """None: queries stay exact on the fly (a truncated query would only add error)."""
-        return 0
+    def longest(self) -> int:
+        return max((len(ex.input_ids) for ex in self.dataset), default=1)
 
-    def in_eigenbasis(self, name: str) -> bool:
-        """Training gradients on the fly are met in the weights' own basis."""
-        return False
+    def needs(self, layer: TrackedLayer, n_queries: int) -> QueryNeeds:
+        """Queries in the weights' basis, exact under ``"auto"`` (a truncated query would
+        only add error); a truncated one stays factored where meeting the token pairs of
+        the longest sequence that way is cheaper than through the dense ``G_z``."""
+        rank = max_factored_rank(n_queries, self.longest(), layer.grad_shape)
+        return QueryNeeds(factored_rank=rank)
+
+    def layer_bytes(self, layer: TrackedLayer, n_queries: int, item: int, run) -> int:
+        """Dense queries and their making (three copies), and a batch's captured tokens."""
+        d_out, d_in = layer.grad_shape
+        return item * (
+            3 * n_queries * d_out * d_in + 4 * run.batch_size * self.longest() * (d_out + d_in)
+        )
+
+    def fixed_bytes(self, layers, n_queries: int, item: int, run) -> int:
+        """One layer's dense gradients of a batch, met one layer at a time."""
+        return (
+            item
+            * run.batch_size
+            * max(layer.grad_shape[0] * layer.grad_shape[1] for layer in layers)
+        )
 
     def scores(
         self,
@@ -229,8 +282,6 @@ class OnTheFly(_Source):
         run: RunSettings,
         desc: str = "training gradients",
     ) -> Scores:
-        longest = max((len(ex.input_ids) for ex in self.dataset), default=1)
-        forms = {layer.name: _cheaper(forms[layer.name], longest, layer) for layer in layers}
         # Longest first: little padding per batch. Under torchrun every world-th batch (the
         # same batches one process makes).
         batches = example_batches(self.dataset, run.batch_size, length_order(self.dataset))
@@ -258,26 +309,38 @@ class Stored(_Source):
         """Refuse a model, tokenizer, layers or eigenbasis the store was not built with."""
         tokenizer = self.store.tokenizer if tokenizer is None else tokenizer
         self.store.check(model=model, tokenizer=tokenizer, modules=factors.modules)
-        kept = [name for name in factors.modules if self.in_eigenbasis(name)]
+        kept = [name for name in factors.modules if self._codec(name).eigenbasis is not None]
         # only layers kept in an eigenbasis: hashing a basis reads all of Q_S and Q_A
         self.store.check_eigenbasis(
             {name: factors.layers[name].basis_fingerprint() for name in kept}
         )
         return tokenizer
 
+    def _codec(self, name: str):
+        return self.store.codecs[self.store.modules.index(name)]
+
     def settings(self, run: RunSettings) -> RunSettings:
         """A float64 store is scored in float64."""
         return run.replace(dtype=torch.float64) if self.store.config.dtype == "float64" else run
 
-    def max_factored_rank(self, name: str, n_queries: int) -> int:
-        """The highest query rank layer ``name``'s codec contracts more cheaply than dense."""
-        codec = self.store.codecs[self.store.modules.index(name)]
-        return codec.max_factored_rank(n_queries)
+    def longest(self) -> int:
+        return 1  # nothing is captured but the queries
 
-    def in_eigenbasis(self, name: str) -> bool:
-        """Whether layer ``name`` is kept in the curvature eigenbasis (``sparse``)."""
-        codec = self.store.codecs[self.store.modules.index(name)]
-        return getattr(codec, "eigenbasis", None) is not None
+    def needs(self, layer: TrackedLayer, n_queries: int) -> QueryNeeds:
+        """What layer ``layer``'s codec asks of its queries."""
+        return self._codec(layer.name).query_needs(n_queries)
+
+    def layer_bytes(self, layer: TrackedLayer, n_queries: int, item: int, run) -> int:
+        """The layer's queries in its codec's form, and their making (dense in the
+        eigenbasis of its window, or of the whole layer, before they are compressed)."""
+        codec = self._codec(layer.name)
+        window = getattr(codec, "window_shape", layer.grad_shape)
+        kept = window[0] * window[1] if codec.eigenbasis is not None else np.prod(layer.grad_shape)
+        return int(item * 3 * n_queries * kept)
+
+    def fixed_bytes(self, layers, n_queries: int, item: int, run) -> int:
+        """The store blocks read at once, and their decoded copies."""
+        return 4 * BLOCK_BYTES
 
     def scores(
         self,
@@ -321,16 +384,6 @@ class Stored(_Source):
         return keep.final()[0][np.arange(len(candidates))[:, None], picked]
 
 
-def _cheaper(form: QueryForm, n_tokens: int, layer: TrackedLayer) -> QueryForm:
-    """A rank-r query kept as factors where that contraction with ``n_tokens`` token pairs
-    is cheaper than through the dense ``G_z``; else its dense product."""
-    if isinstance(form, LowRank) and form.rank <= max_factored_rank(
-        form.n_queries, n_tokens, layer.grad_shape
-    ):
-        return form
-    return as_dense(form)
-
-
 def contract_tokens(io: LayerIO, form: QueryForm) -> torch.Tensor:
     """``⟨P_q, G_z⟩`` for every query and sequence of a batch, ``(Q, B)``, from the tokens.
 
@@ -339,7 +392,7 @@ def contract_tokens(io: LayerIO, form: QueryForm) -> torch.Tensor:
     """
     if isinstance(form, LowRank):
         return factored_inner(form, io.s, io.a)
-    codec = DenseCodec(tuple(form.shape[1:]))
+    codec = DenseCodec.create(CodecSpec("dense"), tuple(form.shape[1:]))
     return codec.contract(form, codec.encode(io.a, io.s))
 
 
@@ -384,14 +437,14 @@ def preconditioned(
 ) -> dict[str, QueryForm]:
     """Each layer's ``P_q = (Ĝ + λI)⁻¹ G_q`` from the query tokens: dense, or its rank-``rank``
     truncated SVD as :class:`~influencekit.lowrank.LowRank`."""
-    out: dict[str, QueryForm] = {}
-    for name, x in tokens.items():
-        layer = factors.layers[name]
-        if rank is None:
-            out[name] = layer.precondition_tokens(x.s, x.a, damping[name])
-        else:
-            out[name] = layer.precondition_truncated(x.s, x.a, damping[name], rank)
-    return out
+    needs = QueryNeeds(factored_rank=rank or 0)
+    return {
+        name: _released(
+            factors.layers[name],
+            query_form(factors.layers[name], x.s, x.a, damping[name], needs, rank or "full"),
+        )
+        for name, x in tokens.items()
+    }
 
 
 def query_forms(
@@ -401,35 +454,29 @@ def query_forms(
     query_rank: int | str,
     source,
 ) -> dict[str, QueryForm]:
-    """Each layer's preconditioned queries in the form ``source`` contracts them in.
-
-    Where the source keeps that layer in the curvature eigenbasis (a ``sparse`` store), the
-    queries stay there (``(Ĝ + λI)⁻¹ G_q`` rotated, never rotated back). Elsewhere, in the
-    weights' basis: ``"full"``, exact; an int ``r``, the rank-r truncated SVD;
-    ``"auto"``, cut to the smallest rank keeping ``AUTO_ENERGY`` of their squared norm where
-    ``source`` contracts that rank more cheaply than exact dense queries
-    (``source.max_factored_rank``), exact elsewhere. Deciding costs the singular values of
-    each query in the eigenbasis, not the vectors.
-    """
+    """Each layer's preconditioned queries in the form ``source`` contracts them in
+    (:func:`~influencekit.forms.query_form`, as ``source.needs`` asks). Each layer's factors
+    read from a file are let go once its queries are made."""
     out: dict[str, QueryForm] = {}
-    rank = query_rank if isinstance(query_rank, int) else None
     for name, x in tokens.items():
         layer = factors.layers[name]
-        kept_in_basis = source.in_eigenbasis(name)
-        in_basis = layer.in_eigenbasis(x.s, x.a, damping[name], query_last=kept_in_basis)
-        if kept_in_basis:
-            out[name] = in_basis if rank is None else truncate(in_basis, rank=rank)
-        elif rank is not None:
-            out[name] = layer.truncated_from_eigenbasis(in_basis, rank)
-        else:
-            max_rank = source.max_factored_rank(name, x.a.shape[0])
-            low = None
-            if query_rank == "auto" and max_rank >= 1:
-                low = layer.truncated_from_eigenbasis(
-                    in_basis, energy=AUTO_ENERGY, max_rank=max_rank
-                )
-            out[name] = layer.from_eigenbasis(in_basis) if low is None else low
+        needs = source.needs(_Layer(name, layer.shape), x.a.shape[0])
+        out[name] = _released(layer, query_form(layer, x.s, x.a, damping[name], needs, query_rank))
     return out
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """A layer's name and gradient shape, as ``needs`` asks them."""
+
+    name: str
+    grad_shape: tuple[int, int]
+
+
+def _released(layer, form: QueryForm) -> QueryForm:
+    """``form``, after ``layer`` let go of what it read from its file."""
+    layer.release()
+    return form
 
 
 def token_scores(
@@ -471,15 +518,16 @@ def token_scores(
     run = run.on(model)
     check_sequences_fit(model, [example.input_ids, query.encode(tok)[0]], f"example {example.id}")
     tokens = query_tokens(model, layers, [query], tok, run)
-    pre = preconditioned(factors, tokens, lambdas)
     batch = collate([example.input_ids], [1], [example.index])
     ((_, io),) = run.captures(
         model, layers, [batch], desc="", example_ids={example.index: example.id}
     )
-    columns = [
-        ((io[layer.name].s[0] @ pre[layer.name][0]) * io[layer.name].a[0]).sum(-1)
-        for layer in layers
-    ]
+    columns = []
+    for layer in layers:  # one layer's dense P_q at a time
+        pre = preconditioned(factors, {layer.name: tokens[layer.name]}, lambdas)[layer.name]
+        x = io[layer.name]
+        columns.append(((x.s[0] @ pre[0]) * x.a[0]).sum(-1))
+        del pre
     table = torch.stack(columns, dim=-1).double().cpu().numpy()
     if not np.isfinite(table).all():
         raise NonFiniteError(

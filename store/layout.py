@@ -35,7 +35,10 @@ from influencekit.h5io import UTF8, atomic_h5, open_h5, read_array
 
 FORMAT = "influencekit.store"
 PART_FORMAT = "influencekit.store-part"
-VERSION = 2  # 2: sparse codecs (integer arrays) and the fidelity record; 1 still reads
+# 3: a codec per layer, sparse windows and Elias–Fano positions, lowrank8, the budget the
+# codecs were chosen for; 2: sparse codecs (paged positions) and the fidelity record; 1 and
+# 2 still read
+VERSION = 3
 PART_VERSION = 1
 # What a stored gradient is the gradient of (docs/math.md); a new definition gets a new string.
 LOSS = "sum over t of -log p(x_{t+1} | x_<=t), real next tokens, padding excluded (v1)"
@@ -91,6 +94,7 @@ class Manifest:
     part_counts: list[int] = field(default_factory=list)
     tokenizer_files: dict[str, bytes] = field(default_factory=dict)
     fidelity: dict | None = None  # measured at build (influencekit.store.fidelity)
+    budget: int | None = None  # bytes per sequence the codecs were chosen for (None: forced)
 
     @property
     def n_examples(self) -> int:
@@ -126,6 +130,8 @@ def write_manifest(path: Path, manifest: Manifest) -> None:
         )
         if manifest.fidelity is not None:
             f.attrs["fidelity"] = json.dumps(manifest.fidelity)
+        if manifest.budget is not None:
+            f.attrs["budget"] = int(manifest.budget)
         counts = np.asarray(manifest.part_counts, dtype=np.int64)
         f.create_dataset("part_counts", data=counts, maxshape=(None,))
         for i, (name, shape) in enumerate(zip(cfg.modules, cfg.shapes, strict=True)):
@@ -163,6 +169,7 @@ def read_manifest(path: Path) -> Manifest:
         saved = f.get("tokenizer", {})
         files = {name: read_array(saved, name, path).tobytes() for name in saved}
         fidelity = json.loads(f.attrs["fidelity"]) if "fidelity" in f.attrs else None
+        budget = int(f.attrs["budget"]) if "budget" in f.attrs else None
         return Manifest(
             config,
             str(f.attrs["uuid"]),
@@ -172,6 +179,7 @@ def read_manifest(path: Path) -> Manifest:
             counts,
             files,
             fidelity,
+            budget,
         )
 
 
@@ -218,7 +226,11 @@ def write_part(
         for row, ids in enumerate(examples.input_ids):
             tokens[row, : len(ids)] = ids
         group.create_dataset("n_tokens", data=lengths, fletcher32=True)
-        group.create_dataset("input_ids", data=tokens, fletcher32=True, chunks=_chunks(tokens))
+        # compressed: the -1 padding past each sequence's end takes next to nothing
+        group.create_dataset(
+            "input_ids", data=tokens, fletcher32=True, chunks=_chunks(tokens),
+            compression="gzip", compression_opts=4, shuffle=True,
+        )  # fmt: skip
         # One chunk height for every gradient array, so readers can take blocks of whole chunks.
         rows = chunk_rows(
             max((v[:1].nbytes for la in arrays for v in la.values()), default=1), count
@@ -237,8 +249,20 @@ def _strings_digest(ids: list[str], texts: list[str], metadata: list[str]) -> st
 
 
 def chunk_rows(row_bytes: int, count: int) -> int:
-    """Examples per HDF5 chunk: about HDF5_CHUNK_BYTES, at least one, at most ``count``."""
-    return max(1, min(count, HDF5_CHUNK_BYTES // max(1, row_bytes)))
+    """Examples per HDF5 chunk: at most about HDF5_CHUNK_BYTES, at least one, and dividing
+    ``count`` where a divisor at least half that large exists, else splitting it evenly:
+    HDF5 allocates a whole last chunk however few rows it holds, and the bytes on disk
+    should be the rows'.
+
+    Example:
+        >>> chunk_rows(10_000, 300), chunk_rows(10_000, 211), chunk_rows(10**7, 5)
+        (100, 71, 1)
+    """
+    most = max(1, min(count, HDF5_CHUNK_BYTES // max(1, row_bytes)))
+    for rows in range(most, (most + 1) // 2 - 1, -1):
+        if count % rows == 0:
+            return rows
+    return -(-count // -(-count // most))  # as even a split as chunks of at most `most`
 
 
 def _chunks(value: np.ndarray) -> tuple[int, ...]:

@@ -38,7 +38,7 @@ from influencekit.models import (
 )
 
 from . import build as building
-from .codecs import array_dtypes, example_bytes, recorded_codecs, stored_tensor
+from .codecs import layer_specs, recorded_codecs, stored_tensor
 from .fidelity import Fidelity
 from .layout import (
     PART_FORMAT,
@@ -173,12 +173,34 @@ class GradientStore:
     def dtype(self) -> np.dtype:
         return np.dtype(self.config.dtype)
 
+    @property
+    def layer_codecs(self) -> list[str]:
+        """Each layer's codec spec, in the order of :attr:`modules`."""
+        return [str(spec) for spec in layer_specs(self.codec, len(self.modules))]
+
     def _layer_bytes(self, layer: int) -> int:
-        return example_bytes(self.codecs[layer], self.dtype)
+        return self.codecs[layer].example_bytes(self.dtype)
+
+    def gradient_bytes(self) -> int:
+        """Bytes of gradient arrays per stored example, all layers together (what the codecs
+        keep, without checksums or anything else a part holds)."""
+        return sum(self._layer_bytes(j) for j in range(len(self.codecs)))
+
+    def bytes_on_disk(self) -> int:
+        """Bytes of every file of the store: the manifest and each committed part."""
+        return self.path.stat().st_size + sum(part.stat().st_size for part in self.part_paths())
 
     def bytes_per_example(self) -> int:
-        """Bytes of gradient data per stored example, all layers together."""
-        return sum(self._layer_bytes(j) for j in range(len(self.codecs)))
+        """What the store's files take on disk per stored example (:meth:`bytes_on_disk`
+        over the examples); for an empty store, the gradient bytes one example will take.
+
+        Example:
+            >>> store.bytes_per_example()     # doctest: +SKIP
+            63511
+        """
+        if len(self) == 0:
+            return self.gradient_bytes()
+        return round(self.bytes_on_disk() / len(self))
 
     def part_paths(self) -> list[Path]:
         return [part for part, _, _ in self.manifest.parts(self.path)]
@@ -249,7 +271,7 @@ class GradientStore:
         if asked.size and not 0 <= asked.min() <= asked.max() < len(self):
             raise OutOfRangeError(f"{self.path}: indices must lie in 0..{len(self) - 1}")
         expected = [self.codecs[j].arrays() for j in positions]
-        kinds = [array_dtypes(self.codecs[j], self.dtype) for j in positions]
+        kinds = [self.codecs[j].array_dtypes(self.dtype) for j in positions]
         out = [
             {name: np.empty((len(asked), *shape), kind[name]) for name, shape in arrays.items()}
             for arrays, kind in zip(expected, kinds, strict=True)
@@ -373,7 +395,7 @@ class GradientStore:
         """
         problems = []
         for name, codec in zip(self.modules, self.codecs, strict=True):
-            kept = getattr(codec, "eigenbasis", None)
+            kept = codec.eigenbasis
             if kept is not None and name in fingerprints and fingerprints[name] != kept:
                 problems.append(f"{name}: store {kept}, these factors {fingerprints[name]}")
         if problems:

@@ -50,17 +50,13 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from torch import nn
 
 from influencekit.data import TextDataset
 from influencekit.distributed import gather_rows, rank_and_world
 from influencekit.errors import FileFormatError, MismatchError, StoreWriteError
 from influencekit.h5io import temp_name
-from influencekit.models import TrackedLayer
 from influencekit.progress import progress_counter
-from influencekit.settings import RunSettings
 
-from .codecs import new_codecs, parse_codec, recorded_codecs
 from .layout import (
     Manifest,
     StoreConfig,
@@ -76,9 +72,9 @@ from .writing import (
     Encoder,
     build_lock,
     commit,
-    open_or_create,
     part_examples,
     pending,
+    record_fidelity,
     remove_uncommitted,
     tokens_digest,
 )
@@ -118,60 +114,55 @@ class _Plan:
 
 def build_sharded(
     path: Path,
-    model: nn.Module,
     train: TextDataset,
-    config: StoreConfig,
-    layers: list[TrackedLayer],
-    curvature: tuple[list | None, list | None],
+    plan,
+    codec: str | None,
+    budget: int | None,
+    dtype: str | None,
     part_size: int | None,
-    run: RunSettings,
-    probe: Callable | None = None,
 ) -> None:
     """:func:`~influencekit.store.build.build` on every process of the group (arguments
-    checked by it).
+    checked by it; ``plan`` is its :class:`~influencekit.store.build.BuildPlan`, which makes,
+    chooses or reads back the store's codecs).
 
     Every rank calls it with the same arguments (its own model copy and device); every rank
     returns once the store is complete. An error on any rank is raised on every rank (the
     failing one raises its own; the others a :class:`StoreWriteError` naming it), never a hang.
+    A new store's codecs are chosen, and its fidelity measured, by rank 0 alone.
     """
     path = Path(path)
     rank, world = rank_and_world()
-    eigenbases, bases = curvature  # eig's leading eigenvectors, sparse's bases (or None)
     with contextlib.ExitStack() as held:
 
         def create() -> None:
             held.enter_context(build_lock(path))  # held by rank 0 until the end
-            spec = parse_codec(config.codec)
-            fresh = new_codecs(
-                spec, config.shapes, seed=config.seed, eigenbases=eigenbases, bases=bases
-            )
-            manifest = open_or_create(path, config, fresh, part_size, train.tokenizer)
-            if probe is not None:  # the fidelity, measured by rank 0 alone
-                probe(manifest, recorded_codecs(
-                    config.codec, config.shapes, manifest.layer_tensors, manifest.layer_params,
-                    bases,
-                ))  # fmt: skip
+            manifest = plan.open(codec, budget, dtype, part_size)
+            if plan.fidelity and manifest.fidelity is None:  # measured by rank 0 alone
+                found = plan.measure(plan.recorded(manifest), manifest.config.dtype)
+                record_fidelity(path, manifest, found)
             for other in _shards(path):
                 if not re.search(rf"\.shard-\d+-of-{world}\.h5$", other.name):
                     _remove_shard(other)  # left by a run on another number of processes
 
         _together(path, "opening the store", create if rank == 0 else None)
-        main, plan, digest = _together(path, "planning", lambda: _plan(path, config, train))
+        recorded = read_manifest(path).config  # what rank 0 made: its codec and dtype
+        config = plan.config(codec or recorded.codec, dtype or recorded.dtype)
+        main, shares, digest = _together(path, "planning", lambda: _plan(path, config, train))
         _together(path, "agreeing on the pending examples", None, digest)
-        mine = rank_share(len(plan.parts), rank, world)
-        codecs = recorded_codecs(
-            config.codec, config.shapes, main.layer_tensors, main.layer_params, bases
-        )
-        encoder = Encoder(model, layers, codecs, run, config.dtype)
-        _together(
-            path,
-            "building its shard",
-            lambda: _build_shard(path, rank, world, main, plan, mine, encoder, train),
-        )
+        mine = rank_share(len(shares.parts), rank, world)
+        encoder = plan.encoder(plan.recorded(main), main.config.dtype)
+        try:
+            _together(
+                path,
+                "building its shard",
+                lambda: _build_shard(path, rank, world, main, shares, mine, encoder, train),
+            )
+        finally:
+            encoder.close()
         _together(
             path,
             "stitching the shards",
-            (lambda: _stitch(path, main, plan, world)) if rank == 0 else None,
+            (lambda: _stitch(path, main, shares, world)) if rank == 0 else None,
         )
 
 

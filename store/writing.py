@@ -25,13 +25,13 @@ import fcntl
 import hashlib
 import uuid as uuidlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from influencekit import memory
 from influencekit.data import TextDataset, example_batches, length_order
 from influencekit.errors import (
     DataError,
@@ -43,7 +43,6 @@ from influencekit.errors import (
 from influencekit.models import TrackedLayer
 from influencekit.settings import RunSettings
 
-from .codecs import array_dtypes, example_bytes
 from .layout import (
     PART_BYTES,
     Manifest,
@@ -77,23 +76,24 @@ def build_lock(path: Path) -> Iterator[None]:
 
 
 def open_or_create(
-    path: Path, config: StoreConfig, codecs: list, part_size: int | None, tokenizer
+    path: Path,
+    config: StoreConfig,
+    codecs: list,
+    part_size: int | None,
+    tokenizer,
+    budget: int | None = None,
 ) -> Manifest:
     """The committed manifest at ``path`` if it was built with ``config`` (and
-    ``part_size``, when given), or a new empty store with ``codecs``' arrays; uncommitted
-    leftovers of a crashed build are removed either way."""
+    ``part_size``, when given), or a new empty store with ``codecs``' arrays (and the
+    ``budget`` they were chosen for, recorded); uncommitted leftovers of a crashed build
+    are removed either way. A continued store's own codecs are checked against the
+    build's factors by the caller (:meth:`Codec.check_factors`)."""
     folder = parts_dir(path)
     if path.exists():
         manifest = read_manifest(path)
         diffs = manifest.config.differences(config, "store", "this build")
         if part_size is not None and part_size != manifest.part_size:
             diffs.append(f"part_size: store {manifest.part_size}, this build {part_size}")
-        if not diffs:  # same layers and codec: are its parameters the same too?
-            for name, stored, fresh in zip(
-                config.modules, manifest.layer_params, codecs, strict=True
-            ):
-                if stored != fresh.params:  # e.g. a sparse store continued with other factors
-                    diffs.append(f"codec of {name}: store {stored}, this build {fresh.params}")
         if diffs:
             raise MismatchError(
                 f"{path}: cannot continue this store, it was built differently: " + "; ".join(diffs)
@@ -107,6 +107,7 @@ def open_or_create(
             )
         manifest = new_manifest(config, codecs, part_size)
         manifest.tokenizer_files = tokenizer_files(tokenizer)
+        manifest.budget = budget
         try:
             write_manifest(path, manifest)
         except OSError as err:
@@ -117,13 +118,18 @@ def open_or_create(
 
 def new_manifest(config: StoreConfig, codecs: list, part_size: int | None) -> Manifest:
     """An empty store's manifest; ``part_size=None`` puts about ``PART_BYTES`` in a part."""
-    per_example = sum(example_bytes(c, config.dtype) for c in codecs)
+    per_example = sum(c.example_bytes(config.dtype) for c in codecs)
     if part_size is None:
         part_size = max(1, min(MAX_PART_SIZE, PART_BYTES // max(1, per_example)))
-    tensors = [{k: v.to(torch.float64).contiguous() for k, v in c.tensors.items()} for c in codecs]
+    tensors = [{k: _recorded(v) for k, v in c.tensors.items()} for c in codecs]
     return Manifest(
         config, uuidlib.uuid4().hex, int(part_size), [c.params for c in codecs], tensors, []
     )
+
+
+def _recorded(value: torch.Tensor) -> torch.Tensor:
+    """A codec array as the manifest keeps it: floats in float64, integers as they are."""
+    return (value.to(torch.float64) if value.is_floating_point() else value).contiguous()
 
 
 def record_fidelity(path: Path, manifest: Manifest, fidelity) -> None:
@@ -202,39 +208,90 @@ def part_examples(train: TextDataset, positions: list[int]) -> PartExamples:
     )
 
 
-@dataclass(frozen=True)
 class Encoder:
-    """What every part of one build shares: the model, its tracked layers, their codecs, the
-    run settings (their ``dtype``: float32, or float64 for a float64 store) and the store's
-    ``dtype``, the one arrays are made in (a codec's own dtypes aside)."""
+    """Each layer's stored arrays for a list of examples: the model, its tracked layers,
+    their codecs, the run settings (their ``dtype``: float32, or float64 for a float64
+    store) and the store's ``dtype``, the one arrays are made in (a codec's own dtypes
+    aside).
 
-    model: nn.Module
-    layers: list[TrackedLayer]
-    codecs: list
-    run: RunSettings
-    dtype: str
+    ``factors`` (``{layer: LayerFactors}``) give the codecs that keep gradients in an
+    eigenbasis what they encode with (:meth:`Codec.attach`). The layers are encoded in
+    groups whose codecs and captured activations fit ``limit`` bytes: one group (every
+    layer, attached once for the whole build) when they fit, else one capture of each
+    part's examples per group, its codecs attached for it and then let go.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[TrackedLayer],
+        codecs: list,
+        run: RunSettings,
+        dtype: str,
+        *,
+        factors: dict | None = None,
+        limit: int | None = None,
+        longest: int = 1,
+    ) -> None:
+        self.model, self.layers, self.codecs, self.run, self.dtype = (
+            model,
+            layers,
+            codecs,
+            run,
+            dtype,
+        )
+        self.factors = factors or {}
+        item = torch.empty(0, dtype=run.dtype).element_size()
+        costs = [codec.encode_bytes(run.batch_size, longest, item) for codec in codecs]
+        fixed = memory.activation_bytes(model, run.batch_size, longest) + PART_BYTES
+        self.groups = memory.Plan(costs, fixed, limit or 2**62).groups
+        self._attached = False
+
+    def _attach(self, group: list[int]) -> None:
+        for j in group:
+            fitted = self.factors.get(self.layers[j].name)
+            self.codecs[j].attach(fitted)
+            if fitted is not None:
+                fitted.release()
+
+    def _detach(self, group: list[int]) -> None:
+        for j in group:
+            self.codecs[j].detach()
+
+    def close(self) -> None:
+        """Let every codec go of what it was attached (the build is over)."""
+        self._detach(range(len(self.codecs)))
+        self._attached = False
 
     def encode(self, train: TextDataset, positions: list[int]) -> list[dict[str, np.ndarray]]:
         """Each layer's stored arrays for the examples ``positions`` (rows in that order)."""
         row_of = {index: row for row, index in enumerate(positions)}
         out: list[dict] = [{} for _ in self.codecs]
         order = length_order(train, positions)  # longest first: little padding per batch
-        kinds = [array_dtypes(codec, self.dtype) for codec in self.codecs]
-        for batch, io in self.run.captures(
-            self.model,
-            self.layers,
-            example_batches(train, self.run.batch_size, order),
-            desc="encoding",
-            example_ids=train.ids,
-            progress=False,
-        ):
-            rows = [row_of[i] for i in batch.indices]
-            for layer, codec, dest, kind in zip(self.layers, self.codecs, out, kinds, strict=True):
-                x = io[layer.name]
-                for key, value in codec.encode(x.a, x.s).items():
-                    if key not in dest:
-                        dest[key] = np.zeros((len(positions), *value.shape[1:]), kind[key])
-                    dest[key][rows] = value.cpu().numpy()
+        kinds = [codec.array_dtypes(self.dtype) for codec in self.codecs]
+        for group in self.groups:
+            one = len(self.groups) == 1
+            if not (one and self._attached):
+                self._attach(group)
+                self._attached = one
+            layers = [self.layers[j] for j in group]
+            for batch, io in self.run.captures(
+                self.model,
+                layers,
+                example_batches(train, self.run.batch_size, order),
+                desc="encoding",
+                example_ids=train.ids,
+                progress=False,
+            ):
+                rows = [row_of[i] for i in batch.indices]
+                for j in group:
+                    x, codec, dest = io[self.layers[j].name], self.codecs[j], out[j]
+                    for key, value in codec.encode(x.a, x.s).items():
+                        if key not in dest:
+                            dest[key] = np.zeros((len(positions), *value.shape[1:]), kinds[j][key])
+                        dest[key][rows] = value.cpu().numpy()
+            if not one:
+                self._detach(group)
         return out
 
 

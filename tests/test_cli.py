@@ -172,18 +172,21 @@ def test_build_then_score_from_the_store(workdir, capsys):
 
 
 def test_build_by_budget_with_factors_prints_the_fidelity(workdir, capsys):
-    """`build --budget --factors` picks a sparse store within the budget and prints its
-    fidelity; `--no-fidelity` records none; a bad budget is refused before the model loads."""
+    """`build --budget --factors` chooses each layer's codec within the budget (what the
+    files take per sequence, the manifest included) and prints the store's fidelity;
+    `--no-fidelity` records none; a bad budget is refused before the model loads."""
     model_args = ["--model", str(workdir / "model"), "--quiet"]
     train_args = ["--train", str(workdir / "train.jsonl"), "--max-length", "64"]
     factors = workdir / "fb.h5"
     assert main(["fit", *model_args, *train_args, "--out", str(factors)]) == 0
     store = workdir / "budget.h5"
     build = ["build", *model_args, *train_args, "--factors", str(factors), "--out", str(store)]
-    assert main([*build, "--budget", "6KiB"]) == 0
+    assert main([*build, "--budget", "24KiB"]) == 0
     printed = capsys.readouterr().out
     opened = ik.GradientStore.open(store)
-    assert opened.codec.startswith("sparse8:") and opened.bytes_per_example() <= 6144
+    assert opened.bytes_per_example() <= 24 * 1024
+    assert {c.partition(":")[0] for c in opened.layer_codecs} <= {"sparse8", "lowrank", "lowrank8"}
+    assert [r["codec"] for r in opened.fidelity.choice] == opened.layer_codecs
     assert f"fidelity: Pearson {opened.fidelity.pearson_min:.3f}" in printed
     plain = workdir / "plain.h5"
     cmd = ["build", *model_args, *train_args, "--out", str(plain), "--no-fidelity"]

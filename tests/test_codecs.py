@@ -37,7 +37,7 @@ import torch
 
 import influencekit as ik
 from influencekit.lowrank import as_dense
-from influencekit.store import codecs as codecs_module
+from influencekit.store.codecs import lowrank as lowrank_module
 from influencekit.store.codecs import make_codec, parse_codec
 from influencekit.tiny import TINY_CORPUS
 
@@ -159,52 +159,77 @@ def test_kron_store_equals_explicit_projection_float64(w64, tokenizer):
     assert rel_error(result.layer_scores, w64.exact.layer_scores) > 1e-3  # K=8 < d: inexact
 
 
+def elias_fano_by_hand(h: np.ndarray, low: np.ndarray | None, k: int, n: int) -> np.ndarray:
+    """Increasing positions from their Elias–Fano bytes: ``floor(log2(n / k))`` low bits
+    each (little-endian bits), and the high parts in unary (the j-th set bit sits at
+    ``high_j + j``)."""
+    bits = max(0, int(np.floor(np.log2(n / k))))
+    marks = np.flatnonzero(np.unpackbits(h, bitorder="little"))[:k]
+    high = marks - np.arange(k)
+    if not bits:
+        return high
+    flat = np.unpackbits(low, bitorder="little")[: k * bits].reshape(k, bits)
+    return (high << bits) | (flat * (1 << np.arange(bits))).sum(1)
+
+
 def test_sparse_store_equals_brute_force_float64(w64, tokenizer):
     k = 40
     store = w64.store(f"sparse:{k}")
     names = store.modules
-    with h5py.File(store.path, "r") as f:  # the manifest records sizes and the eigenbasis
+    with h5py.File(store.path, "r") as f:  # the manifest records sizes, window and eigenbasis
         params = [dict(f[f"layers/{j:04d}"].attrs) for j in range(len(names))]
-    for name, layer_params in zip(names, params, strict=True):
+        windows = [
+            (f[f"layers/{j:04d}/rows"][()], f[f"layers/{j:04d}/cols"][()])
+            for j in range(len(names))
+        ]
+    for name, layer_params, (rows, cols) in zip(names, params, windows, strict=True):
         lf = w64.factors.layers[name]
-        assert layer_params["entries"] == k and layer_params["page"] == 256
+        assert layer_params["entries"] == k and layer_params["positions"] == "elias-fano"
         assert layer_params["basis"] == lf.basis_fingerprint() != "standard"
         assert layer_params["damping"] == pytest.approx(lf.default_damping(), rel=1e-15)
-    stored = {name: {"x": [], "i": [], "n": []} for name in names}
+        # a window smaller than the layer, holding at least twice the entries kept
+        assert 2 * k <= len(rows) * len(cols) < lf.shape[0] * lf.shape[1]
+        assert 0 < layer_params["window_mass"] <= 1
+    stored = {name: {"x": [], "h": [], "l": []} for name in names}
     for part in sorted(pathlib.Path(str(store.path) + ".d").glob("part-*.h5")):
         with h5py.File(part, "r") as f:
             for j, name in enumerate(names):
-                for key in ("x", "i", "n"):
+                for key in ("x", "h", "l"):
                     stored[name][key].append(f[f"layers/{j:04d}/{key}"][()])
     stored = {n: {key: np.concatenate(v) for key, v in d.items()} for n, d in stored.items()}
 
-    def positions(layer: dict, row: int) -> np.ndarray:
-        """Flat positions from page counts and offsets, decoded by hand: 40 of 1,040 or
-        1,088 entries take one-byte offsets in pages of 256 (fewer bytes than two-byte ones)."""
-        assert layer["i"].dtype == np.uint8 and layer["n"].dtype == np.uint16
-        pages = np.repeat(np.arange(layer["n"].shape[1]), layer["n"][row])
-        return pages * 256 + layer["i"][row].astype(np.int64)
+    def positions(name: str, j: int, row: int) -> np.ndarray:
+        """Flat positions in the window (Elias–Fano, decoded by hand)."""
+        rows, cols = windows[j]
+        layer = stored[name]
+        assert layer["h"].dtype == np.uint8 and layer["l"].dtype == np.uint8
+        return elias_fano_by_hand(layer["h"][row], layer["l"][row], k, len(rows) * len(cols))
 
     result = w64.score(store)
     damping = result.meta["damping"]
     train_grads = {
         i: autograd_weight_grads(w64.model, names, w64.train[i].input_ids) for i in (0, 4, 9)
     }
-    for name in names:
+    for j, name in enumerate(names):
         lf = w64.factors.layers[name]
+        rows, cols = (torch.from_numpy(w).long() for w in windows[j])
+        weight = 1 / (lf.lam + lf.default_damping())
         for i, grads in train_grads.items():
-            rotated = (lf.q_s.T @ grads[name] @ lf.q_a).flatten()  # G̃_z in the eigenbasis
-            energy = rotated**2 / (lf.lam.flatten() + lf.default_damping())
+            # G̃_z in the window of the eigenbasis; its K entries of largest whitened energy
+            rotated = (lf.q_s[:, rows].T @ grads[name] @ lf.q_a[:, cols]).flatten()
+            energy = rotated**2 * weight[rows][:, cols].flatten()
             kept = np.sort(np.argsort(-energy.numpy(), kind="stable")[:k])
-            np.testing.assert_array_equal(positions(stored[name], i), kept)
+            np.testing.assert_array_equal(positions(name, j, i), kept)
             assert_rel(stored[name]["x"][i], rotated[kept], 1e-9, what=f"{name} x, z{i}")
     for q, g_q in enumerate(query_grads(w64, tokenizer, names)):
         for col, name in enumerate(names):
             lf = w64.factors.layers[name]
-            # P̃_q: the explicit EK-FAC preconditioned query, kept in the eigenbasis.
-            p_rot = ((lf.q_s.T @ g_q[name] @ lf.q_a) / (lf.lam + damping[name])).flatten()
+            rows, cols = (torch.from_numpy(w).long() for w in windows[col])
+            # P̃_q: the explicit EK-FAC preconditioned query, in the window of the eigenbasis.
+            window = lf.q_s[:, rows].T @ g_q[name] @ lf.q_a[:, cols]
+            p_rot = (window / (lf.lam[rows][:, cols] + damping[name])).flatten()
             for i in train_grads:
-                kept = positions(stored[name], i)
+                kept = positions(name, col, i)
                 expected = float((p_rot[kept] * torch.from_numpy(stored[name]["x"][i])).sum())
                 assert_rel(result.layer_scores[q, i, col], expected, 1e-9,
                            what=f"{name} q{q} z{i} sparse score")  # fmt: skip
@@ -237,8 +262,8 @@ def test_sparse8_keeps_the_same_entries_in_eight_bits(w64):
     for j in range(len(full.modules)):
         (a,) = full.rows(everyone, [j])
         (b,) = small.rows(everyone, [j])
-        np.testing.assert_array_equal(a["i"], b["i"])
-        np.testing.assert_array_equal(a["n"], b["n"])
+        for key in ("h", "l"):  # the same positions
+            np.testing.assert_array_equal(a[key], b[key])
         assert b["x"].dtype == np.uint8 and b["s"].dtype == np.float32
         scale = np.abs(a["x"]).max(axis=1, keepdims=True) / 448
         np.testing.assert_allclose(b["s"], scale, rtol=1e-6)
@@ -341,10 +366,6 @@ def test_kron_is_unbiased_over_seeds(corpus):
 )
 def test_codec_gram_random(spec, monkeypatch):
     shape = (5, 7)
-    # sparse: pages of 4 or 16 positions, so that a row spans many pages in either layout
-    monkeypatch.setattr(
-        codecs_module, "LAYOUTS", {4: (np.uint8, np.uint16), 16: (np.uint16, np.int32)}
-    )
     codec = make_codec(parse_codec(spec), shape, seed=3, layer_index=1)
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(6, 4, 7, generator=gen, dtype=F64)  # 6 examples of 4 tokens
@@ -378,7 +399,7 @@ def test_codec_gram_random(spec, monkeypatch):
         g = torch.einsum("bto,bti->boi", s, a).flatten(1)
         torch.testing.assert_close(got, g[:4] @ g[2:].T, rtol=1e-10, atol=1e-10)
     if spec.startswith("lowrank"):  # a few rows of ``a`` at a time: the same numbers
-        monkeypatch.setattr(codecs_module, "GRAM_ELEMENTS", 1)
+        monkeypatch.setattr(lowrank_module, "GRAM_ELEMENTS", 1)
         torch.testing.assert_close(codec.gram(first, second), got, rtol=1e-14, atol=1e-14)
         empty = codec.gram({k: v[:0] for k, v in stored.items()}, second)
         assert empty.shape == (0, 4)
@@ -389,9 +410,6 @@ def test_codec_decode_gives_the_kept_gradients(spec, monkeypatch):
     """``decode`` returns the matrices whose inner products ``gram`` computes (so exactly
     ``G`` where a codec keeps it whole), in the basis they are kept in; the projecting
     codecs have none."""
-    monkeypatch.setattr(
-        codecs_module, "LAYOUTS", {4: (np.uint8, np.uint16), 16: (np.uint16, np.int32)}
-    )
     codec = make_codec(parse_codec(spec), (5, 7), seed=3, layer_index=1)
     gen = torch.Generator().manual_seed(1)
     a = torch.randn(6, 4, 7, generator=gen, dtype=F64)
@@ -405,4 +423,4 @@ def test_codec_decode_gives_the_kept_gradients(spec, monkeypatch):
         torch.testing.assert_close(decoded, torch.einsum("bto,bti->boi", s, a))
     if spec == "sparse:6":  # the 6 largest |G| entries of each example, zeros elsewhere
         assert ((decoded != 0).flatten(1).sum(1) == 6).all()
-    assert not hasattr(make_codec(parse_codec("kron:3"), (5, 7)), "decode")
+    assert not make_codec(parse_codec("kron:3"), (5, 7)).keeps_whole

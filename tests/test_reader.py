@@ -270,7 +270,7 @@ def test_a_part_missing_one_array_is_named_by_every_reader(world, tmp_path):
 
 def test_blocks_cover_rows_once_in_order(w32, monkeypatch):
     store = w32.store("dense")
-    n, per_example = len(store), store.bytes_per_example()
+    n, per_example = len(store), store.gradient_bytes()
     expected_bytes = sum(
         int(np.prod(w32.factors.layers[m].shape)) for m in store.modules
     ) * 4  # fmt: skip

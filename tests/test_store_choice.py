@@ -22,7 +22,14 @@ import pytest
 
 import influencekit as ik
 from influencekit.cli import main as cli_main
-from influencekit.store.budget import choose_codec, default_budget, parse_bytes
+from influencekit.store.budget import (
+    LAYER_CAP,
+    candidates,
+    default_budget,
+    exact_bytes,
+    parse_bytes,
+    shares,
+)
 from influencekit.store.fidelity import PROBE_SEQUENCES, QUERY_TOKENS, Fidelity
 
 from helpers.store_worlds import QUERIES, assert_rel
@@ -45,66 +52,85 @@ def test_parse_bytes_refuses(bad):
         parse_bytes(bad)
 
 
-def test_choose_codec_fits_the_budget():
-    shapes = [(2048, 513), (512, 2049)] * 4  # a wide model's MLP layers
-    spec, dtype = choose_codec(None, "128KiB", None, shapes, sparse=True)
-    assert spec.kind == "sparse8"
-    # per layer: K values (1 byte), K offsets (2 bytes), a scale and 17 page counts (4 bytes
-    # each), and a 4-byte checksum for each of the 4 arrays
-    assert 8 * (spec.size * 3 + 4 + 17 * 4 + 16) <= 131072
-    assert 8 * ((spec.size + 1) * 3 + 4 + 17 * 4 + 16) > 131072
-    spec, dtype = choose_codec(None, "128KiB", "float16", shapes, sparse=True)
-    assert (spec.kind, dtype) == ("sparse", "float16")  # values in the dtype asked for
-    assert 8 * (spec.size * 4 + 17 * 4 + 12) <= 131072 < 8 * ((spec.size + 1) * 4 + 17 * 4 + 12)
-    spec, dtype = choose_codec(None, "128KiB", None, shapes, sparse=False)
-    assert spec.kind == "lowrank" and 8 * (spec.size * 2561 * 2 + 8) <= 131072
-    assert 8 * ((spec.size + 1) * 2561 * 2 + 8) > 131072
-    # the default budget: lowrank:8 in float32; float32 halves the entries of float16
-    assert default_budget(shapes) == 8 * (8 * 2561 * 4 + 8)  # and two checksums per layer
-    k8 = choose_codec(None, None, None, shapes, sparse=True)[0].size
-    k16 = choose_codec(None, None, "float16", shapes, sparse=True)[0].size
-    k32 = choose_codec(None, None, "float32", shapes, sparse=True)[0].size
-    # one-byte offsets at these sizes: 2 bytes per entry (8-bit), 3 (float16), 5 (float32)
-    assert 1.45 * k16 < k8 < 1.5 * k16 and 0.55 * k16 < k32 < 0.6 * k16
-    # a budget that holds the exact gradient gets it
-    small = [(16, 65), (64, 17)]
-    exact = 16 * 65 * 2 + 64 * 17 * 2 + 2 * 4  # float16 values, a checksum per layer
-    assert str(choose_codec(None, exact, None, small, sparse=True)[0]) == "dense"
-    assert str(choose_codec(None, exact - 1, None, small, sparse=True)[0]) != "dense"
-    # a forced codec wins, and a budget beside it is refused
-    assert choose_codec("kron:8", None, None, shapes, sparse=True) == (
-        ik.store.parse_codec("kron:8"),
-        "float32",
-    )
-    with pytest.raises(ik.ParameterError, match="budget"):
-        choose_codec("kron:8", "1MiB", None, shapes, sparse=True)
+def test_shares_split_equally_within_caps():
+    assert shares(90, [100, 10, 100]) == [40, 10, 40]
+    assert shares(10**6, [5, 7]) == [5, 7]  # more than every layer can use
+    assert 1000 - 4 < sum(shares(1000, [400, 999, 999, 50])) <= 1000  # whole bytes each
+
+
+def test_default_budget_is_lowrank8_float32_at_most_the_layer_cap():
+    wide, narrow = (2048, 513), (64, 17)
+    assert default_budget([narrow]) == 8 * (64 + 17) * 4 + 8  # values and two checksums
+    assert default_budget([wide, narrow]) == LAYER_CAP + 8 * (64 + 17) * 4 + 8
+    # Llama-3.2-1B's MLP: 48 layers within about 1 MiB per sequence, 64 KiB per block
+    assert default_budget([(8192, 2048), (8192, 2048), (2048, 8192)] * 16) <= 2**20
+    assert 3 * LAYER_CAP < 64 * 2**10
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_candidates_fit_their_share(w32, explicit):
+    """Every candidate takes at most the share (as budgets count bytes, checksums included):
+    sparse (in the factors' eigenbasis) and lowrank, with 8-bit forms unless a dtype is
+    given; an exact codec alone where one fits."""
+    name = w32.factors.modules[0]
+    shape = w32.factors.layers[name].shape
+    share = 600
+    found = candidates(
+        share, shape, dtype="float16", explicit_dtype=explicit, longest=30, seed=0,
+        layer_index=0, factors=w32.factors.layers[name],
+    )  # fmt: skip
+    kinds = [c.kind for c in found]
+    assert kinds == (["sparse", "lowrank"] if explicit else ["sparse8", "lowrank", "lowrank8"])
+    for codec in found:
+        window = getattr(codec, "window_shape", shape)
+        assert type(codec).bytes_for(codec.spec.size, window, "float16") <= share
+        assert codec.example_bytes("float16") <= share
+    assert found[0].eigenbasis == w32.factors.layers[name].basis_fingerprint()
+    exact = exact_bytes(shape, "float16", 30)
+    (alone,) = candidates(exact, shape, dtype="float16", explicit_dtype=explicit, longest=30,
+                          seed=0, layer_index=0)  # fmt: skip
+    assert alone.spec.kind in ("dense", "lowrank") and alone.exact_size(shape, 30) is not None
+    assert candidates(10, shape, dtype="float16", explicit_dtype=explicit, longest=30, seed=0,
+                      layer_index=0) == []  # fmt: skip
+
+
+def test_the_choice_takes_each_layers_best_candidate(w32, tmp_path):
+    """A budget-chosen store records, per layer, every candidate's mean Pearson on the probe
+    and the codec with the highest; the store's codec string names them in layer order."""
+    store = ik.GradientStore.build(tmp_path / "c.h5", w32.model, w32.train, factors=w32.factors,
+                                   budget=25000, progress=False)  # fmt: skip
+    choice = store.fidelity.choice
+    assert [record["layer"] for record in choice] == store.modules
+    for record, codec in zip(choice, store.layer_codecs, strict=True):
+        scores = record["candidates"]
+        assert record["codec"] == codec == max(scores, key=lambda c: scores[c])
+    assert store.manifest.budget == 25000
 
 
 def test_too_small_budget_is_refused_before_anything_is_written(w32, tmp_path):
     path = tmp_path / "tiny.h5"
     with pytest.raises(ik.ParameterError, match=r"budget must be at least \d+ bytes") as info:
         ik.GradientStore.build(path, w32.model, w32.train, factors=w32.factors, budget=100)
-    assert "sparse8:64" in str(info.value)
+    assert "rank 1, or 64 entries" in str(info.value)
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("with_factors", [True, False])
 def test_built_store_respects_its_budget_on_disk(w32, tmp_path, with_factors):
-    """Bytes of gradient data per sequence, measured from the part files' datasets (HDF5
-    storage, checksums included), stay within the budget."""
-    budget = 3000
+    """What the store's files take on disk per sequence (manifest and parts) is what it
+    reports, and within the budget."""
+    budget = 25000
     factors = w32.factors if with_factors else None
     store = ik.GradientStore.build(tmp_path / "b.h5", w32.model, w32.train, factors=factors,
                                    budget=budget, progress=False)  # fmt: skip
-    assert store.codec.startswith("sparse8:" if with_factors else "lowrank:")
+    files = [store.path, *store.part_paths()]
+    on_disk = sum(path.stat().st_size for path in files)
+    assert store.bytes_per_example() == round(on_disk / len(store))
     assert store.bytes_per_example() <= budget
-    on_disk = 0
-    for part in store.part_paths():
-        with h5py.File(part, "r") as f:
-            for group in f["layers"].values():
-                on_disk += sum(group[key].id.get_storage_size() for key in group)
-    assert on_disk / len(store) <= budget, on_disk / len(store)
-    assert on_disk / len(store) >= 0.9 * store.bytes_per_example()  # the arrays are all there
+    kinds = {codec.partition(":")[0] for codec in store.layer_codecs}
+    assert kinds <= ({"sparse8", "lowrank", "lowrank8", "dense"})
+    if not with_factors:  # sparse without factors: the standard basis
+        assert all(c.eigenbasis is None for c in store.codecs)
 
 
 def test_a_store_is_continued_with_its_own_codec(w32, tmp_path):
@@ -117,6 +143,8 @@ def test_a_store_is_continued_with_its_own_codec(w32, tmp_path):
     assert (store.codec, store.config.dtype, len(store)) == ("lowrank:3", "float32", 12)
     with pytest.raises(ik.MismatchError, match="codec"):
         ik.GradientStore.build(path, w32.model, w32.train, codec="lowrank:4", **options)
+    with pytest.raises(ik.MismatchError, match="budget: store none"):
+        ik.GradientStore.build(path, w32.model, w32.train, budget="1MiB", **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,13 +164,14 @@ def test_exact_codec_fidelity_is_one(w32):
 
 def test_fidelity_equals_the_scorers_correlation(w32):
     """With the three test queries as probe: the record equals the Pearson correlation of
-    ``ik.score`` on the store against on-the-fly scores (every sequence is in the probe)."""
+    ``ik.score`` on the store (its default ``query_rank="auto"``, as the probe forms its
+    queries) against on-the-fly scores (every sequence is in the probe)."""
     assert len(w32.train) <= PROBE_SEQUENCES
     store = w32.store("lowrank:1", fidelity_queries=QUERIES, seed=5)
     fidelity = store.fidelity
     assert fidelity.queries == "given queries" and fidelity.n_queries == len(QUERIES)
     assert fidelity.n_sequences == len(w32.train) and fidelity.seed == 5
-    stored = w32.score(store, query_rank="full").scores
+    stored = w32.score(store, query_rank="auto").scores
     pearsons = [np.corrcoef(e, s)[0, 1] for e, s in zip(w32.exact.scores, stored, strict=True)]
     assert 0 < min(pearsons) < 0.999  # lossy, and not useless
     assert fidelity.pearson_min == pytest.approx(min(pearsons), abs=1e-5)
@@ -177,13 +206,13 @@ def test_version_one_store_opens_and_scores_the_same(w32, tmp_path):
                                    progress=False)  # fmt: skip
     before = w32.score(store).layer_scores
     with h5py.File(store.path, "r+") as f:  # as the kit wrote manifests before the record
-        assert int(f.attrs["version"]) == 2
+        assert int(f.attrs["version"]) == 3
         f.attrs["version"] = 1
         del f.attrs["fidelity"]
     old = ik.GradientStore.open(store.path)
     assert old.fidelity is None
     assert_rel(w32.score(old).layer_scores, before, 0, what="version 1")
     with h5py.File(store.path, "r+") as f:
-        f.attrs["version"] = 3
-    with pytest.raises(ik.FileFormatError, match=r"v\.h5: format version 3 is newer"):
+        f.attrs["version"] = 4
+    with pytest.raises(ik.FileFormatError, match=r"v\.h5: format version 4 is newer"):
         ik.GradientStore.open(store.path)

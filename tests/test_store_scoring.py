@@ -29,7 +29,8 @@ import pytest
 import torch
 
 import influencekit as ik
-from influencekit.scoring import AUTO_ENERGY, preconditioned, query_tokens
+from influencekit.forms import AUTO_ENERGY
+from influencekit.scoring import preconditioned, query_tokens
 from influencekit.settings import RunSettings
 
 from helpers.store_worlds import CHUNK, QUERIES, assert_rel, rel_error, top_order
@@ -217,8 +218,8 @@ def test_refine_float64_store(w64):
 def test_float16_store(w32, codec):
     half, single = w32.store(codec, "float16"), w32.store(codec, "float32")
     assert half.dtype == np.float16
-    assert 2 * half.bytes_per_example() == single.bytes_per_example()
-    assert 2 * single.bytes_per_example() == w32.store(codec, "float64").bytes_per_example()
+    assert 2 * half.gradient_bytes() == single.gradient_bytes()
+    assert 2 * single.gradient_bytes() == w32.store(codec, "float64").gradient_bytes()
     with h5py.File(half.part_paths()[0], "r") as f:
         name = "g" if codec == "dense" else "c"
         assert f[f"layers/0000/{name}"].dtype == np.float16

@@ -137,7 +137,7 @@ def stored_influence_vectors(
     kept = {name: layer.basis_fingerprint() for name, layer in factors.layers.items()}
     store.check_eigenbasis(kept)
     positions = {name: store.modules.index(name) for name in factors.modules}
-    projected = [n for n, j in positions.items() if not hasattr(store.codecs[j], "decode")]
+    projected = [n for n, j in positions.items() if not store.codecs[j].keeps_whole]
     if projected:
         raise ParameterError(
             "store",
@@ -157,7 +157,7 @@ def stored_influence_vectors(
         for name, arrays in zip(positions, layers, strict=True):
             codec, layer = store.codecs[positions[name]], factors.layers[name]
             stored = {key: stored_tensor(value, torch.float64) for key, value in arrays.items()}
-            in_eigenbasis = getattr(codec, "eigenbasis", None) is not None
+            in_eigenbasis = codec.eigenbasis is not None
             w = layer.whiten(codec.decode(stored), damping[name], in_eigenbasis=in_eigenbasis)
             parts.append(_sketched(w, sides.get(name)))
         blocks.append(torch.cat(parts, dim=1))
