@@ -15,6 +15,7 @@ Sections (``--only`` picks some, comma-separated):
               computed from the formulas below and the ASSUMPTION constants
 
 Usage:
+    python benchmarks/scaling.py --probe 1b             # real widths (benchmarks/widths.py)
     python benchmarks/scaling.py                        # everything, about 3 minutes on 2 cores
     python benchmarks/scaling.py --eigh-sizes 2048,4096,8192   # as in docs/scaling.md (9 min)
     python benchmarks/scaling.py --only bytes,example   # formulas only, under a minute
@@ -698,7 +699,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default=",".join(SECTIONS), help="sections, comma-separated")
     parser.add_argument("--eigh-sizes", default="1024,2048,4096", help="matrix sizes n")
+    parser.add_argument(
+        "--probe",
+        choices=("1b",),
+        default=None,
+        help="instead: fit, build and score Llama-3.2-1B-shaped models of 1 and 2 blocks, each "
+        "stage in its own process, at the defaults and max_memory='2GiB' (benchmarks/widths.py)",
+    )
     args = parser.parse_args(argv)
+    if args.probe:
+        from widths import main as widths_main
+
+        return widths_main(["--blocks", "1,2", "--settings", "default,2GiB"])
     chosen = args.only.split(",")
     unknown = set(chosen) - set(SECTIONS)
     if unknown:

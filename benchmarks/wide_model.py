@@ -66,7 +66,12 @@ from pathlib import Path  # noqa: E402
 import tokenizers  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 import influencekit as ik  # noqa: E402
 from influencekit.data import TextDataset, collate, padding_id  # noqa: E402
@@ -103,7 +108,8 @@ class Settings:
     heldout_records: int = 512
     queries: int = 32
     # Model and tokenizer: Pythia's shape and defaults (parallel residual, gelu, partial
-    # rotary, untied embeddings), at width 512.
+    # rotary, untied embeddings), at width 512; or (--narrow) a Llama.
+    arch: str = "gpt-neox"
     vocab_size: int = 8192
     layers: int = 4
     hidden: int = 512
@@ -359,9 +365,24 @@ def train_tokenizer(texts: list[str], settings: Settings):
     return tokenizer
 
 
-def new_model(tokenizer, settings: Settings) -> GPTNeoXForCausalLM:
-    """A freshly initialised GPT-NeoX (seeded) with Pythia's defaults at this width."""
+def new_model(tokenizer, settings: Settings) -> torch.nn.Module:
+    """A freshly initialised GPT-NeoX (seeded) with Pythia's defaults at this width, or a
+    Llama (``arch="llama"``: gated MLP, RMSNorm, rotary, untied embeddings)."""
     torch.manual_seed(settings.seed)
+    if settings.arch == "llama":
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=settings.hidden,
+            num_hidden_layers=settings.layers,
+            num_attention_heads=settings.heads,
+            intermediate_size=settings.intermediate,
+            max_position_embeddings=settings.max_positions,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        )
+        return LlamaForCausalLM(config)
     config = GPTNeoXConfig(
         vocab_size=len(tokenizer),
         hidden_size=settings.hidden,
@@ -541,9 +562,24 @@ def unigram_cross_entropy(counts: Counter, data: TextDataset, vocab: int) -> flo
 # Output folder: reuse, staging and atomic publication
 
 
-def default_out() -> Path:
+# --narrow: a Llama of narrow MLP (384 x 1024, 4 blocks) trained on records of at most 48
+# tokens, where short gradients (rank <= 48) and narrow layers test a store's codec choice.
+NARROW = {
+    "arch": "llama",
+    "hidden": 384,
+    "intermediate": 1024,
+    "heads": 6,
+    "max_length": 48,
+    "min_words": 8,
+    "record_words": 24,
+    "max_words": 34,
+    "batch_size": 32,
+}
+
+
+def default_out(narrow: bool = False) -> Path:
     cache = os.environ.get("INFLUENCEKIT_CACHE") or "~/.cache/influencekit"
-    return Path(cache).expanduser() / "wide-model"
+    return Path(cache).expanduser() / ("narrow-model" if narrow else "wide-model")
 
 
 def read_recipe(out: Path) -> dict | None:
@@ -660,6 +696,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=55.0, help="time budget (default 55)")
     parser.add_argument("--out", type=Path, default=None, help="output folder")
+    parser.add_argument(
+        "--narrow",
+        action="store_true",
+        help="a narrow Llama on 48-token records instead (default folder narrow-model)",
+    )
     return parser.parse_args(argv)
 
 
@@ -700,8 +741,8 @@ def main(argv: list[str] | None = None) -> None:
     deadline = started + args.minutes * 60
     torch.set_num_threads(THREADS)
     transformers.utils.logging.disable_progress_bar()  # keep the log to one line per event
-    settings = Settings(minutes=args.minutes)
-    out = (args.out or default_out()).expanduser().resolve()
+    settings = Settings(minutes=args.minutes, **(NARROW if args.narrow else {}))
+    out = (args.out or default_out(args.narrow)).expanduser().resolve()
 
     pool, heldout, queries, stats = corpus_files(settings)
     print(
@@ -755,7 +796,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     model = new_model(tokenizer, settings)
     print(
-        f"model: GPT-NeoX, {parameter_count(model):,} parameters; training on "
+        f"model: {type(model).__name__}, {parameter_count(model):,} parameters; training on "
         f"{stats['train_records']} records, {stats['train_tokens']:,} tokens",
         flush=True,
     )
