@@ -48,7 +48,7 @@ SETTINGS = {
     "strategy": "ekfac",
     "fisher": "sampled",
     "seed": 0,
-    "codec": "lowrank:8",
+    "codec": None,  # the kit's default: each layer's codec chosen on the build's probe
     "refine": 100,  # rescore each query's 100 best candidates exactly (see docs/demo.md)
     "batch_size": 8,
 }
@@ -79,6 +79,7 @@ class DemoRun:
     seconds: dict[str, float] = field(default_factory=dict)
     reused: list[str] = field(default_factory=list)
     themes: list = field(default_factory=list)  # per query: influencekit.themes.Themes
+    codec: str = ""  # the store's codec string (one spec, or one per layer)
 
 
 def default_out(size: str = "small", quick: bool = False) -> Path:
@@ -136,7 +137,8 @@ def run_demo(
     inputs = {"model": model_fingerprint(model), "train": train.fingerprint()}
     opts = {"device": device, "progress": progress, "batch_size": SETTINGS["batch_size"]}
     factors_key = _key("factors", inputs, "modules", "strategy", "fisher", "seed")
-    store_key = _key("store", inputs, "modules", "codec", "seed")
+    # the store keeps gradients in the factors' eigenbasis: new factors, a new store
+    store_key = _key("store", {**inputs, "factors": factors_key}, "modules", "codec", "seed")
     result_key = _key("result", {"in": [factors_key, store_key], "q": QUERIES}, "refine")
 
     factors = stages.run(
@@ -164,6 +166,7 @@ def run_demo(
             train,
             modules=factors.modules,
             codec=SETTINGS["codec"],
+            factors=factors,
             seed=SETTINGS["seed"],
             **opts,
         ),
@@ -180,6 +183,7 @@ def run_demo(
         InfluenceResult.load,
     )
     run = DemoRun(out, size, quick, train, result, QUERIES, paths, stages.seconds, stages.reused)
+    run.codec = store.codec
     started = time.perf_counter()
     run.themes = [
         themes.for_query(result, train, q, top_k=THEME_TOP_K) for q in range(len(QUERIES))
@@ -189,6 +193,17 @@ def run_demo(
     write_demo_report(run, model, factors)  # token rows are computed here, for the page
     stages.seconds["report"] = time.perf_counter() - started
     return run
+
+
+def _codecs(codec: str) -> str:
+    """A store's codec string in short: ``sparse8:K`` for all, or each kind with its count."""
+    specs = codec.split(",")
+    if len(set(specs)) == 1:
+        return specs[0] or "(reused)"
+    counts: dict[str, int] = {}
+    for spec in specs:
+        counts[spec] = counts.get(spec, 0) + 1
+    return ", ".join(f"{spec} on {n} layers" for spec, n in counts.items())
 
 
 def write_demo_report(run: DemoRun, model=None, factors=None) -> Path:
@@ -203,7 +218,7 @@ def write_demo_report(run: DemoRun, model=None, factors=None) -> Path:
         "training sequences": f"{len(run.train):,} fortunes quotes in "
         f"{len({ex.metadata.get('theme') for ex in run.train})} themes",
         "factors": f"{SETTINGS['strategy']} ({SETTINGS['fisher']} Fisher) on {SETTINGS['modules']}",
-        "store": f"codec {SETTINGS['codec']}, top {SETTINGS['refine']} rescored exactly",
+        "store": f"codec {_codecs(run.codec)}, top {SETTINGS['refine']} rescored exactly",
         "themes": f"TF-IDF clusters of each query's top {THEME_TOP_K}",
     }
     explorer = InfluenceExplorer(
