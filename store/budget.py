@@ -10,8 +10,8 @@ goes to the others). Each layer's share is then spent on every candidate (:func:
 - ``sparse8:K`` (with an explicit ``dtype``: ``sparse:K``, values in it), the entries of
   the gradient in a window of the curvature eigenbasis that scores depend on most, when the
   layer has fitted factors with an eigenbasis; in the standard basis otherwise;
-- ``lowrank:R`` in the store's dtype (float16 unless told), and ``lowrank8:R`` (8-bit
-  factors, twice the rank; not with an explicit ``dtype``);
+- ``lowrank8:R`` (8-bit factors: at the same bytes twice the rank of float16 ones, and
+  more faithful on every layer measured), or with an explicit ``dtype`` ``lowrank:R`` in it;
 - ``dense`` or an exact ``lowrank`` when one fits: exact, so taken at once.
 
 The probe (:class:`~influencekit.store.fidelity.Probe`) scores every candidate on each layer
@@ -75,17 +75,24 @@ def default_budget(shapes: list[tuple[int, int]]) -> int:
     )
 
 
-def example_overhead(train, shapes: list[tuple[int, int]], per_part: int) -> int:
+def example_overhead(
+    train, shapes: list[tuple[int, int]], per_part: int, shares: list[int] | None = None
+) -> int:
     """Bytes a store keeps per example besides its gradients, an upper estimate from
     ``train``: token ids (int32, compressed at most to nothing), the token count, the id,
     text and metadata strings (JSON, as a part writes them) with their heap records, HDF5's
     records of every dataset of a part shared over ``per_part`` examples, and the manifest
-    (the tokenizer's files and each layer's codec arrays, at most a window's indices or a
-    test matrix of ``lowrank:64``'s) shared over ``train``'s examples."""
+    (the tokenizer's files and each layer's codec arrays: a window's indices, or the test
+    matrix of the largest rank its gradient ``shares`` allow) shared over ``train``'s
+    examples."""
     n = max(1, len(train))
     n_layers = len(shapes)
     tokenizer = sum(len(content) for content in tokenizer_files(train.tokenizer).values())
-    codec_arrays = sum(8 * (d_out + d_in) + 8 * d_in * 72 for d_out, d_in in shapes)
+    shares = shares or [LAYER_CAP] * n_layers
+    codec_arrays = sum(
+        4 * (d_out + d_in) + 8 * d_in * (share // (d_out + d_in) + 8)
+        for (d_out, d_in), share in zip(shapes, shares, strict=True)
+    )
     manifest = (tokenizer + codec_arrays + MANIFEST_BYTES) / n
     text = sum(
         len(ex.id.encode()) + len(ex.text.encode())
@@ -147,9 +154,9 @@ def candidates(
     """The codecs one layer can take in ``share`` bytes per sequence, made for this build
     and detached (the probe attaches them): an exact one alone when one fits (``dense``, or
     ``lowrank:R`` with ``R`` at least the ``longest`` sequence's tokens), else ``sparse8:K``
-    (``sparse:K`` with ``explicit_dtype``), ``lowrank:R`` and ``lowrank8:R`` (not with
-    ``explicit_dtype``), each as large as fits. Empty when none fits (fewer than
-    ``MIN_ENTRIES`` entries and not even rank 1)."""
+    and ``lowrank8:R`` (with ``explicit_dtype``: ``sparse:K`` and ``lowrank:R``, values in
+    it), each as large as fits. Empty when none fits (fewer than ``MIN_ENTRIES`` entries
+    and not even rank 1)."""
     exact_rank = min(longest, *shape)
     if CODECS["dense"].bytes_for(0, shape, dtype) <= share:
         return [make_codec(CodecSpec("dense"), shape)]
@@ -161,7 +168,7 @@ def candidates(
     sparse = _largest_sparse(kind, share, shape, dtype, factors, seed, layer_index)
     if sparse is not None:
         found.append(sparse)
-    for kind in ("lowrank",) if explicit_dtype else ("lowrank", "lowrank8"):
+    for kind in ("lowrank",) if explicit_dtype else ("lowrank8",):
         cls = CODECS[kind]
         rank = min(_largest(lambda r, c=cls: c.bytes_for(r, shape, dtype), share), exact_rank)
         if rank >= 1:

@@ -234,13 +234,16 @@ class BuildPlan:
     def _shares(self, budget: int | None, dtype: str):
         """Each layer's share of the gradient bytes, the gradient bytes and the overhead."""
         shapes = [layer.grad_shape for layer in self.layers]
-        gradient = budgets.default_budget(shapes)
-        per_part = max(1, min(MAX_PART_SIZE, PART_BYTES // max(1, gradient)))
-        overhead = budgets.example_overhead(self.train, shapes, per_part)
-        if budget is not None:
-            gradient = budget - overhead
         caps = [budgets.exact_bytes(shape, dtype, self.longest) for shape in shapes]
-        return budgets.shares(max(0, gradient), caps), gradient, overhead
+        gradient = budgets.default_budget(shapes)
+        shares = None
+        for _ in range(2):  # the manifest's share depends on the layers' shares: settle it
+            per_part = max(1, min(MAX_PART_SIZE, PART_BYTES // max(1, gradient)))
+            overhead = budgets.example_overhead(self.train, shapes, per_part, shares)
+            if budget is not None:
+                gradient = budget - overhead
+            shares = budgets.shares(max(0, gradient), caps)
+        return shares, gradient, overhead
 
     def check_budget(self, budget: int | None, dtype: str | None) -> None:
         """Refuse a budget that leaves some layer less than its smallest codec takes."""

@@ -1,4 +1,4 @@
-"""Tests of store/codecs.py: how each codec keeps a training gradient, and how queries and
+"""Tests of store/codecs/: how each codec keeps a training gradient, and how queries and
 other stored gradients meet it.
 
 1. float64: every codec in the regime where theory says it is exact (``dense``; ``kron:K``

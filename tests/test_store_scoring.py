@@ -1,7 +1,7 @@
 """Scoring from a gradient store against on-the-fly scoring: ``score(..., store)``, with
 ``top_k`` and ``refine``.
 
-What is checked (docs/math.md for the scores; store/codecs.py for the codec theory):
+What is checked (docs/math.md for the scores; store/codecs/ for the codec theory):
 
 1. A dense float32 store (several parts, padded batches) scores exactly like on-the-fly
    scoring: totals and per layer, ``modules="all"``, a store holding more layers than the

@@ -31,7 +31,6 @@ Tensor = torch.Tensor
 # paged positions: an offset within a page, and a count per page. Pages of 256 entries take
 # one byte per offset and two per count; pages of 65,536 two and four.
 LAYOUTS = {2**8: (np.uint8, np.uint16), 2**16: (np.uint16, np.int32)}
-BITS = torch.arange(8, dtype=torch.uint8)
 
 
 class EliasFano:
@@ -42,7 +41,8 @@ class EliasFano:
 
     def __init__(self, n: int, k: int) -> None:
         self.n, self.k = int(n), int(k)
-        self.low = max(0, math.floor(math.log2(self.n / self.k))) if self.k else 0
+        # at most 24 low bits: a field then lies within the 4 bytes it starts in
+        self.low = min(24, max(0, math.floor(math.log2(self.n / self.k)))) if self.k else 0
         self.high_bits = self.k + ((self.n - 1) >> self.low) + 1
 
     def arrays(self) -> dict[str, tuple[int, ...]]:
@@ -59,32 +59,29 @@ class EliasFano:
 
     def pack(self, positions: Tensor) -> dict[str, Tensor]:
         """Increasing positions ``(B, k)`` (int) as the byte rows ``h`` and ``l``."""
-        positions = positions.long()
-        rows, device = positions.shape[0], positions.device
-        ones = (positions >> self.low) + torch.arange(self.k, device=device)  # unary marks
-        bits = torch.zeros(rows, self.arrays()["h"][0] * 8, dtype=torch.uint8, device=device)
-        bits.scatter_(1, ones, 1)
-        out = {"h": _pack_bits(bits)}
+        found = positions.detach().cpu().numpy().astype(np.int64, copy=False)
+        rows = found.shape[0]
+        width = self.arrays()["h"][0] * 8
+        bits = np.zeros(rows * width, dtype=np.uint8)
+        marks = (found >> self.low) + np.arange(self.k)  # the unary marks of the high parts
+        bits[(marks + (np.arange(rows) * width)[:, None]).ravel()] = 1
+        out = {"h": np.packbits(bits.reshape(rows, width), axis=1, bitorder="little")}
         if self.low:
-            low = positions & ((1 << self.low) - 1)
-            shifts = torch.arange(self.low, device=device)
-            low_bits = ((low[..., None] >> shifts) & 1).to(torch.uint8).flatten(1)
-            width = self.arrays()["l"][0] * 8
-            out["l"] = _pack_bits(torch.nn.functional.pad(low_bits, (0, width - low_bits.shape[1])))
-        return out
+            low = found & ((1 << self.low) - 1)
+            out["l"] = _packed_fields(low, self.low, self.arrays()["l"][0])
+        return {key: torch.from_numpy(value).to(positions.device) for key, value in out.items()}
 
     def unpack(self, stored: dict[str, Tensor]) -> Tensor:
-        """The positions ``(B, k)`` (int64) from the byte rows ``h`` and ``l``."""
-        h = stored["h"]
-        rows, device = h.shape[0], h.device
-        marks = _unpack_bits(h).nonzero()[:, 1].view(rows, self.k)  # each row has k ones
-        high = marks - torch.arange(self.k, device=device)
-        if not self.low:
-            return high
-        low_bits = _unpack_bits(stored["l"])[:, : self.k * self.low].view(rows, self.k, self.low)
-        shifts = torch.arange(self.low, device=device)
-        low = (low_bits.long() << shifts).sum(-1)
-        return (high << self.low) | low
+        """The positions ``(B, k)`` (int64) from the byte rows ``h`` and ``l`` (decoded on
+        the host: a scan of the unary bits for their ones, and the low bits by arithmetic)."""
+        h = _host_bytes(stored["h"])
+        rows = h.shape[0]
+        bits = np.unpackbits(h, axis=1, bitorder="little")
+        ones = np.flatnonzero(bits).reshape(rows, self.k)  # each row holds exactly k ones
+        high = ones - (np.arange(rows) * bits.shape[1])[:, None] - np.arange(self.k)
+        if self.low:
+            high = (high << self.low) | _low_bits(_host_bytes(stored["l"]), self.k, self.low)
+        return torch.from_numpy(high).to(stored["h"].device)
 
 
 class PagedPositions:
@@ -149,13 +146,39 @@ def sparse_layout(entries: int, size: int) -> int:
     return min(LAYOUTS, key=lambda page: (cost(page), -page))
 
 
-def _pack_bits(bits: Tensor) -> Tensor:
-    """0/1 bytes ``(B, 8m)`` as ``(B, m)`` bytes, the first bit of each eight the lowest."""
-    weights = (1 << BITS.to(bits.device)).to(torch.uint8)
-    return (bits.view(bits.shape[0], -1, 8) * weights).sum(-1, dtype=torch.uint8)
+def _host_bytes(data: Tensor) -> np.ndarray:
+    """Stored bytes as a host uint8 array (no copy for host tensors already uint8)."""
+    return data.detach().cpu().numpy().astype(np.uint8, copy=False)
 
 
-def _unpack_bits(data: Tensor) -> Tensor:
-    """``(B, m)`` bytes as their bits ``(B, 8m)``, the lowest of each byte first."""
-    data = data.to(torch.uint8)
-    return ((data[..., None] >> BITS.to(data.device)) & 1).flatten(1)
+def _packed_fields(fields: np.ndarray, bits: int, n_bytes: int) -> np.ndarray:
+    """Fields ``(B, k)`` of ``bits`` bits each as ``n_bytes`` little-endian bytes per row:
+    by shifts where a byte holds whole fields (1, 2, 4 or 8 bits), else bit by bit."""
+    rows, k = fields.shape
+    if 8 % bits == 0:
+        per_byte = 8 // bits
+        padded = np.zeros((rows, n_bytes * per_byte), dtype=np.uint8)
+        padded[:, :k] = fields
+        shifts = np.arange(0, 8, bits, dtype=np.uint8)
+        return (padded.reshape(rows, n_bytes, per_byte) << shifts).sum(-1, dtype=np.uint8)
+    flat = np.zeros((rows, n_bytes * 8), dtype=np.uint8)
+    flat[:, : k * bits] = ((fields[..., None] >> np.arange(bits)) & 1).reshape(rows, -1)
+    return np.packbits(flat, axis=1, bitorder="little")
+
+
+def _low_bits(data: np.ndarray, k: int, bits: int) -> np.ndarray:
+    """``k`` fields of ``bits`` (at most 24) bits each from little-endian bytes ``(B, m)``:
+    by shifts where a byte holds whole fields (1, 2, 4 or 8 bits), else each field read from
+    the four bytes it starts in."""
+    rows = data.shape[0]
+    if 8 % bits == 0:
+        shifts = np.arange(0, 8, bits, dtype=np.uint8)
+        fields = (data[:, :, None] >> shifts) & ((1 << bits) - 1)
+        return fields.reshape(rows, -1)[:, :k].astype(np.int64)
+    start = np.arange(k, dtype=np.int64) * bits  # each field's first bit
+    padded = np.zeros((rows, data.shape[1] + 4), dtype=np.int64)
+    padded[:, : data.shape[1]] = data
+    first = start >> 3
+    word = padded[:, first] | padded[:, first + 1] << 8 | padded[:, first + 2] << 16
+    word |= padded[:, first + 3] << 24
+    return (word >> (start & 7)) & ((1 << bits) - 1)

@@ -51,6 +51,7 @@ Tensor = torch.Tensor
 STANDARD_BASIS = "standard"  # a sparse codec's basis without eigenvectors
 ROTATE_BYTES = 2**27  # encode: at most this many bytes of rotated gradients at once
 SAMPLE = 8192  # encode: entries sampled to set a row's candidate threshold
+TOPK_ROW = 2**20  # rows up to this long take one torch.topk for the batch (faster there)
 WINDOW_COST = 1.0  # rotating a token into the window: at most this many forwards of the layer
 WINDOW_ROOM = 2  # a window holds at least this many times K entries (else the whole basis)
 
@@ -117,14 +118,8 @@ class SparseCodec(Codec):
 
     def check_factors(self, factors=None) -> None:
         """The factors' eigenbasis and default damping (its whitening) must be the ones the
-        codec kept its entries by."""
-        basis = STANDARD_BASIS if factors is None else factors.basis_fingerprint()
-        kept = self.params.get("basis", STANDARD_BASIS)
-        if basis != kept:
-            raise MismatchError(
-                f"codec of {getattr(factors, 'name', 'this layer')}: kept in eigenbasis {kept}, "
-                f"these factors have eigenbasis {basis}"
-            )
+        codec kept its entries by (a build continued with other factors is refused)."""
+        self._check_basis(factors)
         damping = self.params.get("damping")
         if factors is not None and damping is not None and factors.default_damping() != damping:
             raise MismatchError(
@@ -132,10 +127,19 @@ class SparseCodec(Codec):
                 f"factors' default damping is {factors.default_damping()}"
             )
 
+    def _check_basis(self, factors) -> None:
+        basis = STANDARD_BASIS if factors is None else factors.basis_fingerprint()
+        kept = self.params.get("basis", STANDARD_BASIS)
+        if basis != kept:
+            raise MismatchError(
+                f"codec of {getattr(factors, 'name', 'this layer')}: kept in eigenbasis {kept}, "
+                f"these factors have eigenbasis {basis}"
+            )
+
     def attach(self, factors=None) -> None:
         """Read the window's eigenvectors and whitening from the layer's factors (checked
         to be the eigenbasis this codec was made with)."""
-        self.check_factors(factors)
+        self._check_basis(factors)
         basis = STANDARD_BASIS if factors is None else factors.basis_fingerprint()
         if factors is None or basis == STANDARD_BASIS:
             weight = None if factors is None or factors.lam is None else factors.lam
@@ -174,7 +178,7 @@ class SparseCodec(Codec):
             g = (s[lo : lo + step].transpose(1, 2) @ a[lo : lo + step]).flatten(1)
             # |G̃|·sqrt(w) orders entries as the whitened energy G̃²·w does
             size = g.abs() if scale is None else g.abs().mul_(scale)
-            top = torch.stack([largest(row, self.entries) for row in size])  # increasing
+            top = top_positions(size, self.entries)  # increasing
             values.append(torch.gather(g, 1, top))
             positions.append(top)
         return {**self.values(torch.cat(values)), **self.positions.pack(torch.cat(positions))}
@@ -369,6 +373,23 @@ def _rotate(x: Tensor, q: Tensor) -> Tensor:
     out = x.new_zeros(*x.shape[:2], q.shape[1])
     out[real] = x[real] @ q
     return out
+
+
+def top_positions(values: Tensor, k: int) -> Tensor:
+    """Each row's ``k`` largest positions of the non-negative ``values`` ``(B, n)``,
+    increasing: one ``torch.topk`` over the batch where rows are short (it is faster there),
+    :func:`largest` row by row where they are long.
+
+    Example:
+        >>> top_positions(torch.tensor([[0.5, 3.0, 1.0, 2.0], [4.0, 0.0, 1.0, 3.0]]), 2)
+        tensor([[1, 3],
+                [0, 3]])
+    """
+    if values.shape[1] <= TOPK_ROW:
+        chosen = torch.topk(values, k, dim=1, sorted=False).indices
+        mask = torch.zeros_like(values, dtype=torch.bool).scatter_(1, chosen, True)
+        return mask.nonzero()[:, 1].view(values.shape[0], k)  # in order, without a sort
+    return torch.stack([largest(row, k) for row in values])
 
 
 def largest(values: Tensor, k: int) -> Tensor:
