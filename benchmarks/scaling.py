@@ -38,20 +38,19 @@ import transformers as tf
 sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/ is not a package
 
 import influencekit as ik
-from influencekit.store import budget as budget_module
-from influencekit.store.budget import SPARSE_MAX_ENTRIES, choose_codec, default_budget
+from influencekit.store.budget import LAYER_CAP, candidates, default_budget, shares
 from influencekit.store.layout import PART_BYTES, Manifest, StoreConfig, write_manifest
 from influencekit.store.writing import MAX_PART_SIZE
 from influencekit.tiny import TINY_CORPUS, build_tokenizer
 
 QUIET = {"progress": False}
 ITEMSIZE = {"float16": 2, "float32": 4, "float64": 8}
-OVERSAMPLE = 8  # store/codecs.py: extra columns of the lowrank range finder
-POWER_ITERATIONS = 2  # store/codecs.py
+OVERSAMPLE = 8  # store/codecs/lowrank.py: extra columns of the lowrank range finder
+POWER_ITERATIONS = 2  # store/codecs/lowrank.py
 
 
 # ---------------------------------------------------------------------------------------------
-# The formulas of docs/scaling.md (written from store/codecs.py, not calling it)
+# The formulas of docs/scaling.md (written from store/codecs/, not calling it)
 
 
 def parse(codec: str) -> tuple[str, int]:
@@ -88,7 +87,7 @@ def contraction_macs(
 ) -> tuple[int, str]:
     """Multiply-adds per stored example and layer for a batch of ``queries``, and the path.
 
-    As in store/codecs.py: dense and projection codecs contract a dense (projected) query;
+    As in store/codecs/: dense and projection codecs contract a dense (projected) query;
     lowrank keeps a rank-r query factored when ``Q·r·R·(d_out + d_in) <= (R + Q)·d_out·d_in``,
     otherwise it rebuilds the block's G_z (R·d_out·d_in) and takes one matmul (Q·d_out·d_in).
     """
@@ -107,7 +106,7 @@ def contraction_macs(
 
 
 def encode_macs_per_token(codec: str, d_out: int, d_in: int) -> int:
-    """Multiply-adds per token (tokens x layer) of ``codec.encode`` in store/codecs.py."""
+    """Multiply-adds per token (tokens x layer) of ``codec.encode`` in store/codecs/."""
     kind, k = parse(codec)
     if kind == "dense":
         return d_out * d_in  # einsum bto,bti->boi
@@ -211,7 +210,7 @@ def section_bytes(root: Path) -> bool:
                     path, model, train, codec=codec, dtype=dtype, factors=factors, **QUIET
                 )
                 logical, allocated, files = dataset_bytes(store)
-                same_store &= store.bytes_per_example() == formula[dtype]
+                same_store &= store.gradient_bytes() == formula[dtype]
                 same_parts &= logical == formula[dtype] * n
                 if dtype == "float32":
                     alloc, file = allocated / n, files / n
@@ -227,7 +226,7 @@ def section_bytes(root: Path) -> bool:
             )
     print()
     print(
-        "fp16/fp32/fp64: formula bytes per example; store: == store.bytes_per_example() for all "
+        "fp16/fp32/fp64: formula bytes per example; store: == store.gradient_bytes() for all "
         "three dtypes; parts: == logical bytes of the part files' /layers datasets / n; alloc, "
         "file: allocated dataset bytes and whole part-file bytes per example (fp32 store); "
         "manifest: bytes of the manifest's codec tensors (== its formula under check)."
@@ -454,7 +453,7 @@ def section_example(commit_s: float | None, eigh: dict[int, float] | None) -> No
     pass2 = 2 * (sq + tracked)  # rotate a and s, then (Q_Sᵀ G Q_A) per sequence
     model_s = 2 * fit_tokens / (GPUS * TOKENS_PER_S)
     algebra_s = (pass1 + pass2) * fit_tokens / (GPUS * FP32_FLOPS)
-    factor_bytes = 8 * sum(o * o + i * i + o + i + o * i for o, i in SHAPES)
+    factor_bytes = 4 * sum(o * o + i * i + o + i + o * i for o, i in SHAPES)
     ring = 2 * (GPUS - 1) / GPUS
     print(f"  fit on {FIT_SEQ:,} sequences ({fit_tokens:.3e} tokens):")
     print(f"    two capture passes: {model_s:8.0f} s on {GPUS} GPUs")
@@ -468,7 +467,7 @@ def section_example(commit_s: float | None, eigh: dict[int, float] | None) -> No
     )
     print(
         f"    device accumulators: pass 1 {4 * sq / 1e9:.1f} GB, pass 2 "
-        f"{4 * (sq + tracked) / 1e9:.1f} GB (bases + Λ); factors file (float64) "
+        f"{4 * (sq + tracked) / 1e9:.1f} GB (bases + Λ); factors file (float32) "
         f"{factor_bytes / 1e9:.1f} GB"
     )
     print(
@@ -628,67 +627,69 @@ WIDTHS = {  # MLP gradient shapes (d_out, d_in; a bias adds an input column) and
 SCORE_QUERIES = 8  # a query batch, for the query-side memory and contraction
 
 
-def sparse_encode_macs_per_token(d_out: int, d_in: int) -> int:
-    """``sparse`` encode, store/codecs.py: rotate each token's ``s`` and ``a`` into the
-    eigenbasis (d_out² + d_in²), form ``G̃`` (d_out·d_in per token); the top-k selection
-    is a pass over ``d_out·d_in`` per sequence, not counted."""
-    return d_out * d_out + d_in * d_in + d_out * d_in
+def window_encode_macs_per_token(d_out: int, d_in: int) -> int:
+    """``sparse`` encode, store/codecs/sparse.py, at most: rotating a token's ``s`` and
+    ``a`` into the window costs at most one forward of the layer (``WINDOW_COST``), and
+    forming ``G̃`` within the window at most ``d_out·d_in`` more (the whole basis); the top-k
+    selection is a pass per sequence, not counted."""
+    return 2 * d_out * d_in
 
 
-def _largest_sparse(budget: int, shapes: list[tuple[int, int]]):
-    """The ``sparse8:K`` fitting ``budget``, whatever the size of the model."""
-    with_limit = budget_module.SPARSE_MAX_ENTRIES
-    budget_module.SPARSE_MAX_ENTRIES = sum(o * i for o, i in shapes)
-    try:
-        return choose_codec(None, budget, None, shapes, sparse=True)[0]
-    finally:
-        budget_module.SPARSE_MAX_ENTRIES = with_limit
+def layer_choices(share: int, shape: tuple[int, int], tokens: int) -> list[str]:
+    """The candidates a layer gets for ``share`` bytes (store/budget.py), without factors:
+    positions among the whole layer, the most a sparse codec's positions cost."""
+    return [str(c.spec) for c in candidates(
+        share, shape, dtype="float16", explicit_dtype=False, longest=tokens, seed=0,
+        layer_index=0,
+    )]  # fmt: skip
 
 
 def section_codecs() -> None:
-    """The codec the kit chooses by default and at 128 KiB, and its costs, per model."""
-    print("## codecs: the default choice at real widths, modules='mlp' (formulas)\n")
+    """What each layer of the default store and of a 128 KiB store can keep, and its costs,
+    per model."""
+    print("## codecs: the default store at real widths, modules='mlp' (formulas)\n")
     header = (
-        f"{'model':<13} {'layers':>6} {'budget':>10} {'kit default':>13} {'sparse at it':>14} "
-        f"{'kept':>6} "
-        f"{'128KiB codec':>13} {'kept':>6} {'encode/fwd+bwd':>14} {'lowrank:8':>9} "
-        f"{'query GB':>8} {'contract':>9}"
+        f"{'model':<13} {'layers':>6} {'default':>9} {'per layer':>9} {'candidates':>24} "
+        f"{'kept':>6} {'128KiB: per layer':>17} {'candidates':>22} {'kept':>6} "
+        f"{'encode/fwd+bwd':>14} {'query GB':>8} {'contract':>9}"
     )
     print(header)
+    tokens = 512
     for name, (shapes, params) in WIDTHS.items():
         budget = default_budget(shapes)
-        chosen = choose_codec(None, None, None, shapes, sparse=True)[0]
-        forced = [(o, i) for o, i in shapes]  # the sparse figures, whether chosen or forced
-        spec = _largest_sparse(budget, forced)
         largest = max(o * i for o, i in shapes)
-        try:
-            small = choose_codec(None, 131072, None, shapes, sparse=True)[0]
-            small = small if small.kind == "sparse" else _largest_sparse(131072, forced)
-            small_text, small_kept = str(small), f"{small.size / largest:.2%}"
-        except ik.ParameterError as err:  # below 64 entries per layer: refused
-            small_text, small_kept = "refused", str(err).split(" bytes")[0].split()[-1]
+        big = max(shapes, key=lambda s: s[0] * s[1])
+        share = min(budget // len(shapes), LAYER_CAP)
+        found = layer_choices(share, big, tokens)
+        small_share = shares(131072 - 1024, [largest] * len(shapes))[0]  # ~1 KiB besides
+        small = layer_choices(small_share, big, tokens)
+
+        def kept(specs: list[str], largest: int = largest) -> str:
+            sparse = [int(c.split(":")[1]) for c in specs if c.startswith("sparse")]
+            return f"{sparse[0] / largest:.3%}" if sparse else "-"
+
         fwd_bwd = 6 * params / 2  # multiply-adds per token of a forward+backward
-        encode = sum(sparse_encode_macs_per_token(o, i) for o, i in shapes)
-        lowrank = sum(encode_macs_per_token("lowrank:8", o, i) for o, i in shapes)
-        query_gb = SCORE_QUERIES * sum(o * i for o, i in shapes) * 4 / 1e9
-        contract = SCORE_QUERIES * sum(min(spec.size, o * i) for o, i in shapes)
+        encode = sum(window_encode_macs_per_token(o, i) for o, i in shapes)
+        query_gb = SCORE_QUERIES * largest * 4 / 1e9
+        k = max((int(c.split(":")[1]) for c in found if c.startswith("sparse")), default=0)
+        contract = SCORE_QUERIES * k * len(shapes)
         print(
-            f"{name:<13} {len(shapes):>6} {budget / 1e6:>8.2f}MB {chosen!s:>13} {spec!s:>14} "
-            f"{spec.size / largest:>6.2%} {small_text:>13} {small_kept:>6} "
-            f"{encode / fwd_bwd:>13.2f}x {lowrank / fwd_bwd:>8.3f}x {query_gb:>8.1f} "
-            f"{contract / 1e6:>7.1f}M"
+            f"{name:<13} {len(shapes):>6} {budget / 2**20:>7.2f}Mi {share:>9,} "
+            f"{'/'.join(found) or 'refused':>24} {kept(found):>6} {small_share:>17,} "
+            f"{'/'.join(small) or 'refused':>22} {kept(small):>6} "
+            f"{encode / fwd_bwd:>13.2f}x {query_gb:>8.2f} {contract / 1e6:>7.1f}M"
         )
     print(
-        f"\nbudget: the default, what lowrank:8 takes in float32 (32·Σ(d_out + d_in) bytes); "
-        f"kit default: what build chooses with factors (sparse up to {SPARSE_MAX_ENTRIES:,} "
-        f"tracked weights, lowrank beyond); sparse at it: sparse8:K that fits the "
-        f"budget; 128KiB codec: the same at 128 KiB; kept: K over the largest layer's "
-        f"d_out·d_in entries (refused: the smallest budget accepted, bytes); encode/fwd+bwd: "
-        f"the sparse encode's fp32 multiply-adds per token over a forward+backward's (3 per "
-        f"parameter and token); lowrank:8: the same for lowrank:8; query GB: "
-        f"{SCORE_QUERIES} dense float32 queries in the eigenbasis, "
-        f"every layer at once (what scoring a sparse store holds); contract: multiply-adds "
-        f"per stored sequence for {SCORE_QUERIES} queries.\n"
+        f"\ndefault: the default store's gradient bytes per sequence (per layer what lowrank:8 "
+        f"takes in float32, at most {LAYER_CAP:,} bytes); per layer: the largest layer's share; "
+        f"candidates: what the build's probe chooses between for it (sparse8 with positions "
+        f"among the whole layer: a window makes them cheaper); kept: K over the layer's "
+        f"d_out·d_in entries; 128KiB: the same for budget='128KiB' (about 1 KiB per sequence "
+        f"besides the gradients); encode/fwd+bwd: the sparse encode's fp32 multiply-adds per "
+        f"token over a forward+backward's (3 per parameter and token), at most; query GB: "
+        f"{SCORE_QUERIES} dense float32 queries in the eigenbasis of the largest layer (what "
+        f"scoring a sparse store holds per layer; groups of layers fill max_memory); contract: "
+        f"multiply-adds per stored sequence for {SCORE_QUERIES} queries against sparse8.\n"
     )
 
 

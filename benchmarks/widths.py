@@ -3,9 +3,9 @@ of its own, with its time and peak memory.
 
 The models have Llama-3.2-1B's width (hidden 2048, MLP 8192, 32 heads, 8 KV heads, tied
 embeddings) and 1 or 2 blocks (or ``--blocks``), random weights (seeded), float32; the
-training set is 16 quotes of the shipped corpus cut to 128 tokens of the tiny tokenizer
-(``--sequences``), and 4 queries. ``modules="mlp"``: 3 layers per block (8192 x 2048,
-8192 x 2048, 2048 x 8192).
+training set is 16 texts of consecutive quotes of the shipped corpus cut to 128 tokens of
+the tiny tokenizer (``--sequences``), and 4 queries. ``modules="mlp"``: 3 layers per
+block (8192 x 2048, 8192 x 2048, 2048 x 8192).
 
 Each stage runs in a fresh process: it builds the model, reads ``VmRSS`` once the model is
 loaded, resets the peak (``/proc/self/clear_refs``), runs the stage as the README calls it
@@ -67,9 +67,16 @@ def model_and_data(blocks: int, vocab: int, sequences: int):
     from influencekit.demo.corpus import load_records
     from influencekit.tiny import TINY_CORPUS, build_tokenizer
 
-    records = load_records()
-    texts = [r["text"] for r in records if len(r["text"]) > 400][: sequences + 8]
-    tokenizer = build_tokenizer(TINY_CORPUS + texts[:50])
+    quotes = [r["text"] for r in load_records()]
+    texts, current = [], ""
+    for quote in quotes:  # consecutive quotes joined: each text runs past 128 tokens
+        current = f"{current} {quote}".strip()
+        if len(current) > 700:
+            texts.append(current)
+            current = ""
+        if len(texts) == sequences + 8:
+            break
+    tokenizer = build_tokenizer(TINY_CORPUS + quotes[:400])
     train = ik.TextDataset.from_texts(texts[:sequences], tokenizer, max_length=128)
     queries = [(t[:60], t[60:120]) for t in texts[sequences : sequences + 4]]
     torch.manual_seed(0)
