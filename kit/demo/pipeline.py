@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,13 +197,15 @@ def run_demo(
 
 
 def _codecs(codec: str) -> str:
-    """A store's codec string in short: ``sparse8:K`` for all, or each kind with its count."""
-    specs = codec.split(",")
-    if len(set(specs)) == 1:
-        return specs[0] or "(reused)"
-    counts: dict[str, int] = {}
-    for spec in specs:
-        counts[spec] = counts.get(spec, 0) + 1
+    """A store's codec string in short: one spec for all layers, or each with its count.
+
+    Example:
+        >>> _codecs("lowrank8:31"), _codecs("sparse8:9,lowrank8:2,sparse8:9")
+        ('lowrank8:31', 'sparse8:9 on 2 layers, lowrank8:2 on 1 layers')
+    """
+    counts = Counter(codec.split(","))
+    if len(counts) == 1:
+        return codec
     return ", ".join(f"{spec} on {n} layers" for spec, n in counts.items())
 
 

@@ -127,7 +127,8 @@ class SparseCodec(Codec):
                 f"factors' default damping is {factors.default_damping()}"
             )
 
-    def _check_basis(self, factors) -> None:
+    def _check_basis(self, factors) -> str:
+        """The factors' eigenbasis fingerprint, refused unless it is the codec's."""
         basis = STANDARD_BASIS if factors is None else factors.basis_fingerprint()
         kept = self.params.get("basis", STANDARD_BASIS)
         if basis != kept:
@@ -135,12 +136,12 @@ class SparseCodec(Codec):
                 f"codec of {getattr(factors, 'name', 'this layer')}: kept in eigenbasis {kept}, "
                 f"these factors have eigenbasis {basis}"
             )
+        return basis
 
     def attach(self, factors=None) -> None:
         """Read the window's eigenvectors and whitening from the layer's factors (checked
         to be the eigenbasis this codec was made with)."""
-        self._check_basis(factors)
-        basis = STANDARD_BASIS if factors is None else factors.basis_fingerprint()
+        basis = self._check_basis(factors)
         if factors is None or basis == STANDARD_BASIS:
             weight = None if factors is None or factors.lam is None else factors.lam
             sqrt_w = None
