@@ -102,7 +102,7 @@ def fit_factors(
     targets = "sampled" if fisher == "sampled" else "real"
     run = run.on(model)
     longest = max(len(train[i].input_ids) for i in indices)
-    plan = fit_plan(model, layers, strategy, run, longest, max_memory, keep=path is None)
+    plan, run = fit_plan(model, layers, strategy, run, longest, max_memory, keep=path is None)
     meta = {"n_examples": len(indices), "seed": seed, "dataset": train.fingerprint()}
     fitted = {layer.name: LayerFactors(layer.name, layer.grad_shape) for layer in layers}
     factors = Factors(strategy, fisher, fitted, model_fingerprint(model), meta)
@@ -140,15 +140,42 @@ def fit_plan(
     max_memory: int | str | None,
     *,
     keep: bool,
-) -> memory.Plan:
-    """The groups of ``layers`` a fit takes in turn under ``max_memory``.
+) -> tuple[memory.Plan, RunSettings]:
+    """The groups of ``layers`` a fit takes in turn under ``max_memory``, and the run
+    settings it takes them with.
 
     Per layer: its accumulators, which become its factors (``A`` and ``S``, then ``Q_A``,
     ``Q_S`` and ``Λ``), and its captured activations for a batch. Fixed: the model's own
     activations for a batch and one float64 eigendecomposition of the largest covariance.
     With ``keep`` (no ``path``) every fitted layer stays in memory, so all of them count.
+    Where a layer does not fit beside the fixed part, the batch is halved (down to one
+    sequence) before the fit goes on over the budget: the sums over tokens are the same,
+    only the activations held at once shrink.
     """
     budget = memory.max_memory(max_memory, run.device)
+    while True:
+        plan = _plan_at(model, layers, strategy, run, longest, budget, keep)
+        if plan is not None and (not plan.over or run.batch_size == 1):
+            break
+        if run.batch_size == 1:
+            item = torch.empty(0, dtype=run.dtype).element_size()
+            held = sum(item * factor_size(layer.grad_shape, strategy) for layer in layers)
+            raise ParameterError(
+                "path",
+                None,
+                f"a file to write the factors to: the {len(layers)} layers' factors take "
+                f"{memory.describe(held)}, more than max_memory ({memory.describe(budget)}) "
+                "leaves after the fit's working memory; with path= each group of layers is "
+                "written there as it is fitted and read back when needed",
+            )
+        run = run.replace(batch_size=max(1, run.batch_size // 2))
+    plan.warn_if_over("fit_factors")
+    return plan, run
+
+
+def _plan_at(model, layers, strategy, run, longest, budget, keep) -> memory.Plan | None:
+    """:func:`fit_plan` at ``run``'s batch size; None where ``keep`` and the fitted factors
+    do not fit beside the fixed part on the host."""
     item = torch.empty(0, dtype=run.dtype).element_size()
     held = [item * factor_size(layer.grad_shape, strategy) for layer in layers]
     capture = [
@@ -159,17 +186,9 @@ def fit_plan(
     fixed += ROTATE_BYTES if strategy in ("ekfac", "diagonal") else 0
     if not keep:
         return memory.Plan([h + c for h, c in zip(held, capture, strict=True)], fixed, budget)
-    if fixed + sum(held) > budget and run.device.type == "cpu":
-        raise ParameterError(
-            "path",
-            None,
-            f"a file to write the factors to: the {len(layers)} layers' factors take "
-            f"{memory.describe(sum(held))}, more than max_memory "
-            f"({memory.describe(budget)}) leaves after the fit's working memory "
-            f"({memory.describe(fixed)}); with path= each group of layers is written there "
-            "as it is fitted and read back when needed",
-        )
     if run.device.type == "cpu":  # the fitted factors share the budget with the work
+        if fixed + sum(held) > budget:
+            return None
         return memory.Plan(capture, fixed + sum(held), budget)
     return memory.Plan([h + c for h, c in zip(held, capture, strict=True)], fixed, budget)
 

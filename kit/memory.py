@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -35,6 +36,12 @@ import torch
 from torch import nn
 
 from .errors import ParameterError
+
+
+class OverBudgetWarning(UserWarning):
+    """A stage goes on with more memory than ``max_memory`` allows: one layer (or the
+    stage's fixed part) needs more than the budget holds."""
+
 
 DEFAULT_SHARE = 0.5  # of the free memory, when max_memory is not given
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -113,7 +120,8 @@ def max_memory(value, device: torch.device | None = None) -> int:
 class Plan:
     """Consecutive groups of layers whose per-layer bytes ``costs`` fit, with ``fixed``
     bytes, under ``limit``. A layer that does not fit even alone makes a group of its own
-    (``over`` then lists it: the stage goes on, over the budget, and says so).
+    (``over`` then lists it: the stage goes on, over the budget, and says so with
+    :meth:`warn_if_over`).
 
     Example:
         >>> Plan([4, 4, 10], fixed=1, limit=10).groups, Plan([4, 4, 10], 1, 10).over
@@ -140,6 +148,24 @@ class Plan:
                 self.over.append(j)
         if current:
             self.groups.append(current)
+
+    def warn_if_over(self, stage: str) -> None:
+        """Say (an :class:`OverBudgetWarning`) that ``stage`` goes on over the budget, and
+        by how much, where a layer does not fit even alone.
+
+        Example:
+            >>> Plan([4], fixed=1, limit=100).warn_if_over("fit_factors")   # fits: silent
+        """
+        if not self.over:
+            return
+        worst = max(self.costs[j] for j in self.over) + self.fixed
+        warnings.warn(
+            f"{stage}: {len(self.over)} layer(s) need more than max_memory "
+            f"({describe(self.limit)}): the largest with the stage's fixed part "
+            f"({describe(self.fixed)}) takes about {describe(worst)}; going on over the budget",
+            OverBudgetWarning,
+            stacklevel=3,
+        )
 
     @property
     def peak(self) -> int:

@@ -195,7 +195,9 @@ def plan_groups(model, factors, layers, queries, tokenizer, source, run, max_mem
     )
     fixed = memory.activation_bytes(model, run.batch_size, max(longest, source.longest()))
     fixed += factor_bytes + source.fixed_bytes(layers, n, item, run) + kept
-    return memory.Plan(costs, fixed, limit).groups
+    plan = memory.Plan(costs, fixed, limit)
+    plan.warn_if_over("score")
+    return plan.groups
 
 
 def _query_rank(value) -> int | str:

@@ -164,6 +164,7 @@ class Probe:
         """The tracked layers in groups whose probing fits ``limit`` bytes."""
         costs = [self.layer_cost(layer, n_candidates) for layer in self.layers]
         plan = memory.Plan(costs, self.fixed_cost(), limit)
+        plan.warn_if_over("GradientStore.build (fidelity probe)")
         return [[self.layers[j] for j in group] for group in plan.groups]
 
     def layer_scores(

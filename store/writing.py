@@ -244,7 +244,9 @@ class Encoder:
         item = torch.empty(0, dtype=run.dtype).element_size()
         costs = [codec.encode_bytes(run.batch_size, longest, item) for codec in codecs]
         fixed = memory.activation_bytes(model, run.batch_size, longest) + PART_BYTES
-        self.groups = memory.Plan(costs, fixed, limit or 2**62).groups
+        plan = memory.Plan(costs, fixed, limit or 2**62)
+        plan.warn_if_over("GradientStore.build")
+        self.groups = plan.groups
         self._attached = False
 
     def _attach(self, group: list[int]) -> None:

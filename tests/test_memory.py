@@ -6,12 +6,15 @@ planned into groups of layers under ``max_memory``, giving what one group gives.
 2. ``fit_factors``: float32 at rest by default (decomposed in float64), ranking like
    float64 factors (scores Pearson ≥ 0.9999 on the tiny model); a small ``max_memory``
    fits in several groups and gives the same factors bit for bit, written to ``path=``
-   and read back lazily; factors that cannot fit without ``path=`` are refused, naming it.
+   and read back lazily; a layer that does not fit beside a batch's activations halves the
+   batch (the same factors up to rounding), then warns; factors that cannot fit without
+   ``path=`` are refused, naming it.
 3. Lazily read factors: nothing read until used, ``release`` forgets, ``window`` reads a
    sub-block equal to slicing the whole; the host eigendecomposition (LAPACK ``dsyevr``)
    against the definition.
 4. ``GradientStore.build`` and ``score`` (from a store and on the fly, with ``top_k`` and
-   ``refine``) under a small ``max_memory``: several groups, the same arrays and scores.
+   ``refine``) under a small ``max_memory``: several groups, the same arrays and scores, and
+   a warning that a layer goes over the budget.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import pytest
 import torch
 
 import influencekit as ik
-from influencekit.fitting import eigh_on_device
-from influencekit.memory import Plan, max_memory, parse_bytes
+from influencekit.fitting import eigh_on_device, fit_plan
+from influencekit.memory import OverBudgetWarning, Plan, max_memory, parse_bytes
+from influencekit.models import select_modules
+from influencekit.settings import RunSettings
 from influencekit.tiny import TINY_CORPUS
 
 from helpers.tiny_models import make_model
@@ -84,10 +89,23 @@ def test_factors_are_float32_and_rank_like_float64(world):
         assert np.corrcoef(x, y)[0, 1] >= 0.9999
 
 
+def fit_plan_at(model, train, budget, keep=False):
+    """``fit_factors``' plan for the tiny world at ``budget`` bytes, and its batch size."""
+    layers = select_modules(model, "mlp")
+    longest = max(len(ex.input_ids) for ex in train)
+    run = RunSettings().on(model)
+    plan, run = fit_plan(model, layers, "ekfac", run, longest, budget, keep=keep)
+    return plan, run.batch_size
+
+
 def test_a_small_budget_fits_in_groups_the_same_factors(world, tmp_path):
     model, train, factors = world
+    whole, _ = fit_plan_at(model, train, 2**40)
+    budget = whole.fixed + max(whole.costs)  # one layer per group at the default batch
+    plan, batch_size = fit_plan_at(model, train, budget)
+    assert len(plan.groups) == len(factors.modules) and not plan.over and batch_size == 8
     path = tmp_path / "f.h5"
-    grouped = ik.fit_factors(model, train, "mlp", progress=False, max_memory=SMALL, path=path)
+    grouped = ik.fit_factors(model, train, "mlp", progress=False, max_memory=budget, path=path)
     assert grouped.path == path and path.is_file()
     for name in factors.modules:
         lazy, held = grouped.layers[name], factors.layers[name]
@@ -96,6 +114,31 @@ def test_a_small_budget_fits_in_groups_the_same_factors(world, tmp_path):
             assert torch.equal(getattr(lazy, key), getattr(held, key)), (name, key)
         assert lazy.default_damping() == held.default_damping()
         assert lazy.basis_fingerprint() == held.basis_fingerprint()
+
+
+def test_a_layer_over_the_budget_halves_the_batch_then_warns(world, tmp_path):
+    model, train, factors = world
+    whole, _ = fit_plan_at(model, train, 2**40)
+    eighth = fit_plan(
+        model, select_modules(model, "mlp"), "ekfac", RunSettings(batch_size=1).on(model),
+        max(len(ex.input_ids) for ex in train), 2**40, keep=False,
+    )[0]  # fmt: skip
+    assert eighth.fixed + max(eighth.costs) < whole.fixed + max(whole.costs)
+    # Room for one layer at one sequence a batch, not at eight: the batch shrinks, in silence.
+    plan, batch_size = fit_plan_at(model, train, eighth.fixed + max(eighth.costs))
+    assert batch_size < 8 and not plan.over
+    with pytest.warns(OverBudgetWarning, match=f"fit_factors: {len(factors.modules)} layer"):
+        plan, batch_size = fit_plan_at(model, train, SMALL)
+    assert batch_size == 1 and plan.over
+    # The sums over tokens do not depend on the batch: the same factors up to rounding.
+    with pytest.warns(OverBudgetWarning):
+        small = ik.fit_factors(
+            model, train, "mlp", progress=False, max_memory=SMALL, path=tmp_path / "f.h5"
+        )
+    a = ik.score(model, factors, QUERIES, train, progress=False).scores
+    b = ik.score(model, small, QUERIES, train, progress=False).scores
+    for x, y in zip(a, b, strict=True):
+        assert np.corrcoef(x, y)[0, 1] >= 0.9999
 
 
 def test_factors_that_do_not_fit_need_a_path(world):
@@ -149,8 +192,9 @@ def test_build_and_score_in_groups_give_the_same(world, tmp_path):
     model, train, factors = world
     whole = ik.GradientStore.build(tmp_path / "a.h5", model, train, factors=factors,
                                    progress=False)  # fmt: skip
-    grouped = ik.GradientStore.build(tmp_path / "b.h5", model, train, factors=factors,
-                                     progress=False, max_memory=SMALL)  # fmt: skip
+    with pytest.warns(OverBudgetWarning, match=r"GradientStore\.build"):  # and says so
+        grouped = ik.GradientStore.build(tmp_path / "b.h5", model, train, factors=factors,
+                                         progress=False, max_memory=SMALL)  # fmt: skip
     assert grouped.layer_codecs == whole.layer_codecs
     everyone = list(range(len(train)))
     for j in range(len(whole.modules)):
@@ -159,11 +203,13 @@ def test_build_and_score_in_groups_give_the_same(world, tmp_path):
             np.testing.assert_array_equal(a[key], b[key])
     for source in (whole, train):
         plain = ik.score(model, factors, QUERIES, source, progress=False)
-        small = ik.score(model, factors, QUERIES, source, progress=False, max_memory=SMALL)
+        with pytest.warns(OverBudgetWarning, match="score: .* layer"):
+            small = ik.score(model, factors, QUERIES, source, progress=False, max_memory=SMALL)
         assert plain.meta["layer_groups"] == 1 and small.meta["layer_groups"] > 1
         np.testing.assert_array_equal(small.layer_scores, plain.layer_scores)
     top = ik.score(model, factors, QUERIES, whole, progress=False, top_k=3, refine=5)
-    top_small = ik.score(model, factors, QUERIES, whole, progress=False, top_k=3, refine=5,
-                         max_memory=SMALL)  # fmt: skip
+    with pytest.warns(OverBudgetWarning):
+        top_small = ik.score(model, factors, QUERIES, whole, progress=False, top_k=3, refine=5,
+                             max_memory=SMALL)  # fmt: skip
     np.testing.assert_array_equal(top_small.indices, top.indices)
     np.testing.assert_allclose(top_small.layer_scores, top.layer_scores, rtol=1e-6, atol=0)
