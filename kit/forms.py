@@ -73,8 +73,8 @@ def query_form(
     ``query_rank``: ``"full"`` (exact), an int ``r`` (the rank-r truncated SVD, in the
     basis asked), or ``"auto"`` (truncated where ``needs.auto_rank`` allows, exact
     elsewhere). A truncated query above ``needs.factored_rank`` is handed over dense.
-    Deciding ``"auto"`` costs the singular values of each query in the eigenbasis, not the
-    vectors; the full matrix in the weights' basis is formed only when it is the answer.
+    Deciding ``"auto"`` takes an SVD of each query in the eigenbasis; the full matrix in
+    the weights' basis is formed only when it is the answer.
     """
     rank = query_rank if isinstance(query_rank, int) else None
     if needs.basis == "eigen":

@@ -123,8 +123,7 @@ def truncate(
     """The truncated SVD of each matrix in ``p`` (Q, d_out, d_in) as :class:`LowRank`: to
     ``rank``, or to the smallest rank that keeps the share ``energy`` of every matrix's
     squared Frobenius norm (one rank for the whole stack: the largest any matrix needs).
-    With ``energy``, ``None`` when that rank exceeds ``max_rank`` (found from the singular
-    values alone, before any singular vector is computed).
+    With ``energy``, ``None`` when that rank exceeds ``max_rank``.
 
     Computed from the Gram matrix of the narrower side (``pᵀp`` or ``ppᵀ``) and its
     eigendecomposition: the same leading singular pairs as a full SVD, several times faster
@@ -144,14 +143,12 @@ def truncate(
     # In p's own dtype: float32 gives the leading singular vectors to ~1e-6, which is far
     # below the error of dropping the others; float64 input keeps float64 throughout.
     gram = x.transpose(-1, -2) @ x
-    r = None
-    if max_rank is not None and energy is not None:  # decide from the values alone first
-        r = energy_rank(torch.linalg.eigvalsh(gram), energy)
-        if r > max_rank:
-            return None
+    # One eigh, vectors included, even where max_rank may refuse: the values alone take
+    # most of its time, and most queries are kept, so deciding first would pay twice.
     values, vectors = torch.linalg.eigh(gram)  # σ², ascending
-    if r is None:
-        r = min(rank, gram.shape[-1]) if rank is not None else energy_rank(values, energy)
+    r = min(rank, gram.shape[-1]) if rank is not None else energy_rank(values, energy)
+    if energy is not None and max_rank is not None and r > max_rank:
+        return None
     v = vectors[..., -r:].flip(-1)  # leading right singular vectors of x
     us = x @ v  # U Σ
     if not wide:

@@ -18,6 +18,9 @@ import torch
 
 FLOAT8_MAX = 448.0  # the largest float8 e4m3 value: each row's largest maps to it
 SCALE_BYTES = 4  # one float32 scale per row
+# Every e4m3 bit pattern's value (float32 holds each exactly): on the CPU a lookup in this
+# table decodes several times faster than torch's float8 conversion.
+E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
 
 
 def to_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,5 +34,9 @@ def to_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def from_e4m3(coded: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """The values of e4m3 bit patterns ``coded`` in ``dtype``, times ``scale`` (per row) when
     given."""
-    values = coded.to(torch.uint8).view(torch.float8_e4m3fn).to(dtype)
+    coded = coded.to(torch.uint8)
+    if coded.device.type == "cpu":
+        values = torch.from_numpy(E4M3_VALUES[coded.numpy()]).to(dtype)
+    else:
+        values = coded.view(torch.float8_e4m3fn).to(dtype)
     return values if scale is None else values * scale.to(dtype)
