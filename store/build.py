@@ -207,10 +207,14 @@ class BuildPlan:
         if codec is not None:
             config = self.config(codec, dtype or "float32")
             codecs = self.fresh(config)
-            return open_or_create(self.path, config, codecs, part_size, self.train.tokenizer)
+            tokenizer = self.train.tokenizer
+            return open_or_create(self.path, config, codecs, part_size, tokenizer, None, "codec")
         config, codecs, found = self.choose(budget, dtype)
+        chosen_by = "default" if budget is None else "budget"
         tokenizer = self.train.tokenizer
-        manifest = open_or_create(self.path, config, codecs, part_size, tokenizer, budget)
+        manifest = open_or_create(
+            self.path, config, codecs, part_size, tokenizer, budget, chosen_by
+        )
         record_fidelity(self.path, manifest, found)
         return manifest
 

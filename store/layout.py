@@ -94,7 +94,8 @@ class Manifest:
     part_counts: list[int] = field(default_factory=list)
     tokenizer_files: dict[str, bytes] = field(default_factory=dict)
     fidelity: dict | None = None  # measured at build (influencekit.store.fidelity)
-    budget: int | None = None  # bytes per sequence the codecs were chosen for (None: forced)
+    budget: int | None = None  # bytes per sequence the codecs were chosen for (None: see below)
+    chosen_by: str | None = None  # "codec" (forced), "budget" or "default"; None: not recorded
 
     @property
     def n_examples(self) -> int:
@@ -132,6 +133,8 @@ def write_manifest(path: Path, manifest: Manifest) -> None:
             f.attrs["fidelity"] = json.dumps(manifest.fidelity)
         if manifest.budget is not None:
             f.attrs["budget"] = int(manifest.budget)
+        if manifest.chosen_by is not None:
+            f.attrs["chosen_by"] = manifest.chosen_by
         counts = np.asarray(manifest.part_counts, dtype=np.int64)
         f.create_dataset("part_counts", data=counts, maxshape=(None,))
         for i, (name, shape) in enumerate(zip(cfg.modules, cfg.shapes, strict=True)):
@@ -170,6 +173,7 @@ def read_manifest(path: Path) -> Manifest:
         files = {name: read_array(saved, name, path).tobytes() for name in saved}
         fidelity = json.loads(f.attrs["fidelity"]) if "fidelity" in f.attrs else None
         budget = int(f.attrs["budget"]) if "budget" in f.attrs else None
+        chosen_by = str(f.attrs["chosen_by"]) if "chosen_by" in f.attrs else None
         return Manifest(
             config,
             str(f.attrs["uuid"]),
@@ -180,6 +184,7 @@ def read_manifest(path: Path) -> Manifest:
             files,
             fidelity,
             budget,
+            chosen_by,
         )
 
 

@@ -95,14 +95,18 @@ class GradientStore:
         ``factors`` when they are given, else ``"mlp"``. Keyword options (their defaults
         in :func:`influencekit.store.build.build`):
 
-        - ``factors=None``: fitted factors. With them the default codec is ``sparse8:K``,
-          kept in their curvature eigenbasis (score the store with the same factors);
-        - ``codec=None``: force one: ``dense``, ``kron:K``, ``lowrank:R``, ``eig:K``
-          (needs ``factors`` with eigenbases), ``sparse:K`` or ``sparse8:K``. None: the best
-          codec for ``budget`` (:mod:`influencekit.store.budget`);
-        - ``budget=None``: bytes per sequence, an int or a string such as ``"128KiB"``: the
-          codec and its size are chosen to fit (``sparse8:K`` with factors, ``lowrank:R``
-          without; ``dense`` when it fits). Default: what ``lowrank:8`` takes in float32;
+        - ``factors=None``: fitted factors. With them a layer may be kept as ``sparse8:K``
+          in their curvature eigenbasis (score the store with the same factors);
+        - ``codec=None``: force one for every layer (or one per layer, comma-separated):
+          ``dense``, ``kron:K``, ``lowrank:R``, ``lowrank8:R``, ``eig:K`` (needs
+          ``factors`` with eigenbases), ``sparse:K`` or ``sparse8:K``. None: each layer's
+          codec chosen within ``budget`` (:mod:`influencekit.store.budget`);
+        - ``budget=None``: bytes per sequence on disk, an int or a string such as
+          ``"128KiB"``: each layer's share goes to ``sparse8:K`` (with factors) and
+          ``lowrank8:R``, each as large as fits, and the fidelity probe keeps the better
+          per layer (an exact ``dense`` or ``lowrank:R`` when it fits). Default: per layer
+          what ``lowrank:8`` takes in float32, at most 20 KiB. :attr:`manifest` records
+          ``chosen_by`` (``"codec"``, ``"budget"`` or ``"default"``) and ``budget``;
         - ``dtype=None``: ``float16``, ``float32`` or ``float64`` on disk, as a name or a
           ``torch.dtype`` (computation is float32, or float64 for a float64 store); default
           float16 for a chosen codec, float32 for a forced one;

@@ -82,12 +82,14 @@ def open_or_create(
     part_size: int | None,
     tokenizer,
     budget: int | None = None,
+    chosen_by: str | None = None,
 ) -> Manifest:
     """The committed manifest at ``path`` if it was built with ``config`` (and
     ``part_size``, when given), or a new empty store with ``codecs``' arrays (and the
-    ``budget`` they were chosen for, recorded); uncommitted leftovers of a crashed build
-    are removed either way. A continued store's own codecs are checked against the
-    build's factors by the caller (:meth:`Codec.check_factors`)."""
+    ``budget`` they were chosen for and what chose them, ``chosen_by``, recorded);
+    uncommitted leftovers of a crashed build are removed either way. A continued store's
+    own codecs are checked against the build's factors by the caller
+    (:meth:`Codec.check_factors`)."""
     folder = parts_dir(path)
     if path.exists():
         manifest = read_manifest(path)
@@ -107,7 +109,7 @@ def open_or_create(
             )
         manifest = new_manifest(config, codecs, part_size)
         manifest.tokenizer_files = tokenizer_files(tokenizer)
-        manifest.budget = budget
+        manifest.budget, manifest.chosen_by = budget, chosen_by
         try:
             write_manifest(path, manifest)
         except OSError as err:

@@ -104,7 +104,23 @@ def test_the_choice_takes_each_layers_best_candidate(w32, tmp_path):
     for record, codec in zip(choice, store.layer_codecs, strict=True):
         scores = record["candidates"]
         assert record["codec"] == codec == max(scores, key=lambda c: scores[c])
-    assert store.manifest.budget == 25000
+    assert store.manifest.budget == 25000 and store.manifest.chosen_by == "budget"
+
+
+def test_the_manifest_says_what_chose_the_codecs(w32, tmp_path):
+    """Forced, chosen within a budget (above) or by default: a reader can tell them apart."""
+    data = w32.train[:6]
+    default = ik.GradientStore.build(tmp_path / "d.h5", w32.model, data, factors=w32.factors,
+                                     progress=False)  # fmt: skip
+    assert default.manifest.chosen_by == "default" and default.manifest.budget is None
+    assert default.fidelity.choice is not None
+    forced = ik.GradientStore.build(tmp_path / "f.h5", w32.model, data, codec="lowrank:2",
+                                    progress=False)  # fmt: skip
+    assert forced.manifest.chosen_by == "codec" and forced.manifest.budget is None
+    assert forced.fidelity.choice is None
+    more = ik.GradientStore.build(default.path, w32.model, w32.train, factors=w32.factors,
+                                  progress=False)  # fmt: skip
+    assert len(more) == len(w32.train) and more.manifest.chosen_by == "default"
 
 
 def test_too_small_budget_is_refused_before_anything_is_written(w32, tmp_path):
