@@ -148,27 +148,36 @@ def fit_plan(
     ``Q_S`` and ``Λ``), and its captured activations for a batch. Fixed: the model's own
     activations for a batch and one float64 eigendecomposition of the largest covariance.
     With ``keep`` (no ``path``) every fitted layer stays in memory, so all of them count.
-    Where a layer does not fit beside the fixed part, the batch is halved (down to one
-    sequence) before the fit goes on over the budget: the sums over tokens are the same,
-    only the activations held at once shrink.
+
+    Each group costs two passes over the data, and a smaller batch leaves more room for
+    layers: of ``run``'s batch size and its halvings down to one sequence, the fit takes the
+    one whose plan has the fewest layers over the budget, then the fewest groups, then the
+    least memory over the budget, then the largest batch. The covariances are sums over
+    tokens, so the batch changes their rounding only.
     """
     budget = memory.max_memory(max_memory, run.device)
-    while True:
-        plan = _plan_at(model, layers, strategy, run, longest, budget, keep)
-        if plan is not None and (not plan.over or run.batch_size == 1):
-            break
-        if run.batch_size == 1:
-            item = torch.empty(0, dtype=run.dtype).element_size()
-            held = sum(item * factor_size(layer.grad_shape, strategy) for layer in layers)
-            raise ParameterError(
-                "path",
-                None,
-                f"a file to write the factors to: the {len(layers)} layers' factors take "
-                f"{memory.describe(held)}, more than max_memory ({memory.describe(budget)}) "
-                "leaves after the fit's working memory; with path= each group of layers is "
-                "written there as it is fitted and read back when needed",
-            )
-        run = run.replace(batch_size=max(1, run.batch_size // 2))
+    sizes = [run.batch_size]
+    while sizes[-1] > 1:
+        sizes.append(sizes[-1] // 2)
+    plans = []
+    for size in sizes:
+        at = run.replace(batch_size=size)
+        plan = _plan_at(model, layers, strategy, at, longest, budget, keep)
+        if plan is not None:
+            excess = max(0, plan.peak - budget)
+            plans.append((len(plan.over), len(plan.groups), excess, -size, plan, at))
+    if not plans:
+        item = torch.empty(0, dtype=run.dtype).element_size()
+        held = sum(item * factor_size(layer.grad_shape, strategy) for layer in layers)
+        raise ParameterError(
+            "path",
+            None,
+            f"a file to write the factors to: the {len(layers)} layers' factors take "
+            f"{memory.describe(held)}, more than max_memory ({memory.describe(budget)}) "
+            "leaves after the fit's working memory; with path= each group of layers is "
+            "written there as it is fitted and read back when needed",
+        )
+    *_, plan, run = min(plans, key=lambda found: found[:4])
     plan.warn_if_over("fit_factors")
     return plan, run
 

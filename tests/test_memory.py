@@ -6,8 +6,9 @@ planned into groups of layers under ``max_memory``, giving what one group gives.
 2. ``fit_factors``: float32 at rest by default (decomposed in float64), ranking like
    float64 factors (scores Pearson ≥ 0.9999 on the tiny model); a small ``max_memory``
    fits in several groups and gives the same factors bit for bit, written to ``path=``
-   and read back lazily; a layer that does not fit beside a batch's activations halves the
-   batch (the same factors up to rounding), then warns; factors that cannot fit without
+   and read back lazily; the batch size (of the given one and its halvings) that makes the
+   fewest groups is taken (the same factors up to rounding), and a layer over the budget
+   even at one sequence warns; factors that cannot fit without
    ``path=`` are refused, naming it.
 3. Lazily read factors: nothing read until used, ``release`` forgets, ``window`` reads a
    sub-block equal to slicing the whole; the host eigendecomposition (LAPACK ``dsyevr``)
@@ -24,7 +25,7 @@ import pytest
 import torch
 
 import influencekit as ik
-from influencekit.fitting import eigh_on_device, fit_plan
+from influencekit.fitting import _plan_at, eigh_on_device, fit_plan
 from influencekit.memory import OverBudgetWarning, Plan, max_memory, parse_bytes
 from influencekit.models import select_modules
 from influencekit.settings import RunSettings
@@ -89,44 +90,65 @@ def test_factors_are_float32_and_rank_like_float64(world):
         assert np.corrcoef(x, y)[0, 1] >= 0.9999
 
 
-def fit_plan_at(model, train, budget, keep=False):
+def fit_plan_at(model, train, budget, batch_size=8):
     """``fit_factors``' plan for the tiny world at ``budget`` bytes, and its batch size."""
     layers = select_modules(model, "mlp")
     longest = max(len(ex.input_ids) for ex in train)
-    run = RunSettings().on(model)
-    plan, run = fit_plan(model, layers, "ekfac", run, longest, budget, keep=keep)
+    run = RunSettings(batch_size=batch_size).on(model)
+    plan, run = fit_plan(model, layers, "ekfac", run, longest, budget, keep=False)
     return plan, run.batch_size
 
 
 def test_a_small_budget_fits_in_groups_the_same_factors(world, tmp_path):
+    """At one batch size (one sequence: no smaller one to choose), groups of layers give the
+    factors of one pass bit for bit."""
     model, train, factors = world
-    whole, _ = fit_plan_at(model, train, 2**40)
-    budget = whole.fixed + max(whole.costs)  # one layer per group at the default batch
-    plan, batch_size = fit_plan_at(model, train, budget)
-    assert len(plan.groups) == len(factors.modules) and not plan.over and batch_size == 8
+    whole, _ = fit_plan_at(model, train, 2**40, batch_size=1)
+    budget = whole.fixed + max(whole.costs)  # one layer per group
+    plan, _ = fit_plan_at(model, train, budget, batch_size=1)
+    assert len(plan.groups) == len(factors.modules) and not plan.over
+    held = ik.fit_factors(model, train, "mlp", progress=False, batch_size=1)
     path = tmp_path / "f.h5"
-    grouped = ik.fit_factors(model, train, "mlp", progress=False, max_memory=budget, path=path)
+    grouped = ik.fit_factors(model, train, "mlp", progress=False, max_memory=budget, path=path,
+                             batch_size=1)  # fmt: skip
     assert grouped.path == path and path.is_file()
     for name in factors.modules:
-        lazy, held = grouped.layers[name], factors.layers[name]
+        lazy, one = grouped.layers[name], held.layers[name]
         assert not lazy._arrays  # read from the file only when asked
         for key in ("q_a", "d_a", "q_s", "d_s", "lam"):
-            assert torch.equal(getattr(lazy, key), getattr(held, key)), (name, key)
-        assert lazy.default_damping() == held.default_damping()
-        assert lazy.basis_fingerprint() == held.basis_fingerprint()
+            assert torch.equal(getattr(lazy, key), getattr(one, key)), (name, key)
+        assert lazy.default_damping() == one.default_damping()
+        assert lazy.basis_fingerprint() == one.basis_fingerprint()
 
 
-def test_a_layer_over_the_budget_halves_the_batch_then_warns(world, tmp_path):
+def test_the_batch_that_makes_the_fewest_passes_is_taken(world):
+    """A smaller batch holds fewer activations and leaves room for more layers per group
+    (two passes each): of the given batch size and its halvings, the plan takes the one
+    with the fewest groups, the largest of those."""
+    model, train, _ = world
+    layers = select_modules(model, "mlp")
+    longest = max(len(ex.input_ids) for ex in train)
+
+    def at(size, room):  # the plan at exactly this batch size
+        return _plan_at(model, layers, "ekfac", RunSettings(batch_size=size).on(model),
+                        longest, room, False)  # fmt: skip
+
+    sizes = (8, 4, 2, 1)
+    rooms = [at(b, 2**40).fixed + k * max(at(b, 2**40).costs) for b in sizes for k in (1, 2, 3)]
+    taken = set()
+    for room in rooms:
+        plan, batch_size = fit_plan_at(model, train, room)
+        fitting = [b for b in sizes if not at(b, room).over]
+        assert fitting and not plan.over
+        fewest = min(len(at(b, room).groups) for b in fitting)
+        assert len(plan.groups) == fewest
+        assert batch_size == max(b for b in fitting if len(at(b, room).groups) == fewest)
+        taken.add(batch_size)
+    assert len(taken) > 1  # the rooms tried make different choices
+
+
+def test_a_layer_over_the_budget_at_one_sequence_warns(world, tmp_path):
     model, train, factors = world
-    whole, _ = fit_plan_at(model, train, 2**40)
-    eighth = fit_plan(
-        model, select_modules(model, "mlp"), "ekfac", RunSettings(batch_size=1).on(model),
-        max(len(ex.input_ids) for ex in train), 2**40, keep=False,
-    )[0]  # fmt: skip
-    assert eighth.fixed + max(eighth.costs) < whole.fixed + max(whole.costs)
-    # Room for one layer at one sequence a batch, not at eight: the batch shrinks, in silence.
-    plan, batch_size = fit_plan_at(model, train, eighth.fixed + max(eighth.costs))
-    assert batch_size < 8 and not plan.over
     with pytest.warns(OverBudgetWarning, match=f"fit_factors: {len(factors.modules)} layer"):
         plan, batch_size = fit_plan_at(model, train, SMALL)
     assert batch_size == 1 and plan.over
