@@ -13,6 +13,12 @@ retraining measurements are cached in ``kit/validate/data/lds_runs.h5`` (shipped
 with the same settings reuses them and takes about a minute; new settings retrain (about 3 s
 per run on one core).
 
+``--part metagradient`` (the validation setting): the LDS of the exact metagradient
+(influencekit.validate.replay: the derivative of each query's log-probability at the end of
+training with respect to each training sequence's weight, by replaying training backwards),
+averaged over ``--replay-seeds`` training runs, beside EK-FAC at the final weights; the
+last line is one JSON object (slow: about 25 minutes per replayed run on one core).
+
 ``--part exact``: the exact damped Gauss–Newton influence (the ε → 0 limit of PBRF,
 influencekit.validate.exact, conjugate gradient) in the validation setting at the default
 damping, against every method's scores over all 256 training sequences, multi-checkpoint
@@ -44,6 +50,7 @@ import influencekit as ik
 from influencekit.validate import (
     SHIPPED_RUNS,
     Recipe,
+    Retraining,
     checkpoint_results,
     combine_checkpoints,
     compare,
@@ -51,6 +58,7 @@ from influencekit.validate import (
     lds,
     load_setting,
     lr_weights,
+    metagradient_scores,
     pbrf_scores,
     random_subsets,
     retrain,
@@ -250,10 +258,44 @@ def exact_table(args, tmp: Path) -> None:
     print_comparison(rows, truth)
 
 
+def metagradient_table(args, tmp: Path) -> None:
+    """The LDS of the exact metagradient, from replayed training runs of the recipe."""
+    import json
+
+    setting, recipe = load_setting(), Recipe()
+    train, queries = setting.train, setting.queries
+    runs = Retraining.load(args.cache)
+    print(
+        f"## Exact metagradient: validation setting, {len(train)} quotes, {len(queries)} "
+        f"queries, replayed in float64 from seeds 0..{args.replay_seeds - 1}; LDS against "
+        f"{args.cache}"
+    )
+    model = recipe(train, seed=0)
+    ekfac = ik.score(model, ik.fit_factors(model, train, "mlp", progress=False), queries, train,
+                     progress=False)  # fmt: skip
+    final = lds_row("ekfac at the final weights", ekfac, runs)
+    start, replayed = time.perf_counter(), []
+    for seed in range(args.replay_seeds):
+        replayed.append(metagradient_scores(recipe, train, queries, seed=seed, progress=True))
+        lds_row(f"exact metagradient, seed {seed}", replayed[-1], runs, final)
+    seconds = time.perf_counter() - start
+    exact = lds_row(f"exact metagradient, mean of {len(replayed)}", np.mean(replayed, 0), runs,
+                    final)  # fmt: skip
+
+    def summary(out):
+        ok = np.isfinite(out.per_query)
+        return {"mean": float(out.mean),
+                "se": float(out.per_query[ok].std(ddof=1) / np.sqrt(ok.sum()))}  # fmt: skip
+
+    found = {"ekfac_final": summary(final), "exact_metagradient": summary(exact)}
+    found.update(replay_seeds=args.replay_seeds, replay_seconds=round(seconds))
+    print(json.dumps(found))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse options and print the chosen tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["pbrf", "lds", "exact", "all"],
+    parser.add_argument("--part", choices=["pbrf", "lds", "exact", "metagradient", "all"],
                         default="all", help="all = pbrf and lds")  # fmt: skip
     parser.add_argument("--n-train", type=int, default=6, help="PBRF: training sequences")
     parser.add_argument("--n-queries", type=int, default=2, help="PBRF: queries")
@@ -274,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", type=Path, default=SHIPPED_RUNS)
     parser.add_argument("--exact-queries", type=int, default=1, help="exact: queries solved")
     parser.add_argument("--exact-iter", type=int, default=2000, help="exact: CG iterations")
+    parser.add_argument("--replay-seeds", type=int, default=1, help="metagradient: runs")
     parser.add_argument(
         "--threads", type=int, default=1,
         help="torch threads (2 is 1.5x faster on an idle 2-core machine, far slower on a busy one)",
@@ -291,6 +334,8 @@ def main(argv: list[str] | None = None) -> None:
             lds_table(args, Path(tmp))
         if args.part == "exact":
             exact_table(args, Path(tmp))
+        if args.part == "metagradient":
+            metagradient_table(args, Path(tmp))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@
 - :mod:`~influencekit.validate.lds`: the linear datamodeling score (Park et al. 2023):
   models retrained on random half-subsets, measured, and cached.
 - :mod:`~influencekit.validate.checkpoints`: influence summed over training checkpoints.
+- :mod:`~influencekit.validate.replay`: the exact metagradient of a query's measurement with
+  respect to each training sequence's weight, by replaying training backwards.
 - :mod:`~influencekit.validate.setting`: the small retrainable model and corpus slice that
   ``benchmarks/validate.py`` and ``notebooks/03_validation.ipynb`` measure.
 
@@ -36,6 +38,7 @@ from .pbrf import (
     pbrf_response,
     pbrf_scores,
 )
+from .replay import Replay, metagradient_scores, replay_training
 from .setting import SHIPPED_RUNS, Recipe, Setting, load_setting
 from .stats import compare, spearman_columns
 
@@ -44,6 +47,7 @@ __all__ = [
     "SHIPPED_RUNS",
     "PBRFInfo",
     "Recipe",
+    "Replay",
     "Retraining",
     "SavedCheckpoint",
     "Setting",
@@ -59,10 +63,12 @@ __all__ = [
     "lds",
     "load_setting",
     "lr_weights",
+    "metagradient_scores",
     "minimise_pbrf",
     "pbrf_response",
     "pbrf_scores",
     "random_subsets",
+    "replay_training",
     "retrain",
     "save_checkpoint",
     "saved_checkpoints",
