@@ -222,7 +222,8 @@ def tfidf_variants(texts: list[str]) -> dict[str, np.ndarray]:
     """The kit's TF-IDF vectors and variations of one setting each."""
 
     def lsa(dims: int = 100, **changes) -> np.ndarray:
-        settings = {"stop_words": "english", "token_pattern": themes.WORD, "sublinear_tf": True}
+        settings = {"stop_words": "english", "token_pattern": themes.WORD, "sublinear_tf": True,
+                    "preprocessor": themes.plain_text}  # fmt: skip
         matrix = TfidfVectorizer(**{**settings, **changes}).fit_transform(texts)
         if dims is None:
             return matrix.toarray()

@@ -165,6 +165,21 @@ def test_class_tfidf_prefers_words_frequent_here_and_rare_elsewhere():
     assert terms[0][0] == "apple" and terms[1][0] == "chart"
 
 
+def test_titles_are_words_not_contraction_fragments():
+    """Contractions are left out whole and possessives count as their word, so no title
+    reads "don · ain · doesn"."""
+    texts = [
+        "Don't you know the cat's dinner ain't ready",
+        "The cat doesn't eat, isn't it",
+        "We're sure they'll sail; the ship's crew can't wait",
+        "You've a ship, I'm told",
+    ]
+    terms = themes.class_tfidf_terms(texts, np.array([0, 0, 1, 1]), 3)
+    fragments = {"don", "ain", "doesn", "isn", "re", "ll", "ve", "can", "t", "s"}
+    assert not fragments & {word for cluster in terms for word in cluster}
+    assert "cat" in terms[0] and "ship" in terms[1]
+
+
 def test_bad_arguments_are_refused_with_the_field_named():
     with pytest.raises(ValueError, match="method must be one of"):
         themes.cluster(["a b"], "words")

@@ -46,6 +46,7 @@ from .vectors import (
     WORD,
     influence_vectors,
     mean_hidden_states,
+    plain_text,
     stored_influence_vectors,
     unit_vectors,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "for_query",
     "influence_vectors",
     "mean_hidden_states",
+    "plain_text",
     "stored_influence_vectors",
 ]
 
@@ -317,7 +319,9 @@ def class_tfidf_terms(texts: list[str], labels: np.ndarray, n_terms: int = 8) ->
         return []
     k = int(labels.max()) + 1
     try:
-        counts = CountVectorizer(stop_words="english", token_pattern=WORD).fit(texts)
+        counts = CountVectorizer(
+            stop_words="english", token_pattern=WORD, preprocessor=plain_text
+        ).fit(texts)
     except ValueError:  # no words at all (only stop words, numbers or symbols)
         return [[] for _ in range(k)]
     words = counts.get_feature_names_out()

@@ -10,6 +10,8 @@ Example:
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from .. import checks
@@ -17,6 +19,20 @@ from ..errors import DataError, ParameterError
 
 SKETCH = 32  # influence vectors: a layer of more than SKETCH² entries is sketched to SKETCH²
 WORD = r"(?u)\b[a-zA-Z][a-zA-Z]+\b"  # words of 2+ letters: no numbers or punctuation
+CONTRACTION = re.compile(r"\b[a-z]+['’](?:t|re|ll|ve|m|d)\b")  # don't, they're, we'll, I'm
+POSSESSIVE = re.compile(r"['’]s\b")  # the world's, it's
+
+
+def plain_text(text: str) -> str:
+    """``text`` as themes read its words: lower case, contractions left out whole (function
+    words, whose fragments such as "don" or "doesn" would otherwise count as words) and
+    possessives cut to their word.
+
+    Example:
+        >>> plain_text("Don't tell the World's cat, it's late")
+        '  tell the world cat, it late'
+    """
+    return POSSESSIVE.sub("", CONTRACTION.sub(" ", text.lower()))
 
 
 def mean_hidden_states(
@@ -213,7 +229,7 @@ def tfidf_vectors(texts: list[str], seed: int) -> np.ndarray:
 
     try:
         matrix = TfidfVectorizer(
-            stop_words="english", token_pattern=WORD, sublinear_tf=True
+            stop_words="english", token_pattern=WORD, preprocessor=plain_text, sublinear_tf=True
         ).fit_transform(texts)
     except ValueError:  # nothing but stop words: every text alike
         return np.ones((len(texts), 1))
