@@ -61,6 +61,7 @@ from influencekit.validate import (
     metagradient_scores,
     pbrf_scores,
     random_subsets,
+    replay_training,
     retrain,
 )
 
@@ -276,7 +277,13 @@ def metagradient_table(args, tmp: Path) -> None:
     final = lds_row("ekfac at the final weights", ekfac, runs)
     start, replayed = time.perf_counter(), []
     for seed in range(args.replay_seeds):
-        replayed.append(metagradient_scores(recipe, train, queries, seed=seed, progress=True))
+        saved = None if args.scores is None else args.scores.with_suffix(f".seed{seed}.npy")
+        if saved is not None and saved.is_file():
+            replayed.append(np.load(saved))
+        else:
+            replayed.append(metagradient_scores(recipe, train, queries, seed=seed))
+            if saved is not None:
+                np.save(saved, replayed[-1])
         lds_row(f"exact metagradient, seed {seed}", replayed[-1], runs, final)
     seconds = time.perf_counter() - start
     exact = lds_row(f"exact metagradient, mean of {len(replayed)}", np.mean(replayed, 0), runs,
@@ -288,6 +295,25 @@ def metagradient_table(args, tmp: Path) -> None:
                 "se": float(out.per_query[ok].std(ddof=1) / np.sqrt(ok.sum()))}  # fmt: skip
 
     found = {"ekfac_final": summary(final), "exact_metagradient": summary(exact)}
+    if args.masked:
+        # Its own intervention: seed 0's run with each half-subset's weights at 1, the rest
+        # at 0 (the same batches and steps), where the retraining target trains on the
+        # subset alone (half the steps, other batches).
+        subsets = random_subsets(len(train), args.masked, seed=args.subset_seed)
+        position = {name: i for i, name in enumerate(train.ids)}
+
+        def masked_run(subset, seed):
+            weights = torch.zeros(len(train), dtype=torch.float64)
+            weights[[position[name] for name in subset.ids]] = 1.0
+            return replay_training(recipe, train, seed=seed, weights=weights).model
+
+        own = retrain(masked_run, train, queries, subsets, [0], progress=True)
+        print(f"\nagainst seed 0's run with {args.masked} half-subsets masked to weight 0:")
+        found["masked"] = {
+            "subsets": args.masked,
+            "ekfac_final": summary(lds_row("ekfac at the final weights", ekfac, own)),
+            "exact_metagradient": summary(lds_row("exact metagradient, seed 0", replayed[0], own)),
+        }
     found.update(replay_seeds=args.replay_seeds, replay_seconds=round(seconds))
     print(json.dumps(found))
 
@@ -317,6 +343,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--exact-queries", type=int, default=1, help="exact: queries solved")
     parser.add_argument("--exact-iter", type=int, default=2000, help="exact: CG iterations")
     parser.add_argument("--replay-seeds", type=int, default=1, help="metagradient: runs")
+    parser.add_argument(
+        "--scores",
+        type=Path,
+        default=None,
+        help="metagradient: keep (or reuse) the scores at PATH.seedN.npy",
+    )
+    parser.add_argument("--masked", type=int, default=0,
+                        help="metagradient: LDS against this many masked runs")  # fmt: skip
     parser.add_argument(
         "--threads", type=int, default=1,
         help="torch threads (2 is 1.5x faster on an idle 2-core machine, far slower on a busy one)",
