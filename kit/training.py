@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .data import TextDataset, collate, padding_id
+from .data import Batch, TextDataset, collate, padding_id
 
 
 def new_gpt2(tokenizer, *, n_layer: int, n_embd: int, n_head: int, n_positions: int, seed: int = 0):
@@ -67,6 +67,45 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+@dataclass(frozen=True)
+class Step:
+    """One optimiser step: its batch's rows, learning rate, number (from 1) and epoch."""
+
+    rows: list[int]
+    lr: float
+    number: int
+    epoch: int
+
+
+def schedule(
+    n: int, *, epochs: int, batch_size: int, peak_lr: float, warmup: int, seed: int = 0
+) -> list[Step]:
+    """Every step of :func:`train_lm` on ``n`` sequences: each epoch's batch order drawn from
+    ``seed``, and the learning rate of :func:`lr_at`.
+
+    Example:
+        >>> steps = schedule(5, epochs=2, batch_size=2, peak_lr=1e-3, warmup=1)
+        >>> len(steps), [len(s.rows) for s in steps[:3]], steps[3].epoch
+        (6, [2, 2, 1], 1)
+    """
+    generator = torch.Generator().manual_seed(seed)
+    total = epochs * math.ceil(n / batch_size)
+    steps: list[Step] = []
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=generator).tolist()
+        for start in range(0, n, batch_size):
+            lr = lr_at(len(steps), total, peak_lr, warmup)
+            steps.append(Step(order[start : start + batch_size], lr, len(steps) + 1, epoch))
+    return steps
+
+
+def training_batch(data: TextDataset, rows: list[int]) -> Batch:
+    """Rows ``rows`` of ``data`` as one training batch (every token after the first scored)."""
+    return collate(
+        [data[i].input_ids for i in rows], [1] * len(rows), rows, padding_id(data.tokenizer)
+    )
+
+
 @dataclass
 class Checkpoint:
     """The weights after ``step`` optimiser steps; ``lr_sum``: the learning rates of the steps
@@ -105,36 +144,32 @@ def train_lm(
     is called after each epoch. The model is left in eval mode; returns the snapshots.
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=weight_decay)
-    generator = torch.Generator().manual_seed(seed)
+    steps = schedule(len(data), epochs=epochs, batch_size=batch_size, peak_lr=peak_lr,
+                     warmup=warmup, seed=seed)  # fmt: skip
     steps_per_epoch = math.ceil(len(data) / batch_size)
-    total, step = epochs * steps_per_epoch, 0
-    wanted, snaps, lr_since = set(checkpoint_steps), [], 0.0
-    pad_id = padding_id(data.tokenizer)
+    wanted, snaps, lr_since, running = set(checkpoint_steps), [], 0.0, 0.0
     model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(len(data), generator=generator).tolist()
-        running = 0.0
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            batch = collate([data[i].input_ids for i in rows], [1] * len(rows), rows, pad_id)
-            lr = lr_at(step, total, peak_lr, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
-            loss = model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels
-            ).loss
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            optimizer.step()
-            running += loss.item()
-            step, lr_since = step + 1, lr_since + lr
-            if step in wanted:
-                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                snaps.append(Checkpoint(step, lr_since, state))
-                lr_since = 0.0
-        if log is not None:
-            log(epoch, running / steps_per_epoch)
+    for step in steps:
+        batch = training_batch(data, step.rows)
+        for group in optimizer.param_groups:
+            group["lr"] = step.lr
+        labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+        loss = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels
+        ).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        running += loss.item()
+        lr_since += step.lr
+        if step.number in wanted:
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            snaps.append(Checkpoint(step.number, lr_since, state))
+            lr_since = 0.0
+        if step.number % steps_per_epoch == 0:  # the epoch's last step
+            if log is not None:
+                log(step.epoch, running / steps_per_epoch)
+            running = 0.0
     model.eval()
     return snaps

@@ -38,10 +38,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import Batch, TextDataset, as_queries, collate, padding_id, query_batches
+from ..data import Batch, TextDataset, as_queries, query_batches
 from ..hooks import label_log_probs
 from ..progress import progress_counter
-from ..training import lr_at, new_gpt2
+from ..training import Step, new_gpt2, schedule, training_batch
 from .measure import functional_logits
 
 BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, as the recipe's loop uses them
@@ -51,41 +51,22 @@ CLIP = 1.0  # the recipe's gradient clipping (train_lm's default)
 
 
 @dataclass
-class _Step:
-    """One optimiser step of the recipe's loop: its batch, learning rate and count from 1."""
-
-    rows: list[int]
-    lr: float
-    number: int
-
-
-@dataclass
 class Replay:
     """A replayed training run: the model (its final weights loaded), the steps, and the
     state before each step (``params``, AdamW's ``m`` and ``v``, the torch random state)."""
 
     model: nn.Module
     train: TextDataset
-    steps: list[_Step]
+    steps: list[Step]
     states: list[tuple[dict, dict, dict, torch.Tensor]]
     final: dict[str, torch.Tensor]
     weight_decay: float
 
 
-def recipe_steps(recipe, n: int, seed: int) -> list[_Step]:
-    """The batches and learning rates of ``recipe`` on ``n`` sequences from ``seed``, drawn
-    as :func:`influencekit.training.train_lm` draws them."""
-    generator = torch.Generator().manual_seed(seed)
-    per_epoch = math.ceil(n / recipe.batch_size)
-    total = recipe.epochs * per_epoch
-    steps = []
-    for _ in range(recipe.epochs):
-        order = torch.randperm(n, generator=generator).tolist()
-        for start in range(0, n, recipe.batch_size):
-            number = len(steps)
-            lr = lr_at(number, total, recipe.peak_lr, recipe.warmup)
-            steps.append(_Step(order[start : start + recipe.batch_size], lr, number + 1))
-    return steps
+def recipe_steps(recipe, n: int, seed: int) -> list[Step]:
+    """The steps of ``recipe`` on ``n`` sequences from ``seed``, as its loop takes them."""
+    return schedule(n, epochs=recipe.epochs, batch_size=recipe.batch_size,
+                    peak_lr=recipe.peak_lr, warmup=recipe.warmup, seed=seed)  # fmt: skip
 
 
 def replay_training(
@@ -116,7 +97,7 @@ def replay_training(
     steps, states = recipe_steps(recipe, len(train), seed), []
     for step in steps:
         states.append((params, m, v, torch.get_rng_state()))
-        batch = _batch(train, step.rows)
+        batch = training_batch(train, step.rows)
         leaves = {k: x.requires_grad_(True) for k, x in params.items()}
         params, m, v = adamw_step(
             model, leaves, m, v, batch, weights[step.rows], step, recipe.weight_decay
@@ -131,7 +112,7 @@ def replay_training(
     return Replay(model, train, steps, states, params, recipe.weight_decay)
 
 
-def adamw_step(model, params, m, v, batch: Batch, weights, step: _Step, weight_decay: float,
+def adamw_step(model, params, m, v, batch: Batch, weights, step: Step, weight_decay: float,
                *, create_graph: bool = False):  # fmt: skip
     """One step of the recipe's loop as a function of the state and the batch's weights:
     the weighted mean loss's gradient, clipped to norm ``CLIP``, then AdamW. Returns the
@@ -190,7 +171,7 @@ def metagradient_scores(
     return out.numpy()
 
 
-def _pull_back(replay: Replay, step: _Step, state, names, adjoints, out) -> list:
+def _pull_back(replay: Replay, step: Step, state, names, adjoints, out) -> list:
     """The adjoints of the state before ``step`` from those after it, one per query; each
     query's ``∂/∂w`` of the step's batch added to ``out``."""
     params, m, v, rng = state
@@ -201,7 +182,7 @@ def _pull_back(replay: Replay, step: _Step, state, names, adjoints, out) -> list
     torch.set_rng_state(rng)  # the same dropout masks as the forward pass drew
     model = replay.model.train()
     after = adamw_step(
-        model, *leaves, _batch(replay.train, step.rows), weights, step, replay.weight_decay,
+        model, *leaves, training_batch(replay.train, step.rows), weights, step, replay.weight_decay,
         create_graph=True,
     )  # fmt: skip
     outputs = [part[k] for part in after for k in names]
@@ -210,11 +191,8 @@ def _pull_back(replay: Replay, step: _Step, state, names, adjoints, out) -> list
     for q, adjoint in enumerate(adjoints):
         grads = torch.autograd.grad(
             outputs, inputs, grad_outputs=adjoint, retain_graph=q < len(adjoints) - 1,
-            allow_unused=True,
+            materialize_grads=True,  # zeros for what the step does not reach
         )  # fmt: skip
-        grads = [
-            torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)
-        ]
         out[q, step.rows] += grads[-1].detach()
         pulled.append([g.detach() for g in grads[:-1]])
     replay.model.eval()
@@ -228,18 +206,9 @@ def _query_gradient(replay: Replay, query) -> list[torch.Tensor]:
     batch = next(query_batches([query], replay.train.tokenizer, 1))
     logits = functional_logits(replay.model, final, batch)
     f = label_log_probs(torch.log_softmax(logits, -1), batch).sum()
-    grads = torch.autograd.grad(f, list(final.values()), allow_unused=True)
-    params = [
-        torch.zeros_like(x) if g is None else g for g, x in zip(grads, final.values(), strict=True)
-    ]
+    params = torch.autograd.grad(f, list(final.values()), materialize_grads=True)
     zeros = [torch.zeros_like(x) for x in final.values()]
-    return params + zeros + zeros
-
-
-def _batch(train: TextDataset, rows: list[int]) -> Batch:
-    return collate(
-        [train[i].input_ids for i in rows], [1] * len(rows), rows, padding_id(train.tokenizer)
-    )
+    return [*params, *zeros, *zeros]
 
 
 def _sqrt(x: torch.Tensor) -> torch.Tensor:
